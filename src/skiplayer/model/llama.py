@@ -1,0 +1,221 @@
+"""Our forward for Llama-family decoders (Llama, SmolLM, Mistral, Qwen2), gpt-fast style.
+
+Activations are (T, dim): batch size one, T new positions. Every entry point takes the block's first position
+`start` and the KV cache, so any layer range [a, b) can run on any block: drafting runs the shallow layers,
+verification the deep ones, with the cache shared between them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skiplayer.model.kv_cache import KVCache
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelArgs":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            dim=config.hidden_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            norm_eps=config.rms_norm_eps,
+            qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the model dtype, as HF Llama does, so half precision matches it.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (heads, T, head_dim); cos/sin: (T, head_dim). HF's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        # One fused q/k/v matrix: one kernel call instead of three.
+        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def kv(self, x: torch.Tensor, cos, sin):
+        T = x.shape[0]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        k = apply_rope(k.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)
+        v = v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
+        return q, k, v
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.kv(x, cos, sin)
+        q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
+        keys, values = cache.write(layer, start, k, v)
+        # Grouped-query attention without repeating K/V: fold the query heads of each KV group into the
+        # sequence axis, (n_kv, group*T, head_dim), so each group attends to its own K/V.
+        group = self.n_heads // self.n_kv_heads
+        q = q.reshape(self.n_kv_heads, group * T, self.head_dim)
+        mask = None
+        if T > 1:
+            S = keys.shape[1]
+            allowed = torch.arange(S, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
+            mask = allowed.repeat(group, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.reshape(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.feed_forward = FeedForward(a)
+
+    def forward(self, x, cos, sin, cache, layer, start):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, a: ModelArgs, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+        super().__init__()
+        self.args = a
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.output = None if a.tie_word_embeddings else nn.Linear(a.dim, a.vocab_size, bias=False)
+        self.register_buffer("rope_cos", rope_cos, persistent=False)
+        self.register_buffer("rope_sin", rope_sin, persistent=False)
+
+    @property
+    def n_layers(self) -> int:
+        return self.args.n_layers
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.rope_cos.shape[0]
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def new_cache(self, max_len: int) -> KVCache:
+        w = self.tok_embeddings.weight
+        return KVCache(self.n_layers, self.args.n_kv_heads, self.args.head_dim, max_len, w.dtype, w.device)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(tokens)
+
+    def rope(self, start: int, T: int):
+        return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+
+    def forward_layers(self, h: torch.Tensor, start: int, cache: KVCache, first: int, last: int) -> torch.Tensor:
+        """Run layers [first, last) on a block of T positions starting at `start`."""
+        cos, sin = self.rope(start, h.shape[0])
+        for i in range(first, last):
+            h = self.layers[i](h, cos, sin, cache, i, start)
+        return h
+
+    def fill_kv(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> None:
+        """Write layer `layer`'s K/V computed from hidden states `h` without running the layer: for draft tokens that
+        skipped or exited below it. Only drafts read these entries; verification overwrites them."""
+        block = self.layers[layer]
+        cos, sin = self.rope(start, h.shape[0])
+        _, k, v = block.attention.kv(block.attention_norm(h), cos, sin)
+        cache.write(layer, start, k, v)
+
+    def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + LM head (intermediate exits use the final norm too). `head_weight` may be a row subset
+        (a reduced draft vocabulary)."""
+        return F.linear(self.norm(h), self.head_weight if head_weight is None else head_weight)
+
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
+        """Full model on a block of tokens: logits (T, vocab)."""
+        return self.logits(self.forward_layers(self.embed(tokens), start, cache, 0, self.n_layers))
+
+    @classmethod
+    def from_hf(cls, hf_model, dtype: torch.dtype | None = None, device="cpu") -> "Transformer":
+        """Build from a loaded HF Llama/Mistral/Qwen2 model (fuses q/k/v and gate/up)."""
+        config = hf_model.config
+        a = ModelArgs.from_hf_config(config)
+        dtype = dtype or next(hf_model.parameters()).dtype
+        max_len = int(getattr(config, "max_position_embeddings", 4096) or 4096)
+        positions = torch.arange(max_len)[None]
+        probe = torch.zeros(1, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = hf_model.model.rotary_emb(probe, positions)
+        with torch.device("meta"):
+            model = cls(a, torch.empty(max_len, a.head_dim), torch.empty(max_len, a.head_dim))
+        hf = hf_model.model
+        sd = {
+            "tok_embeddings.weight": hf.embed_tokens.weight,
+            "norm.weight": hf.norm.weight,
+        }
+        if not a.tie_word_embeddings:
+            sd["output.weight"] = hf_model.lm_head.weight
+        for i, layer in enumerate(hf.layers):
+            at, mlp = layer.self_attn, layer.mlp
+            p = f"layers.{i}."
+            sd[p + "attention.wqkv.weight"] = torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])
+            if a.qkv_bias:
+                sd[p + "attention.wqkv.bias"] = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias])
+            sd[p + "attention.wo.weight"] = at.o_proj.weight
+            sd[p + "feed_forward.w13.weight"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            sd[p + "feed_forward.w2.weight"] = mlp.down_proj.weight
+            sd[p + "attention_norm.weight"] = layer.input_layernorm.weight
+            sd[p + "ffn_norm.weight"] = layer.post_attention_layernorm.weight
+        sd = {k: v.detach().to(device=device, dtype=dtype) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.rope_cos = cos[0].to(device=device, dtype=dtype)
+        model.rope_sin = sin[0].to(device=device, dtype=dtype)
+        return model.eval().requires_grad_(False)

