@@ -1,0 +1,71 @@
+"""Draft policies: where each drafted token exits and how many tokens a round drafts.
+
+`build_policy(config, n_layers)` turns the CLI's `--dynamic_early_exit_mode` and its parameters into a policy;
+`--layer_skip_proportion` wraps any of them with random layer skipping.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from skiplayer.errors import check
+from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult, TokenPlan
+
+MODES: dict[str, type] = {"none": DraftPolicy}
+
+
+@dataclass
+class PolicyConfig:
+    exit_layer: int = 8
+    num_speculations: int = 4
+    dynamic_early_exit_mode: str = "none"
+    layer_skip_proportion: float = 0.0
+    min_exit_layer: int = 1
+    consistent_tokens_count: int = 4
+    random_exit_low: int | None = None
+    random_exit_high: int | None = None
+    confidence_threshold: float = 0.9
+    stop_threshold: float | None = None
+    future_ema: float = 0.5
+    seed: int = 0
+
+    def validate(self, n_layers: int) -> "PolicyConfig":
+        check(1 <= self.exit_layer < n_layers,
+              f"--exit_layer must be in [1, {n_layers - 1}] for this {n_layers}-layer model (got {self.exit_layer})")
+        check(self.num_speculations >= 1, f"--num_speculations must be >= 1 (got {self.num_speculations})")
+        check(self.dynamic_early_exit_mode in MODES,
+              f"unknown --dynamic_early_exit_mode '{self.dynamic_early_exit_mode}': use one of {', '.join(MODES)}")
+        check(0.0 <= self.layer_skip_proportion <= 1.0,
+              f"--layer_skip_proportion must be in [0, 1] (got {self.layer_skip_proportion})")
+        check(1 <= self.min_exit_layer <= self.exit_layer,
+              f"--min_exit_layer must be in [1, --exit_layer={self.exit_layer}] (got {self.min_exit_layer})")
+        check(self.consistent_tokens_count >= 1,
+              f"--consistent_tokens_count must be >= 1 (got {self.consistent_tokens_count})")
+        check(0.0 < self.confidence_threshold <= 1.0,
+              f"--confidence_threshold must be in (0, 1] (got {self.confidence_threshold})")
+        check(self.stop_threshold is None or 0.0 < self.stop_threshold <= 1.0,
+              f"--stop_threshold must be in (0, 1] (got {self.stop_threshold})")
+        check(0.0 < self.future_ema <= 1.0, f"--future_ema must be in (0, 1] (got {self.future_ema})")
+        low, high = self.random_exit_range()
+        check(1 <= low <= high <= self.exit_layer,
+              f"--random_exit_low/--random_exit_high must satisfy 1 <= low <= high <= --exit_layer "
+              f"(got {low}, {high}, exit layer {self.exit_layer})")
+        return self
+
+    def random_exit_range(self) -> tuple[int, int]:
+        """Defaults: the first and third quartile of 1..exit_layer."""
+        low = self.random_exit_low if self.random_exit_low is not None else max(1, round(self.exit_layer / 4))
+        high = self.random_exit_high if self.random_exit_high is not None else max(low, round(3 * self.exit_layer / 4))
+        return low, high
+
+
+def build_policy(config: PolicyConfig, n_layers: int) -> DraftPolicy:
+    config.validate(n_layers)
+    cls = MODES[config.dynamic_early_exit_mode]
+    policy = cls(config.exit_layer, config.num_speculations, n_layers) if cls is DraftPolicy else cls(config, n_layers)
+    if config.layer_skip_proportion > 0:
+        from skiplayer.policies.skipping import LayerSkipping
+        policy = LayerSkipping(policy, config.layer_skip_proportion, config.seed)
+    return policy
+
+
+__all__ = ["DraftPolicy", "DraftStep", "RoundResult", "TokenPlan", "PolicyConfig", "build_policy", "MODES"]

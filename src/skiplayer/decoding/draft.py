@@ -1,0 +1,94 @@
+"""Drafting: run each drafted token through the shallow layers its policy plans, and record what it ran.
+
+Tokens that exit below a layer, or skip it, leave no exact K/V there. Later drafted tokens still need something
+to attend to, so the missing entries are filled from the token's last hidden state (state propagation, as in
+CALM). Only drafts read these approximate entries: verification recomputes every layer from the shallowest one
+any draft did not run exactly, so the output stays lossless.
+"""
+from __future__ import annotations
+
+import torch
+
+from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
+from skiplayer.decoding.stats import Clock
+from skiplayer.model.kv_cache import KVCache
+from skiplayer.model.llama import Transformer
+from skiplayer.policies.base import DraftPolicy, DraftStep
+
+
+class DraftHead:
+    """Final norm + LM head for drafts; optionally a reduced vocabulary (rows of the head) to make exits cheap."""
+
+    def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None):
+        self.model, self.vocab_ids = model, vocab_ids
+        self.weight = None if vocab_ids is None else model.head_weight[vocab_ids].contiguous()
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(h, self.weight)[-1]
+
+    def to_full(self, index: int) -> int:
+        return index if self.vocab_ids is None else int(self.vocab_ids[index])
+
+    def full_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        if self.vocab_ids is None:
+            return probs
+        return torch.zeros(self.model.args.vocab_size, dtype=probs.dtype).scatter(0, self.vocab_ids, probs)
+
+
+def draft_round(model: Transformer, cache: KVCache, token: int, start: int, budget: int, policy: DraftPolicy,
+                head: DraftHead, sampling: SamplingConfig, generator, clock: Clock, stop_ids=()) -> list[DraftStep]:
+    """Draft up to `budget` tokens after `token` (at position `start`)."""
+    steps: list[DraftStep] = []
+    exit_hidden: dict[int, torch.Tensor] = {}  # position -> last hidden state of a token that ran fewer layers
+    for i in range(budget):
+        pos = start + i
+        step = draft_step(model, cache, token, pos, i, policy, head, sampling, generator, clock, exit_hidden)
+        exit_hidden[pos] = step.hiddens[-1]
+        steps.append(step)
+        token = step.token
+        if token in stop_ids or not policy.keep_drafting(step):
+            break
+    return steps
+
+
+def draft_step(model, cache, token, pos, index, policy, head, sampling, generator, clock, exit_hidden) -> DraftStep:
+    plan = policy.plan(index)
+    t = clock.now()
+    h = model.embed(torch.tensor([token], device=cache.k.device))
+    hiddens, probe_tokens, logits, depth = [], {}, None, plan.exit_layer
+    for layer in range(plan.exit_layer):
+        hiddens.append(h)
+        gap = cache.lengths[layer]
+        if gap < pos:  # earlier drafts exited below this layer: give them approximate K/V here
+            model.fill_kv(layer, torch.cat([exit_hidden[p] for p in range(gap, pos)]), gap, cache)
+        if layer in plan.skip_layers:
+            model.fill_kv(layer, h, pos, cache)
+        else:
+            h = model.forward_layers(h, pos, cache, layer, layer + 1)
+        if layer + 1 in plan.probe_layers and layer + 1 < plan.exit_layer:
+            t = clock.charge("time_draft_layers", t)
+            logits = head(h)
+            clock.stats.probe_heads += 1
+            top_p, top_i = torch.softmax(logits.float(), -1).max(-1)
+            probe_tokens[layer + 1] = head.to_full(int(top_i))
+            t = clock.charge("time_draft_heads", t)
+            if policy.exit_here(index, layer + 1, probe_tokens[layer + 1], float(top_p)):
+                depth = layer + 1
+                break
+            logits = None
+    hiddens.append(h)
+    t = clock.charge("time_draft_layers", t)
+    if logits is None:
+        logits = head(h)
+    if sampling.sample:
+        probs = probabilities(logits, sampling)
+        choice = sample(probs, generator)
+        confidence = float(probs[choice])
+        probs = head.full_probs(probs)
+    else:
+        choice, probs = int(logits.argmax()), None
+        confidence = float(torch.softmax(logits.float(), -1)[choice])
+    probe_tokens[depth] = head.to_full(choice)
+    clock.charge("time_draft_heads", t)
+    skipped = tuple(sorted(s for s in plan.skip_layers if s < depth))
+    return DraftStep(head.to_full(choice), depth, skipped, confidence, probs, hiddens, probe_tokens)

@@ -1,0 +1,150 @@
+"""Top-level generation: autoregressive or self-speculative, greedy or sampling, with stopping and stats."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from skiplayer.decoding.draft import DraftHead
+from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
+from skiplayer.decoding.self_speculative import speculative_round
+from skiplayer.decoding.stats import Clock, GenerationStats
+from skiplayer.decoding.stopping import StopCriteria
+from skiplayer.errors import check
+from skiplayer.model.llama import Transformer
+from skiplayer.policies import PolicyConfig, build_policy
+
+STRATEGIES = ("autoregressive", "self_speculative")
+
+
+@dataclass
+class GenerationConfig:
+    max_steps: int = 128
+    generation_strategy: str = "autoregressive"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    seed: int = 0
+    stop_words: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def validate(self, n_layers: int) -> "GenerationConfig":
+        check(self.generation_strategy in STRATEGIES,
+              f"unknown --generation_strategy '{self.generation_strategy}': use one of {', '.join(STRATEGIES)}")
+        check(self.max_steps >= 1, f"--max_steps must be >= 1 (got {self.max_steps})")
+        self.sampling.validate()
+        if self.generation_strategy == "self_speculative":
+            self.policy.validate(n_layers)
+        return self
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str | None
+    stats: GenerationStats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
+
+
+def _select(logits: torch.Tensor, sampling: SamplingConfig, generator) -> int:
+    return sample(probabilities(logits, sampling), generator) if sampling.sample else int(logits.argmax())
+
+
+@torch.inference_mode()
+def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationConfig, eos_token_ids=(),
+                 tokenizer=None, on_tokens: Callable[[list[int]], None] | None = None,
+                 draft_vocab: torch.Tensor | None = None, policy=None) -> tuple[list[int], StopCriteria, GenerationStats]:
+    """Generate from token ids. Both strategies prefill the whole prompt the same way, then either decode one token
+    per full pass or run speculative rounds; `on_tokens` receives tokens as they are accepted."""
+    config.validate(model.n_layers)
+    check(len(prompt_ids) > 0, "empty prompt: pass some text with --prompt")
+    speculative = config.generation_strategy == "self_speculative"
+    k = config.policy.num_speculations if speculative else 0
+    total = len(prompt_ids) + config.max_steps + k + 1
+    check(total <= model.max_seq_len, f"prompt ({len(prompt_ids)} tokens) + --max_steps {config.max_steps} exceeds the "
+          f"model's {model.max_seq_len} positions: shorten the prompt or lower --max_steps")
+    stop_ids = set(eos_token_ids) | set(config.stop_token_ids)
+    stop = StopCriteria(config.max_steps, stop_ids, config.stop_words, tokenizer)
+    stats = GenerationStats(strategy=config.generation_strategy, prompt_tokens=len(prompt_ids))
+    device = model.tok_embeddings.weight.device
+    clock = Clock(stats, cuda=device.type == "cuda")
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    emit = on_tokens or (lambda tokens: None)
+
+    t0 = clock.now()
+    cache = model.new_cache(total)
+    logits = model.forward(torch.tensor(prompt_ids, device=device), 0, cache)[-1]
+    token, pos = _select(logits, config.sampling, generator), len(prompt_ids)
+    stats.prefill_time = clock.now() - t0
+    emit(stop.extend([token]))
+    if speculative:
+        policy = policy or build_policy(config.policy, model.n_layers)
+        head = DraftHead(model, draft_vocab)
+    while not stop.done:
+        if speculative:
+            budget = min(policy.round_length(), config.max_steps - len(stop.tokens) - 1)
+            new = speculative_round(model, cache, token, pos, budget, policy, head, config.sampling, generator,
+                                    clock, stop_ids)
+        else:
+            logits = model.forward(torch.tensor([token], device=device), pos, cache)[-1]
+            new = [_select(logits, config.sampling, generator)]
+        pos += len(new)
+        token = new[-1]
+        emit(stop.extend(new))
+    stats.wall_time = clock.now() - t0
+    stats.new_tokens = len(stop.tokens)
+    if not speculative:
+        stats.rounds = stats.new_tokens
+    return stop.tokens, stop, stats
+
+
+def generate(loaded, prompt, config: GenerationConfig | None = None, chat_template: bool = True,
+             on_text: Callable[[str], None] | None = None, draft=None, **overrides) -> GenerationResult:
+    """Generate text for a prompt (string or chat messages) with a `LoadedModel` from `skiplayer.load_model`.
+
+    `overrides` set GenerationConfig fields (max_steps, generation_strategy, seed, stop_words, ...), SamplingConfig
+    fields (sample, temperature, top_k, top_p) or PolicyConfig fields (exit_layer, num_speculations,
+    dynamic_early_exit_mode, ...). `on_text` receives the decoded text as it grows (for streaming)."""
+    config = config or GenerationConfig()
+    for key, value in overrides.items():
+        for target in (config, config.sampling, config.policy):
+            if hasattr(target, key):
+                setattr(target, key, value)
+                break
+        else:
+            raise TypeError(f"unknown generation option '{key}'")
+    prompt_ids = loaded.encode(prompt, chat_template=chat_template)
+    stream = _TextStream(loaded, on_text, config.stop_words) if on_text else None
+    ids, stop, stats = generate_ids(loaded.model, prompt_ids, config, loaded.eos_token_ids, loaded.tokenizer,
+                                    on_tokens=stream, **(draft.generate_kwargs() if draft else {}))
+    text = stop.cut_text(loaded.decode(ids))
+    if stream:
+        stream.finish(text)
+    return GenerationResult(ids, text, stats)
+
+
+class _TextStream:
+    """Turns accepted token ids into text deltas. Decoding the whole output keeps multi-byte characters intact;
+    the last few characters wait until they cannot start a stop word, so a stop word is never printed."""
+
+    def __init__(self, loaded, on_text, stop_words):
+        self.loaded, self.on_text, self.ids, self.sent = loaded, on_text, [], ""
+        self.hold = max((len(w) for w in stop_words), default=1) - 1
+
+    def __call__(self, tokens):
+        self.ids.extend(tokens)
+        text = self.loaded.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self._send(text[:len(text) - self.hold] if self.hold else text)
+
+    def _send(self, text):
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def finish(self, final_text):
+        self._send(final_text)

@@ -1,0 +1,99 @@
+"""Statistics of one generation: counts, acceptance, timing split and per-token exit telemetry."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    strategy: str = "autoregressive"
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    wall_time: float = 0.0
+    prefill_time: float = 0.0
+    # Time split of the decode phase (seconds): draft layers, LM heads (draft exits and probes), verification.
+    time_draft_layers: float = 0.0
+    time_draft_heads: float = 0.0
+    time_verify: float = 0.0
+    probe_heads: int = 0  # intermediate predictions computed by policies (one LM head each)
+    # Per drafted token / per round telemetry.
+    exit_layers: list[int] = field(default_factory=list)
+    skipped_layers: list[list[int]] = field(default_factory=list)
+    exit_confidences: list[float] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
+    accepted_per_round: list[int] = field(default_factory=list)
+    verify_start_layers: list[int] = field(default_factory=list)
+    accepted_flags: list[bool] = field(default_factory=list)  # per drafted token: was it accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_time if self.wall_time else 0.0
+
+    @property
+    def time_per_token(self) -> float:
+        return self.wall_time / self.new_tokens if self.new_tokens else 0.0
+
+    @property
+    def time_overhead(self) -> float:
+        decode = self.wall_time - self.prefill_time
+        return max(0.0, decode - self.time_draft_layers - self.time_draft_heads - self.time_verify)
+
+    def exit_layer_histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.exit_layers).items()))
+
+    def acceptance_by_exit_layer(self) -> dict[int, float]:
+        seen, ok = Counter(), Counter()
+        for layer, flag in zip(self.exit_layers, self.accepted_flags):
+            seen[layer] += 1
+            ok[layer] += flag
+        return {layer: ok[layer] / seen[layer] for layer in sorted(seen)}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for name in ("acceptance_rate", "tokens_per_round", "tokens_per_second", "time_per_token", "time_overhead"):
+            d[name] = getattr(self, name)
+        d["exit_layer_histogram"] = {str(k): v for k, v in self.exit_layer_histogram().items()}
+        d["acceptance_by_exit_layer"] = {str(k): v for k, v in self.acceptance_by_exit_layer().items()}
+        d["mean_exit_layer"] = sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else None
+        return d
+
+    def summary_line(self) -> str:
+        s = (f"{self.new_tokens} tokens in {self.wall_time:.2f}s ({self.tokens_per_second:.1f} tok/s, "
+             f"{1000 * self.time_per_token:.1f} ms/token)")
+        if self.strategy != "autoregressive":
+            s += (f" | drafted {self.drafted}, accepted {self.accepted} (acceptance rate {self.acceptance_rate:.2f}),"
+                  f" {self.rounds} rounds, {self.tokens_per_round:.2f} tokens/round")
+            if self.exit_layers:
+                s += f", mean exit layer {sum(self.exit_layers) / len(self.exit_layers):.1f}"
+        return s
+
+
+class Clock:
+    """Accumulates wall time into a stats field; synchronises CUDA so GPU work is charged where it happens."""
+
+    def __init__(self, stats: GenerationStats, cuda: bool = False):
+        self.stats, self.cuda = stats, cuda
+
+    def now(self) -> float:
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def charge(self, name: str, since: float) -> float:
+        t = self.now()
+        setattr(self.stats, name, getattr(self.stats, name) + t - since)
+        return t
