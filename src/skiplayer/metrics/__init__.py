@@ -1,0 +1,1 @@
+"""Benchmark metrics: text similarity (text.py), task answers (tasks.py), HumanEval execution (code.py)."""
