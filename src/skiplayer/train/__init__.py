@@ -1,0 +1,1 @@
+"""`skiplayer train`: LayerSkip training (layer dropout + early-exit loss). See `skiplayer.train.trainer`."""

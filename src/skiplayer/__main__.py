@@ -1,0 +1,5 @@
+import sys
+
+from skiplayer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""Command-line options shared by every command that runs a model (names follow LayerSkip's generate.py /
+benchmark.py), and their translation into configs."""
+from __future__ import annotations
+
+import argparse
+
+from skiplayer.decoding.generate import STRATEGIES, GenerationConfig
+from skiplayer.decoding.sampling import SamplingConfig
+from skiplayer.model.load import DEFAULT_MODEL, DTYPES
+from skiplayer.policies import MODES, PolicyConfig
+
+DEFAULT_DTYPE = "float32"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF model directory or hub id (local cache only), a .gguf file, or an alias (default {DEFAULT_MODEL})")
+    g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help="weight dtype (default %(default)s)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+    g.add_argument("--draft", default=None, help="calibrated draft artifact from `skiplayer calibrate`")
+    g.add_argument("--no_chat_template", action="store_true", help="feed prompts as plain text even for chat models")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--generation_strategy", default="autoregressive", choices=STRATEGIES)
+    g.add_argument("--max_steps", type=int, default=max_steps, help="maximum new tokens (default %(default)s)")
+    g.add_argument("--exit_layer", type=int, default=8, help="draft exit layer E (max depth for dynamic modes)")
+    g.add_argument("--num_speculations", type=int, default=4, help="(maximum) draft tokens per round k")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top_k", type=int, default=0, help="0 = off")
+    g.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop_words", nargs="*", default=None, help="stop when the text contains one of these")
+    g.add_argument("--stop_token_ids", nargs="*", type=int, default=[], help="extra token ids that end generation")
+    d = p.add_argument_group("dynamic early exit")
+    d.add_argument("--dynamic_early_exit_mode", default="none", help=f"one of: {', '.join(MODES)}")
+    d.add_argument("--layer_skip_proportion", type=float, default=0.0,
+                   help="skip each draft layer in [1, E) with this probability (0..1)")
+    d.add_argument("--min_exit_layer", type=int, default=1)
+    d.add_argument("--consistent_tokens_count", type=int, default=4)
+    d.add_argument("--random_exit_low", type=int, default=None)
+    d.add_argument("--random_exit_high", type=int, default=None)
+    d.add_argument("--confidence_threshold", type=float, default=0.9)
+    d.add_argument("--stop_threshold", type=float, default=None)
+    d.add_argument("--future_ema", type=float, default=0.5, help="logits_future: weight of the newest round")
+
+
+def policy_config(args) -> PolicyConfig:
+    return PolicyConfig(
+        exit_layer=args.exit_layer, num_speculations=args.num_speculations,
+        dynamic_early_exit_mode=args.dynamic_early_exit_mode, layer_skip_proportion=args.layer_skip_proportion,
+        min_exit_layer=args.min_exit_layer, consistent_tokens_count=args.consistent_tokens_count,
+        random_exit_low=args.random_exit_low, random_exit_high=args.random_exit_high,
+        confidence_threshold=args.confidence_threshold, stop_threshold=args.stop_threshold,
+        future_ema=args.future_ema, seed=args.seed)
+
+
+def generation_config(args, **overrides) -> GenerationConfig:
+    config = GenerationConfig(
+        max_steps=args.max_steps, generation_strategy=args.generation_strategy,
+        sampling=SamplingConfig(args.sample, args.temperature, args.top_k, args.top_p),
+        policy=policy_config(args), seed=args.seed, stop_words=list(args.stop_words or []),
+        stop_token_ids=list(args.stop_token_ids))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def load_from_args(args):
+    """Load the model (and draft artifact) named on the command line."""
+    from skiplayer.model.load import load_model
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    draft = None
+    if getattr(args, "draft", None):
+        from skiplayer.draft_artifact import load_draft
+        draft = load_draft(args.draft, loaded)
+    return loaded, draft
