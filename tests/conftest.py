@@ -50,3 +50,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     # Unit tests never touch the user's conversion cache unless SKIPLAYER_CACHE is set by the caller.
     if "SKIPLAYER_CACHE" not in os.environ:
         monkeypatch.setenv("SKIPLAYER_CACHE", str(tmp_path_factory.getbasetemp() / "skiplayer-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # Tiny models gain nothing from threads, and CI machines have two shared cores.
+    torch.set_num_threads(1)

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from skiplayer.decoding.costs import profile_costs
 from skiplayer.decoding.draft import DraftHead
 from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
 from skiplayer.decoding.self_speculative import speculative_round
@@ -81,8 +82,12 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     stats.prefill_time = clock.now() - t0
     emit(stop.extend([token]))
     if speculative:
-        policy = policy or build_policy(config.policy, model.n_layers)
         head = DraftHead(model, draft_vocab)
+        if policy is None:
+            costs = None
+            if config.policy.dynamic_early_exit_mode == "adaptive":
+                costs = profile_costs(model, config.policy.num_speculations + 1, head.weight)
+            policy = build_policy(config.policy, model.n_layers, costs)
     while not stop.done:
         if speculative:
             budget = min(policy.round_length(), config.max_steps - len(stop.tokens) - 1)

@@ -40,9 +40,10 @@ def speculative_round(model, cache, pending, start, budget, policy: DraftPolicy,
     else:
         n, nxt = accept_greedy(drafts, logits)
     cache.rollback(start + n + 1)  # keep the pending token and the accepted drafts
-    clock.charge("time_verify", t)
+    verify_seconds = clock.now() - t
+    stats.time_verify += verify_seconds
     new = drafts[:n] + [nxt]
-    policy.update(RoundResult(steps, n, new))
+    policy.update(RoundResult(steps, n, new, verify_seconds))
     stats.rounds += 1
     stats.drafted += len(steps)
     stats.accepted += n

@@ -10,7 +10,14 @@ from dataclasses import dataclass
 from skiplayer.errors import check
 from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult, TokenPlan
 
-MODES: dict[str, type] = {"none": DraftPolicy}
+from skiplayer.policies.adaptive import Adaptive, CostModel
+from skiplayer.policies.consistent_tokens import ConsistentTokens
+from skiplayer.policies.logits_current import LogitsCurrent
+from skiplayer.policies.logits_future import LogitsFuture
+from skiplayer.policies.random_exit import RandomExit
+
+MODES: dict[str, type] = {"none": DraftPolicy, "consistent_tokens": ConsistentTokens, "random": RandomExit,
+                          "logits_current": LogitsCurrent, "logits_future": LogitsFuture, "adaptive": Adaptive}
 
 
 @dataclass
@@ -58,14 +65,20 @@ class PolicyConfig:
         return low, high
 
 
-def build_policy(config: PolicyConfig, n_layers: int) -> DraftPolicy:
+def build_policy(config: PolicyConfig, n_layers: int, costs: CostModel | None = None) -> DraftPolicy:
+    """`costs` (measured) is used by the adaptive policy; the others ignore it."""
     config.validate(n_layers)
     cls = MODES[config.dynamic_early_exit_mode]
-    policy = cls(config.exit_layer, config.num_speculations, n_layers) if cls is DraftPolicy else cls(config, n_layers)
+    if cls is DraftPolicy:
+        policy = cls(config.exit_layer, config.num_speculations, n_layers)
+    elif cls is Adaptive:
+        policy = Adaptive(config, n_layers, costs)
+    else:
+        policy = cls(config, n_layers)
     if config.layer_skip_proportion > 0:
         from skiplayer.policies.skipping import LayerSkipping
         policy = LayerSkipping(policy, config.layer_skip_proportion, config.seed)
     return policy
 
 
-__all__ = ["DraftPolicy", "DraftStep", "RoundResult", "TokenPlan", "PolicyConfig", "build_policy", "MODES"]
+__all__ = ["DraftPolicy", "DraftStep", "RoundResult", "TokenPlan", "PolicyConfig", "build_policy", "MODES", "CostModel"]

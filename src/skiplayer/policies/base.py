@@ -42,6 +42,7 @@ class RoundResult:
     steps: list[DraftStep]
     accepted: int            # drafts accepted
     targets: list[int]       # targets[i] = the verified token that follows step i's input (len = accepted + 1)
+    verify_seconds: float = 0.0
 
 
 class DraftPolicy:

@@ -1,0 +1,137 @@
+"""`adaptive` (ours): pick the exit layer and draft length each round to maximise expected tokens per second.
+
+Model. With acceptance probability a at exit layer e, drafting k tokens yields E[N] = (1 - a^(k+1)) / (1 - a)
+tokens per round (accepted drafts + one verified token), at cost k·draft(e) + verify(e, k+1), in units of one
+autoregressive step. The rate E[N]/cost is compared across candidate exit layers and k = 0..K; k = 0 is plain
+autoregressive decoding (rate 1).
+
+Estimates. Acceptance per candidate layer is a Beta posterior updated from verified drafts (a draft counts as a
+success if accepted, a failure if it was the first rejected one; later drafts are unobserved). Each round samples
+from the posteriors (Thompson sampling), so untried layers get explored and bad ones fade. Costs come from a
+profile of the model measured at start-up (`CostModel`) and are refined online from measured round times.
+
+Within a round, drafting stops when the next draft's expected gain per unit cost falls below the round's running
+rate, using the drafts' confidences (mapped to acceptance probabilities learned online) for the positions already
+drafted. When no setting beats autoregressive decoding, the policy decodes autoregressively for a back-off period
+(doubling up to 64 rounds) and then probes again, so it is never meaningfully slower than autoregressive.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult, TokenPlan
+
+
+@dataclass
+class CostModel:
+    """Costs in units of one autoregressive step (all layers + full LM head, one position)."""
+    n_layers: int
+    layer: float                                   # one layer, one position
+    head: float                                    # the draft's LM head, one position
+    verify: list = field(default_factory=list)     # verify[n]: full pass over n positions (verify[0] unused)
+    step_seconds: float = 0.0                      # seconds of one autoregressive step, as profiled
+
+    @classmethod
+    def nominal(cls, n_layers: int, max_n: int = 16, head: float = 0.2, slope: float = 0.1) -> "CostModel":
+        """A plausible profile used in tests or before measuring: verification grows linearly with positions."""
+        layer = (1 - head) / n_layers
+        return cls(n_layers, layer, head, [0.0] + [1 + slope * (n - 1) for n in range(1, max_n + 1)])
+
+    def draft(self, exit_layer: int) -> float:
+        return exit_layer * self.layer + self.head
+
+    def verify_from(self, exit_layer: int, n: int) -> float:
+        """Verification of n positions starting at `exit_layer` (plus the last draft's shallow layers)."""
+        n = min(n, len(self.verify) - 1)
+        shallow = exit_layer * self.layer
+        return self.verify[n] * (1 - shallow) + shallow
+
+    def observe_verify(self, n: int, seconds: float, weight: float = 0.1) -> None:
+        if self.step_seconds > 0 and 0 < n < len(self.verify):
+            self.verify[n] += weight * (seconds / self.step_seconds - self.verify[n])
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+class Adaptive(DraftPolicy):
+    name = "adaptive"
+
+    def __init__(self, config, n_layers: int, costs: CostModel | None = None, candidates=None):
+        super().__init__(config.exit_layer, config.num_speculations, n_layers)
+        E, low = config.exit_layer, config.min_exit_layer
+        self.candidates = sorted(set(candidates or [max(low, round(E * f)) for f in (0.25, 0.5, 0.75)] + [E]))
+        self.costs = costs or CostModel.nominal(n_layers, max_n=config.num_speculations + 1)
+        self.posterior = {e: [1.0, 1.0] for e in self.candidates}    # Beta(successes+1, failures+1)
+        self.conf_bins = [[1.0, 1.0] for _ in range(10)]            # acceptance given draft confidence
+        self.rng = random.Random(config.seed)
+        self.backoff, self.ar_left = 4, 0
+        self.exit, self.k = E, 0
+        self._round = []
+
+    # Choosing a round ------------------------------------------------------------------------------------------
+    def best_setting(self, alphas: dict[int, float]) -> tuple[int, int, float]:
+        """(exit layer, k, rate) maximising expected tokens per unit cost; k = 0 means autoregressive."""
+        best = (self.exit_layer, 0, 1.0 / self.costs.verify_from(0, 1))
+        for e, a in alphas.items():
+            for k in range(1, self.num_speculations + 1):
+                rate = expected_tokens(a, k) / (k * self.costs.draft(e) + self.costs.verify_from(e, k + 1))
+                if rate > best[2]:
+                    best = (e, k, rate)
+        return best
+
+    def round_length(self) -> int:
+        if self.ar_left > 0:
+            self.ar_left -= 1
+            return 0
+        sampled = {e: self.rng.betavariate(a, b) for e, (a, b) in self.posterior.items()}
+        self.exit, self.k, _ = self.best_setting(sampled)
+        if self.k == 0:
+            # Nothing pays: decode autoregressively for a while, then probe the most promising layer again.
+            self.ar_left, self.backoff = self.backoff, min(64, self.backoff * 2)
+            means = {e: a / (a + b) for e, (a, b) in self.posterior.items()}
+            self.exit = max(means, key=means.get)
+            self.k = 1
+        self._round = []
+        return self.k
+
+    def plan(self, index: int) -> TokenPlan:
+        return TokenPlan(self.exit)
+
+    # Within a round ------------------------------------------------------------------------------------------
+    def _accept_prob(self, confidence: float) -> float:
+        a, b = self.conf_bins[min(9, int(confidence * 10))]
+        return a / (a + b)
+
+    def keep_drafting(self, step: DraftStep) -> bool:
+        self._round.append(self._accept_prob(step.confidence))
+        j = len(self._round)
+        if j >= self.k:
+            return False
+        all_accepted, expected = 1.0, 1.0
+        for p in self._round:
+            all_accepted *= p
+            expected += all_accepted
+        a, b = self.posterior[self.exit]
+        cost = j * self.costs.draft(self.exit) + self.costs.verify_from(self.exit, j + 1)
+        gain = all_accepted * a / (a + b)
+        extra = self.costs.draft(self.exit) + self.costs.verify_from(self.exit, j + 2) - self.costs.verify_from(self.exit, j + 1)
+        return gain / extra >= expected / cost
+
+    # Learning --------------------------------------------------------------------------------------------------
+    def update(self, result: RoundResult) -> None:
+        observed = result.steps[:result.accepted + 1]
+        for i, step in enumerate(observed):
+            ok = i < result.accepted
+            post = self.posterior.get(step.exit_layer)
+            if post is not None:
+                post[0 if ok else 1] += 1
+            self.conf_bins[min(9, int(step.confidence * 10))][0 if ok else 1] += 1
+        if result.accepted > 0:
+            self.backoff = 4
+        if result.verify_seconds and result.steps:
+            self.costs.observe_verify(len(result.steps) + 1, result.verify_seconds)
