@@ -17,13 +17,17 @@ from skiplayer.policies.base import DraftPolicy, DraftStep
 
 
 class DraftHead:
-    """Final norm + LM head for drafts; optionally a reduced vocabulary (rows of the head) to make exits cheap."""
+    """Final norm + LM head for drafts. A calibrated draft adds an adapter per exit depth (applied to the hidden
+    state before the norm) and may score only a reduced vocabulary (rows of the head) to make exits cheap."""
 
-    def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None):
-        self.model, self.vocab_ids = model, vocab_ids
+    def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None, adapters: dict | None = None):
+        self.model, self.vocab_ids, self.adapters = model, vocab_ids, adapters or {}
         self.weight = None if vocab_ids is None else model.head_weight[vocab_ids].contiguous()
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+        adapter = self.adapters.get(depth)
+        if adapter is not None:
+            h = adapter(h)
         return self.model.logits(h, self.weight)[-1]
 
     def to_full(self, index: int) -> int:
@@ -67,7 +71,7 @@ def draft_step(model, cache, token, pos, index, policy, head, sampling, generato
             h = model.forward_layers(h, pos, cache, layer, layer + 1)
         if layer + 1 in plan.probe_layers and layer + 1 < plan.exit_layer:
             t = clock.charge("time_draft_layers", t)
-            logits = head(h)
+            logits = head(h, layer + 1)
             clock.stats.probe_heads += 1
             top_p, top_i = torch.softmax(logits.float(), -1).max(-1)
             probe_tokens[layer + 1] = head.to_full(int(top_i))
@@ -79,7 +83,7 @@ def draft_step(model, cache, token, pos, index, policy, head, sampling, generato
     hiddens.append(h)
     t = clock.charge("time_draft_layers", t)
     if logits is None:
-        logits = head(h)
+        logits = head(h, depth)
     if sampling.sample:
         probs = probabilities(logits, sampling)
         choice = sample(probs, generator)

@@ -57,9 +57,10 @@ def _select(logits: torch.Tensor, sampling: SamplingConfig, generator) -> int:
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationConfig, eos_token_ids=(),
                  tokenizer=None, on_tokens: Callable[[list[int]], None] | None = None,
-                 draft_vocab: torch.Tensor | None = None, policy=None) -> tuple[list[int], StopCriteria, GenerationStats]:
+                 draft=None, policy=None) -> tuple[list[int], StopCriteria, GenerationStats]:
     """Generate from token ids. Both strategies prefill the whole prompt the same way, then either decode one token
-    per full pass or run speculative rounds; `on_tokens` receives tokens as they are accepted."""
+    per full pass or run speculative rounds; `on_tokens` receives tokens as they are accepted. `draft` is a
+    calibrated draft (`skiplayer calibrate`): adapters per exit layer, a reduced vocabulary, measured acceptance."""
     config.validate(model.n_layers)
     check(len(prompt_ids) > 0, "empty prompt: pass some text with --prompt")
     speculative = config.generation_strategy == "self_speculative"
@@ -82,12 +83,12 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     stats.prefill_time = clock.now() - t0
     emit(stop.extend([token]))
     if speculative:
-        head = DraftHead(model, draft_vocab)
+        head = DraftHead(model, *((draft.vocab_ids, draft.adapters) if draft else ()))
         if policy is None:
             costs = None
             if config.policy.dynamic_early_exit_mode == "adaptive":
                 costs = profile_costs(model, config.policy.num_speculations + 1, head.weight)
-            policy = build_policy(config.policy, model.n_layers, costs)
+            policy = build_policy(config.policy, model.n_layers, costs, draft.acceptance if draft else None)
     while not stop.done:
         if speculative:
             budget = min(policy.round_length(), config.max_steps - len(stop.tokens) - 1)
@@ -124,7 +125,7 @@ def generate(loaded, prompt, config: GenerationConfig | None = None, chat_templa
     prompt_ids = loaded.encode(prompt, chat_template=chat_template)
     stream = _TextStream(loaded, on_text, config.stop_words) if on_text else None
     ids, stop, stats = generate_ids(loaded.model, prompt_ids, config, loaded.eos_token_ids, loaded.tokenizer,
-                                    on_tokens=stream, **(draft.generate_kwargs() if draft else {}))
+                                    on_tokens=stream, draft=draft)
     text = stop.cut_text(loaded.decode(ids))
     if stream:
         stream.finish(text)

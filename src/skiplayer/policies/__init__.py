@@ -65,14 +65,16 @@ class PolicyConfig:
         return low, high
 
 
-def build_policy(config: PolicyConfig, n_layers: int, costs: CostModel | None = None) -> DraftPolicy:
-    """`costs` (measured) is used by the adaptive policy; the others ignore it."""
+def build_policy(config: PolicyConfig, n_layers: int, costs: CostModel | None = None,
+                 calibrated: dict[int, float] | None = None) -> DraftPolicy:
+    """`costs` (measured) and `calibrated` (exit layer -> acceptance measured at calibration) inform the adaptive
+    policy: it then chooses among the calibrated exit layers, starting from their measured acceptance."""
     config.validate(n_layers)
     cls = MODES[config.dynamic_early_exit_mode]
     if cls is DraftPolicy:
         policy = cls(config.exit_layer, config.num_speculations, n_layers)
     elif cls is Adaptive:
-        policy = Adaptive(config, n_layers, costs)
+        policy = Adaptive(config, n_layers, costs, calibrated=calibrated)
     else:
         policy = cls(config, n_layers)
     if config.layer_skip_proportion > 0:

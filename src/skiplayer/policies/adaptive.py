@@ -61,12 +61,16 @@ def expected_tokens(alpha: float, k: int) -> float:
 class Adaptive(DraftPolicy):
     name = "adaptive"
 
-    def __init__(self, config, n_layers: int, costs: CostModel | None = None, candidates=None):
+    def __init__(self, config, n_layers: int, costs: CostModel | None = None, calibrated: dict | None = None):
         super().__init__(config.exit_layer, config.num_speculations, n_layers)
         E, low = config.exit_layer, config.min_exit_layer
-        self.candidates = sorted(set(candidates or [max(low, round(E * f)) for f in (0.25, 0.5, 0.75)] + [E]))
+        calibrated = {e: a for e, a in (calibrated or {}).items() if low <= e <= E}
+        self.candidates = sorted(calibrated) or sorted({max(low, round(E * f)) for f in (0.25, 0.5, 0.75)} | {E})
         self.costs = costs or CostModel.nominal(n_layers, max_n=config.num_speculations + 1)
-        self.posterior = {e: [1.0, 1.0] for e in self.candidates}    # Beta(successes+1, failures+1)
+        # Beta(successes + 1, failures + 1); a calibrated layer starts from its measured acceptance (worth 10 drafts).
+        self.posterior = {e: [1.0, 1.0] for e in self.candidates}
+        for e, a in calibrated.items():
+            self.posterior[e] = [1.0 + 10 * a, 1.0 + 10 * (1 - a)]
         self.conf_bins = [[1.0, 1.0] for _ in range(10)]            # acceptance given draft confidence
         self.rng = random.Random(config.seed)
         self.backoff, self.ar_left = 4, 0
