@@ -1,4 +1,5 @@
-"""`skiplayer benchmark`: speed and task metrics of a decoding strategy on a dataset, with autoregressive side by side. See `skiplayer.bench.benchmark`."""
+"""`skiplayer benchmark`: speed and task metrics of a strategy on a dataset, autoregressive side
+by side. See `skiplayer.bench.benchmark`."""
 from __future__ import annotations
 
 

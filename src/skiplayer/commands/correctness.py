@@ -1,4 +1,5 @@
-"""`skiplayer correctness`: greedy self-speculative output must equal greedy autoregressive, token for token. See `skiplayer.bench.correctness`."""
+"""`skiplayer correctness`: greedy self-speculative output must equal greedy autoregressive,
+token for token. See `skiplayer.bench.correctness`."""
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
-"""`skiplayer report`: plots and a markdown table from benchmark / sweep run directories. See `skiplayer.bench.report`."""
+"""`skiplayer report`: plots and a markdown table from benchmark / sweep run directories.
+See `skiplayer.bench.report`."""
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
-"""`skiplayer sweep`: grid over exit layer, speculations, dynamic-exit mode and layer-skip proportion. See `skiplayer.bench.sweep`."""
+"""`skiplayer sweep`: grid over exit layer, speculations, dynamic-exit mode and layer-skip
+proportion. See `skiplayer.bench.sweep`."""
 from __future__ import annotations
 
 
