@@ -13,6 +13,7 @@ from pathlib import Path
 
 from skiplayer.bench import distributed
 from skiplayer.bench.runner import (
+    use_chat_template,
     RowStore, aggregate_speed, check_output_dir, check_run_args, command_line, config_dict, dataset_names,
     dataset_settings, environment, first_difference, format_table, load_samples, measure, merge_histograms,
     model_record, output_dir, primary_metric, score, speedup, warm_up, with_strategy, write_json,
@@ -111,7 +112,7 @@ def _run(args, dist, loaded, draft, samples, configs, configuration, out_dir: Pa
     if dist.is_main and done:
         print(f"[skiplayer] resuming {out_dir}: {len(done)} of {len(samples)} samples done", file=sys.stderr)
 
-    chat = not args.no_chat_template
+    chat = use_chat_template(args, configuration["dataset"])
     strategies = list(configs)
     warm_up(loaded, todo, configs.values(), args.warmup, chat, draft)
     progress = _progress(args, dist, len(todo), configuration["dataset"])

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from skiplayer.bench.runner import (
+    use_chat_template,
     command_line, config_dict, dataset_names, dataset_settings, first_difference, load_samples, measure,
     model_record, with_strategy, write_json,
 )
@@ -49,7 +50,7 @@ def run(args) -> int:
     config = generation_config(args, max_steps=settings["max_steps"], stop_words=settings["stop_words"])
     config.validate(loaded.model.n_layers)
     reference = with_strategy(config, AR)
-    chat = not args.no_chat_template
+    chat = use_chat_template(args, names[0])
     per_sample = []
     for sample in samples:
         ar = measure(loaded, sample, reference, chat, draft)

@@ -154,6 +154,13 @@ def output_dir(args, kind: str, label: str, dist) -> Path:
 
 # ---------------------------------------------------------------------------------------------- measuring
 
+def use_chat_template(args, dataset: str) -> bool:
+    """Chat template unless turned off or the dataset is a completion task (HumanEval, LM continuation)."""
+    from skiplayer.data.datasets import DATASETS
+    spec = DATASETS.get(dataset)
+    return not args.no_chat_template and not (spec is not None and spec.completion)
+
+
 def measure(loaded, sample, config: GenerationConfig, chat_template: bool = True, draft=None) -> dict:
     """Generate for one sample (every turn when it has several) and return output text, token ids and speed."""
     kwargs = draft.generate_kwargs() if draft is not None else {}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from skiplayer.bench import distributed
 from skiplayer.bench.runner import (
+    use_chat_template,
     RowStore, aggregate_speed, check_output_dir, check_run_args, command_line, config_dict, dataset_names,
     dataset_settings, environment, format_table, load_samples, measure, model_record, output_dir, primary_metric, score,
     speedup, warm_up, with_strategy, write_atomic, write_json,
@@ -194,13 +195,13 @@ def _run(args, dist, loaded, draft, samples: dict, base: dict, points: list[Poin
     if dist.is_main and done:
         print(f"[skiplayer] resuming {out_dir}: {len(done)} measurements done", file=sys.stderr)
 
-    chat = not args.no_chat_template
+    chat = {name: use_chat_template(args, name) for name in datasets}
     configs = {name: {pt.key: with_strategy(base[name], "self_speculative", **pt.fields()) for pt in points}
                for name in datasets}
     for name in datasets:
         first = [s for d, _, s, _ in mine if d == name][:1]
         warm_up(loaded, first, [with_strategy(base[name], AR), *list(configs[name].values())[:1]], args.warmup,
-                chat, draft)
+                chat[name], draft)
     progress = None
     if not args.no_progress and dist.is_main and mine:
         from tqdm import tqdm

