@@ -215,7 +215,7 @@ def _run(args, dist, loaded, draft, samples: dict, base: dict, points: list[Poin
             if unit != "AR":
                 row.update(unit.fields())
             try:
-                result = measure(loaded, sample, config, chat, draft)
+                result = measure(loaded, sample, config, chat[name], draft)
             except UserError as e:
                 row["skipped"] = str(e)
             else:
