@@ -163,7 +163,6 @@ def use_chat_template(args, dataset: str) -> bool:
 
 def measure(loaded, sample, config: GenerationConfig, chat_template: bool = True, draft=None) -> dict:
     """Generate for one sample (every turn when it has several) and return output text, token ids and speed."""
-    kwargs = draft.generate_kwargs() if draft is not None else {}
     messages: list[dict] = []
     outputs, token_ids, speeds = [], [], []
     for i, turn in enumerate([sample.prompt, *sample.turns]):
@@ -171,7 +170,7 @@ def measure(loaded, sample, config: GenerationConfig, chat_template: bool = True
         prompt_ids = loaded.encode(turn if i == 0 else list(messages), chat_template=chat_template)
         try:
             ids, stop, stats = generate_ids(loaded.model, prompt_ids, config, loaded.eos_token_ids,
-                                            loaded.tokenizer, **kwargs)
+                                            loaded.tokenizer, draft=draft)
         except UserError as e:
             raise UserError(f"sample {sample.id}: {e}") from None
         text = stop.cut_text(loaded.decode(ids))

