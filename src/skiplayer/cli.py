@@ -18,6 +18,7 @@ COMMANDS = {
     "correctness": ("skiplayer.commands.correctness",
                     "check greedy self-speculative output equals autoregressive (exit 1 on a mismatch)"),
     "report": ("skiplayer.commands.report", "plots and a markdown table from benchmark / sweep run directories"),
+    "calibrate": ("skiplayer.commands.calibrate", "self-distil early-exit draft adapters + a reduced draft vocabulary (--draft)"),
 }
 
 

@@ -1,0 +1,200 @@
+"""`skiplayer calibrate`: self-distil early-exit draft adapters and a reduced draft vocabulary for a model, on its
+own greedy outputs; write an artifact directory for `--draft`. See skiplayer.train.calibrate."""
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+from skiplayer.errors import UserError, check
+
+DEFAULT_DATA = ("gsm8k", "xsum_summarization", "cnn_dm_summarization", "chat_format", "human_eval")
+ALIASES = {"xsum": "xsum_summarization", "cnn_dm": "cnn_dm_summarization", "cnn": "cnn_dm_summarization",
+           "alpaca": "chat_format", "humaneval": "human_eval"}
+
+
+def add_arguments(p):
+    from skiplayer.model.load import DEFAULT_MODEL, DTYPES
+    from skiplayer.train.calibrate import LOSSES, CalibrationConfig
+
+    d = CalibrationConfig(exit_layers=[])
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to calibrate for (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="weight dtype; the draft only loads with the same weights and dtype (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
+    p.add_argument("--no_chat_template", action="store_true", help="feed prompts as plain text even for chat models")
+    p.add_argument("--exit_layers", default="8,12,16", help="comma-separated exit layers to calibrate (default %(default)s)")
+    p.add_argument("--output", required=True, help="artifact directory to write (draft.safetensors + draft.json)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=",".join(DEFAULT_DATA),
+                   help="comma-separated datasets whose prompts the model answers (default: %(default)s; "
+                        "aliases: xsum, cnn_dm, alpaca)")
+    g.add_argument("--data_path", default=None,
+                   help="data file(s) for --data: one per dataset, comma-separated (default: the shared copies)")
+    g.add_argument("--num_prompts", type=int, default=400,
+                   help="prompts to draw, round-robin over the datasets (the budget may use fewer; default %(default)s)")
+    g.add_argument("--max_steps", type=int, default=128,
+                   help="new tokens per prompt, at most (also capped by the dataset's own; default %(default)s)")
+    g.add_argument("--max_prompt_tokens", type=int, default=1024, help="skip longer prompts (default %(default)s)")
+    g.add_argument("--held_out", type=float, default=0.2,
+                   help="share of prompts held out to measure agreement (default %(default)s)")
+    t = p.add_argument_group("calibration")
+    t.add_argument("--budget_minutes", type=float, default=d.budget_minutes,
+                   help="wall-clock budget after loading the model (default %(default)s)")
+    t.add_argument("--generation_share", type=float, default=d.generation_share,
+                   help="share of the budget spent generating outputs (default %(default)s)")
+    t.add_argument("--draft_vocab_size", type=int, default=d.draft_vocab_size,
+                   help="draft scores the N most frequent output tokens; 0 = full vocabulary (default %(default)s)")
+    t.add_argument("--adapter_rank", type=int, default=d.adapter_rank, help="adapter rank r (default %(default)s)")
+    t.add_argument("--loss", default=d.loss, choices=list(LOSSES),
+                   help="kl: KL(full || draft) over the draft vocabulary; ce: cross-entropy to the full model's "
+                        "argmax (default %(default)s)")
+    t.add_argument("--prompt_positions", type=int, default=d.prompt_positions,
+                   help="also train on the last N prompt positions of each prompt (default %(default)s)")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="at most (default %(default)s)")
+    t.add_argument("--batch_size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--val_fraction", type=float, default=d.val_fraction,
+                   help="share of training prompts kept aside to pick the best epoch (default %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="prompt order, held-out split and initialisation")
+    t.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    t.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"--exit_layers '{text}' is not a comma-separated list of integers, e.g. 8,12,16") from None
+    check(len(layers) > 0, "--exit_layers needs at least one layer, e.g. --exit_layers 8,12")
+    return layers
+
+
+def dataset_names(text: str) -> list[str]:
+    from skiplayer.data.datasets import DATASETS
+
+    names = [ALIASES.get(n, n) for n in (x.strip() for x in str(text).split(",")) if n]
+    check(len(names) > 0, "--data needs at least one dataset name")
+    for n in names:
+        check(n in DATASETS, f"unknown dataset '{n}' in --data: choose from {', '.join(DATASETS)}")
+    check(len(set(names)) == len(names), "--data names a dataset twice")
+    return names
+
+
+def collect_prompts(loaded, names: list[str], data_paths: list[str | None], num_prompts: int, max_steps: int,
+                    seed: int, chat_template: bool, held_out: float, max_prompt_tokens: int, required: bool = True):
+    """Prompts drawn round-robin over the datasets (each shuffled by the seed); within each dataset every
+    round(1/held_out)-th prompt is held out (offset per dataset), so any prefix of the list is a balanced mix."""
+    from skiplayer.data.datasets import get_spec, load_dataset
+    from skiplayer.train.calibrate import CalibrationPrompt
+
+    sources, skipped = [], []
+    for name, path in zip(names, data_paths):
+        try:
+            samples = load_dataset(name, data_path=path, seed=seed, random_shuffle=True)
+        except UserError as e:
+            if required:
+                raise
+            skipped.append(f"{name} ({e})")
+            continue
+        sources.append((name, get_spec(name), iter(samples)))
+    check(len(sources) > 0, "no calibration data available: " + "; ".join(skipped))
+    every = max(2, round(1 / held_out)) if held_out > 0 else 0
+    prompts, counts = [], {name: 0 for name, _, _ in sources}
+    active = list(range(len(sources)))
+    while len(prompts) < num_prompts and active:
+        for j in list(active):
+            if len(prompts) >= num_prompts:
+                break
+            name, spec, it = sources[j]
+            for sample in it:
+                ids = loaded.encode(sample.prompt, chat_template=chat_template)
+                if 0 < len(ids) <= max_prompt_tokens:
+                    n = counts[name]
+                    counts[name] += 1
+                    prompts.append(CalibrationPrompt(ids, name, sample.id, min(max_steps, spec.max_steps),
+                                                     list(spec.stop_words),
+                                                     bool(every) and (n + j) % every == every - 1))
+                    break
+            else:
+                active.remove(j)
+    return prompts, skipped
+
+
+def run(args) -> int:
+    import torch
+
+    from skiplayer.draft_artifact import save_draft
+    from skiplayer.model.load import load_model
+    from skiplayer.train.calibrate import CalibrationConfig, calibrate
+
+    layers = parse_layers(args.exit_layers)
+    names = dataset_names(args.data)
+    paths: list[str | None] = [None] * len(names)
+    if args.data_path:
+        given = [x.strip() or None for x in args.data_path.split(",")]
+        check(len(given) == len(names), f"--data_path lists {len(given)} file(s) for {len(names)} dataset(s) in "
+              f"--data: give one per dataset, comma-separated")
+        paths = given
+    check(args.num_prompts >= 2, f"--num_prompts must be >= 2 (got {args.num_prompts})")
+    check(args.max_steps >= 1, f"--max_steps must be >= 1 (got {args.max_steps})")
+    check(0 < args.held_out < 1, f"--held_out must be between 0 and 1 (got {args.held_out})")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    config = CalibrationConfig(
+        exit_layers=layers, draft_vocab_size=args.draft_vocab_size, adapter_rank=args.adapter_rank,
+        budget_minutes=args.budget_minutes, generation_share=args.generation_share, loss=args.loss,
+        prompt_positions=args.prompt_positions, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress)
+
+    t_load = time.monotonic()
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    config.validate(loaded.model.n_layers)
+    started = time.monotonic()
+    load_seconds = started - t_load
+    default_mix = args.data == ",".join(DEFAULT_DATA)
+    chat_template = not args.no_chat_template
+    prompts, skipped = collect_prompts(loaded, names, paths, args.num_prompts, args.max_steps, args.seed,
+                                       chat_template, args.held_out, args.max_prompt_tokens, required=not default_mix)
+    for s in skipped:
+        print(f"[skiplayer calibrate] skipping dataset {s}", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    result = calibrate(loaded.model, prompts, config, loaded.eos_token_ids, loaded.tokenizer, started=started)
+
+    meta = {
+        "model": loaded.name, "hf_path": loaded.hf_path, "fingerprint": loaded.fingerprint,
+        "dtype": str(loaded.dtype).replace("torch.", ""), "n_layers": loaded.model.n_layers,
+        "dim": loaded.model.args.dim, "full_vocab_size": loaded.model.args.vocab_size,
+        "loss": config.loss, "prompt_positions": config.prompt_positions,
+        "acceptance": {str(e): round(a, 4) for e, a in result.after.items()},
+        "agreement_before": {str(e): round(a, 4) for e, a in result.before.items()},
+        "agreement_before_draft_vocab": {str(e): round(a, 4) for e, a in result.before_vocab.items()},
+        "agreement_after": {str(e): round(a, 4) for e, a in result.after.items()},
+        "draft_vocab_coverage": round(result.coverage, 4),
+        "calibration_seconds": round(result.timings["total"], 1), "load_seconds": round(load_seconds, 1),
+        "timings": {k: round(v, 1) for k, v in result.timings.items()},
+        "data": {"datasets": [n for n in names if n not in {s.split(' ')[0] for s in skipped}],
+                 "data_path": args.data_path, "chat_template": chat_template, "max_steps": args.max_steps,
+                 "held_out": args.held_out, "seed": args.seed, **result.counts},
+        "training": {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr,
+                     "val_fraction": config.val_fraction, "budget_minutes": config.budget_minutes,
+                     "generation_share": config.generation_share,
+                     "history": {str(e): h for e, h in result.history.items()}},
+        "command": "skiplayer calibrate " + " ".join(shlex.quote(a) for a in _argv()),
+    }
+    path = save_draft(args.output, result.adapters, result.vocab_ids, meta)
+    vocab = "full vocabulary" if result.vocab_ids is None else f"{len(result.vocab_ids)}-token draft vocabulary"
+    print(f"top-1 agreement with the full model on held-out outputs ({vocab}, adapter rank {config.adapter_rank}, "
+          f"loss {config.loss}):")
+    print(result.table())
+    t = result.timings
+    print(f"calibration {t['total']:.0f} s (generate + capture {t['generate']:.0f} s: {result.counts['output_tokens']} "
+          f"tokens from {result.counts['prompts_generated']} prompts; train {t['train']:.0f} s; measure "
+          f"{t['measure']:.0f} s) + load {load_seconds:.0f} s")
+    print(f"wrote {path} (use it with --draft {path})")
+    return 0
+
+
+def _argv() -> list[str]:
+    argv = list(sys.argv[1:])
+    return argv[1:] if argv and argv[0] == "calibrate" else argv

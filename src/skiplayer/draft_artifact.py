@@ -1,0 +1,170 @@
+"""Calibrated draft artifacts (`skiplayer calibrate --output A`, `--draft A`).
+
+A directory holding
+  draft.safetensors  `layers.<E>.down.weight` (rank, dim) and `layers.<E>.up.weight` (dim, rank) per exit layer E,
+                     and `vocab_ids` (int64, ascending full-vocabulary ids) when the draft scores a reduced vocabulary;
+  draft.json         what it was calibrated for and what was measured: model name and fingerprint, exit layers,
+                     adapter form and rank, vocabulary size, held-out agreement before/after per layer (`acceptance`
+                     = after), calibration time, data, command line.
+
+The adapter of layer E maps the hidden state leaving layer E-1 (before the final norm) to a corrected one:
+h + W_up·silu(W_down·rmsnorm(h)). The model's own frozen final norm and head (rows `vocab_ids`) follow it, and
+verification always uses the full head, so decoding with a draft stays lossless.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skiplayer.errors import UserError
+
+FORMAT = "skiplayer-draft"
+VERSION = 1
+FORM = "residual_mlp"
+WEIGHTS_FILE = "draft.safetensors"
+META_FILE = "draft.json"
+
+
+class ResidualAdapter(nn.Module):
+    """h + up(silu(down(rmsnorm(h)))); `up` starts at zero, so a fresh adapter is the plain early exit."""
+
+    def __init__(self, dim: int, rank: int, eps: float = 1e-6, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.dim, self.rank, self.eps = dim, rank, eps
+        self.down = nn.Linear(dim, rank, bias=False, dtype=dtype, device=device)
+        self.up = nn.Linear(rank, dim, bias=False, dtype=dtype, device=device)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.down.weight.dtype)
+        delta = F.linear(F.silu(F.linear(x, self.down.weight)), self.up.weight)
+        return h + delta.to(h.dtype)
+
+
+@dataclass
+class Draft:
+    """What the engine reads (`generate_ids(..., draft=)`): adapters per exit layer, the reduced vocabulary
+    (None = full vocabulary) and the acceptance measured at calibration (exit layer -> agreement)."""
+    vocab_ids: torch.Tensor | None
+    adapters: dict[int, nn.Module]
+    acceptance: dict[int, float]
+    exit_layers: list[int]
+    meta: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        vocab = "full vocabulary" if self.vocab_ids is None else f"{len(self.vocab_ids)}-token vocabulary"
+        acc = ", ".join(f"E{e}: {a:.2f}" for e, a in sorted(self.acceptance.items()))
+        return f"draft for exit layers {self.exit_layers}, {vocab}, calibrated acceptance {acc}"
+
+
+def save_draft(path: str | Path, adapters: dict[int, ResidualAdapter], vocab_ids: torch.Tensor | None,
+               meta: dict) -> Path:
+    """Write the artifact directory (created if needed). `meta` must hold at least `fingerprint`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {path} exists and is not a directory: pick a new path for the draft artifact")
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for e, adapter in sorted(adapters.items()):
+        tensors[f"layers.{e}.down.weight"] = adapter.down.weight.detach().float().cpu().contiguous()
+        tensors[f"layers.{e}.up.weight"] = adapter.up.weight.detach().float().cpu().contiguous()
+    if vocab_ids is not None:
+        tensors["vocab_ids"] = vocab_ids.detach().to(torch.int64).cpu().contiguous()
+    ranks = {a.rank for a in adapters.values()}
+    full = {"format": FORMAT, "version": VERSION, "form": FORM,
+            "adapter_rank": ranks.pop() if len(ranks) == 1 else None,
+            "exit_layers": sorted(int(e) for e in adapters),
+            "draft_vocab_size": None if vocab_ids is None else int(len(vocab_ids)), **meta}
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+    (path / META_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+def _read_meta(path: Path) -> dict:
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise UserError(f"draft {path}: {META_FILE} is missing; pass a directory written by skiplayer calibrate "
+                        f"--output (or recalibrate)")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"draft {path}: {META_FILE} is corrupt ({' '.join(str(e).split())}); recalibrate with "
+                        f"skiplayer calibrate") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"draft {path}: {META_FILE} is not a skiplayer draft description; recalibrate with "
+                        f"skiplayer calibrate")
+    if meta.get("version") != VERSION or meta.get("form") != FORM:
+        raise UserError(f"draft {path}: unsupported draft version/form ({meta.get('version')}, {meta.get('form')}); "
+                        f"recalibrate with this skiplayer's calibrate command")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"draft {path}: {WEIGHTS_FILE} is missing; recalibrate with skiplayer calibrate")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"draft {path}: {WEIGHTS_FILE} is corrupt ({' '.join(str(e).split())[:160]}); "
+                        f"recalibrate with skiplayer calibrate") from None
+
+
+def load_draft(path: str | Path, loaded) -> Draft:
+    """Load artifact `path` for `loaded` (a LoadedModel): adapters in the model's dtype and device. A draft
+    calibrated for other weights, or missing/corrupt files, raise a one-line UserError."""
+    path = Path(path)
+    if path.is_file() and path.name in (META_FILE, WEIGHTS_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise UserError(f"draft {path} not found: pass the directory written by skiplayer calibrate --output")
+    meta = _read_meta(path)
+    model = loaded.model
+    if meta.get("fingerprint") != loaded.fingerprint:
+        raise UserError(f"draft {path} was calibrated for model {meta.get('model')} (fingerprint "
+                        f"{meta.get('fingerprint')}), not {loaded.name} (fingerprint {loaded.fingerprint}, "
+                        f"{str(loaded.dtype).replace('torch.', '')}): recalibrate with skiplayer calibrate "
+                        f"--model {loaded.name} --output DIR")
+    tensors = _read_tensors(path)
+    w = model.tok_embeddings.weight
+    dim, vocab, n_layers = model.args.dim, model.args.vocab_size, model.n_layers
+    try:
+        exit_layers = sorted(int(e) for e in meta.get("exit_layers", []))
+    except (TypeError, ValueError):
+        raise UserError(f"draft {path}: bad exit_layers in {META_FILE}; recalibrate with skiplayer calibrate") from None
+    adapters: dict[int, nn.Module] = {}
+    for e in exit_layers:
+        down, up = tensors.get(f"layers.{e}.down.weight"), tensors.get(f"layers.{e}.up.weight")
+        if down is None or up is None:
+            raise UserError(f"draft {path}: adapter weights for exit layer {e} are missing from {WEIGHTS_FILE}; "
+                            f"recalibrate with skiplayer calibrate")
+        rank = down.shape[0]
+        if not (1 <= e < n_layers) or down.shape != (rank, dim) or up.shape != (dim, rank):
+            raise UserError(f"draft {path}: adapter for exit layer {e} does not fit this model "
+                            f"({n_layers} layers, hidden size {dim}); recalibrate with skiplayer calibrate")
+        adapter = ResidualAdapter(dim, rank)
+        adapter.load_state_dict({"down.weight": down, "up.weight": up})
+        adapters[e] = adapter.to(dtype=w.dtype, device=w.device).eval().requires_grad_(False)
+    vocab_ids = tensors.get("vocab_ids")
+    if vocab_ids is not None:
+        vocab_ids = vocab_ids.to(torch.long)
+        if vocab_ids.dim() != 1 or len(vocab_ids) == 0 or int(vocab_ids.min()) < 0 or int(vocab_ids.max()) >= vocab:
+            raise UserError(f"draft {path}: vocab_ids do not fit this model's {vocab}-token vocabulary; "
+                            f"recalibrate with skiplayer calibrate")
+        vocab_ids = vocab_ids.to(w.device)
+    try:
+        acceptance = {int(e): float(a) for e, a in (meta.get("acceptance") or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise UserError(f"draft {path}: bad acceptance in {META_FILE}; recalibrate with skiplayer calibrate") from None
+    return Draft(vocab_ids, adapters, acceptance, exit_layers, meta)
