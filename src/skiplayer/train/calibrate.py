@@ -53,12 +53,12 @@ class CalibrationConfig:
     draft_vocab_size: int = 8192          # 0 (or >= vocab) = full vocabulary
     adapter_rank: int = 256
     budget_minutes: float = 15.0
-    generation_share: float = 0.6         # of the budget, for generating (and capturing) the model's outputs
+    generation_share: float = 0.75        # of the budget, for generating (and capturing) the model's outputs
     loss: str = "kl"
     prompt_positions: int = 128           # also train on the last N prompt positions of each training prompt
     epochs: int = 12                      # at most; fewer when the budget runs short
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.0
     val_fraction: float = 0.0             # share of training sequences kept aside to pick the best epoch
     seed: int = 0
