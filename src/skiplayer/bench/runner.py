@@ -131,16 +131,7 @@ def config_dict(config: GenerationConfig) -> dict:
 
 
 def with_strategy(config: GenerationConfig, strategy: str, **fields) -> GenerationConfig:
-    config = copy.deepcopy(config)
-    config.generation_strategy = strategy
-    for key, value in fields.items():
-        for target in (config, config.policy, config.sampling):
-            if hasattr(target, key):
-                setattr(target, key, value)
-                break
-        else:
-            raise KeyError(key)
-    return config
+    return copy.deepcopy(config).set(generation_strategy=strategy, **fields)
 
 
 def output_dir(args, kind: str, label: str, dist) -> Path:

@@ -171,6 +171,8 @@ def run(args) -> int:
         "agreement_before_draft_vocab": {str(e): round(a, 4) for e, a in result.before_vocab.items()},
         "agreement_after": {str(e): round(a, 4) for e, a in result.after.items()},
         "draft_vocab_coverage": round(result.coverage, 4),
+        "agreement_after_by_dataset": {name: {str(k): (round(v, 4) if isinstance(v, float) else v)
+                                              for k, v in row.items()} for name, row in result.by_dataset.items()},
         "calibration_seconds": round(result.timings["total"], 1), "load_seconds": round(load_seconds, 1),
         "timings": {k: round(v, 1) for k, v in result.timings.items()},
         "data": {"datasets": [n for n in names if n not in {s.split(' ')[0] for s in skipped}],

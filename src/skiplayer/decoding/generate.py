@@ -30,6 +30,17 @@ class GenerationConfig:
     stop_words: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
 
+    def set(self, **fields) -> "GenerationConfig":
+        """Set fields of this config, its SamplingConfig or its PolicyConfig by name (in that order)."""
+        for key, value in fields.items():
+            for target in (self, self.sampling, self.policy):
+                if hasattr(target, key):
+                    setattr(target, key, value)
+                    break
+            else:
+                raise TypeError(f"unknown generation option '{key}'")
+        return self
+
     def validate(self, n_layers: int) -> "GenerationConfig":
         check(self.generation_strategy in STRATEGIES,
               f"unknown --generation_strategy '{self.generation_strategy}': use one of {', '.join(STRATEGIES)}")
@@ -115,14 +126,7 @@ def generate(loaded, prompt, config: GenerationConfig | None = None, chat_templa
     `overrides` set GenerationConfig fields (max_steps, generation_strategy, seed, stop_words, ...), SamplingConfig
     fields (sample, temperature, top_k, top_p) or PolicyConfig fields (exit_layer, num_speculations,
     dynamic_early_exit_mode, ...). `on_text` receives the decoded text as it grows (for streaming)."""
-    config = config or GenerationConfig()
-    for key, value in overrides.items():
-        for target in (config, config.sampling, config.policy):
-            if hasattr(target, key):
-                setattr(target, key, value)
-                break
-        else:
-            raise TypeError(f"unknown generation option '{key}'")
+    config = (config or GenerationConfig()).set(**overrides)
     prompt_ids = loaded.encode(prompt, chat_template=chat_template)
     stream = _TextStream(loaded, on_text, config.stop_words) if on_text else None
     ids, stop, stats = generate_ids(loaded.model, prompt_ids, config, loaded.eos_token_ids, loaded.tokenizer,

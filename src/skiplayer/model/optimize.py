@@ -327,6 +327,7 @@ def native_kernels_available(build: bool = True) -> bool:
                 reason = "ninja is not installed (pip install ninja)"
             else:
                 _say_if_building("skiplayer_kernels")
+                _remove_stale_lock("skiplayer_kernels")
                 load_inline("skiplayer_kernels", cpp_sources=[_KERNEL_SRC], is_python_module=False,
                             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                             extra_ldflags=["-fopenmp"], verbose=False)
@@ -347,6 +348,19 @@ def _say_if_building(name: str) -> None:
             print("[skiplayer] compiling native CPU kernels (once per machine, about a minute)", file=sys.stderr,
                   flush=True)
     except Exception:
+        pass
+
+
+def _remove_stale_lock(name: str, max_age_s: float = 600.0) -> None:
+    """torch's extension builder waits forever on a lock file left by a build that was killed; a lock older than
+    any real build (about a minute) is such a leftover."""
+    try:
+        import time
+        from torch.utils.cpp_extension import _get_build_directory
+        lock = os.path.join(_get_build_directory(name, False), "lock")
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+    except OSError:
         pass
 
 
