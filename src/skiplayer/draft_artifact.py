@@ -132,10 +132,11 @@ def load_draft(path: str | Path, loaded) -> Draft:
     meta = _read_meta(path)
     model = loaded.model
     if meta.get("fingerprint") != loaded.fingerprint:
+        dtype = str(loaded.dtype).replace("torch.", "")
         raise UserError(f"draft {path} was calibrated for model {meta.get('model')} (fingerprint "
-                        f"{meta.get('fingerprint')}), not {loaded.name} (fingerprint {loaded.fingerprint}, "
-                        f"{str(loaded.dtype).replace('torch.', '')}): recalibrate with skiplayer calibrate "
-                        f"--model {loaded.name} --output DIR")
+                        f"{meta.get('fingerprint')}, {meta.get('dtype')}), not {loaded.name} (fingerprint "
+                        f"{loaded.fingerprint}, {dtype}): recalibrate with skiplayer calibrate --model {loaded.name} "
+                        f"--dtype {dtype} --output DIR")
     tensors = _read_tensors(path)
     w = model.tok_embeddings.weight
     dim, vocab, n_layers = model.args.dim, model.args.vocab_size, model.n_layers

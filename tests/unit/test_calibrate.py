@@ -152,6 +152,7 @@ def tiny_dirs(tmp_path_factory):
 def test_cli_artifact_round_trip_generate_and_errors(tiny_dirs, capsys):
     from skiplayer.cli import main
     from skiplayer.model.load import load_model
+    from skiplayer.options import DEFAULT_DTYPE
     m0, m1, data, root = tiny_dirs
     out = root / "draft"
     rc = main(["calibrate", "--model", str(m0), "--exit_layers", "1,2", "--data", "custom_jsonl", "--data_path",
@@ -160,7 +161,7 @@ def test_cli_artifact_round_trip_generate_and_errors(tiny_dirs, capsys):
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "calibrated" in printed.out and "wrote" in printed.out
-    loaded = load_model(str(m0))
+    loaded = load_model(str(m0), dtype=DEFAULT_DTYPE)  # calibrate and generate share the default dtype
     meta = json.loads((out / "draft.json").read_text())
     assert meta["fingerprint"] == loaded.fingerprint and meta["exit_layers"] == [1, 2]
     assert meta["adapter_rank"] == 16 and meta["draft_vocab_size"] == 40
@@ -191,9 +192,12 @@ def test_cli_artifact_round_trip_generate_and_errors(tiny_dirs, capsys):
         outs[strategy] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
     assert outs["autoregressive"] == outs["self_speculative"]
 
-    other = load_model(str(m1))
+    other = load_model(str(m1), dtype=DEFAULT_DTYPE)
     with pytest.raises(UserError, match=r"was calibrated for model .* \(fingerprint .*\), not .*recalibrate"):
         load_draft(out, other)
+    other_dtype = "float32" if DEFAULT_DTYPE != "float32" else "bfloat16"
+    with pytest.raises(UserError, match=f"--dtype {other_dtype}"):
+        load_draft(out, load_model(str(m0), dtype=other_dtype))
     rc = main(["generate", "--model", str(m1), "--draft", str(out), "--prompt", "w5", "--max_steps", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and "recalibrate" in err and len(err.strip().splitlines()) == 1

@@ -297,6 +297,7 @@ def test_bad_input_is_user_error(tiny_dir, tmp_path):
 
 
 def test_lora_trains_saves_adapter_and_merges(tiny_dir, tmp_path):
+    pytest.importorskip("peft")
     corpus = tmp_path / "c.txt"
     corpus.write_text(pattern_text(5, 60))
     kw = dict(data_path=str(corpus), lora_rank=4, early_exit_loss_layers="1", layer_dropout_prob_max=0.2)

@@ -15,12 +15,14 @@ ALIASES = {"xsum": "xsum_summarization", "cnn_dm": "cnn_dm_summarization", "cnn"
 
 def add_arguments(p):
     from skiplayer.model.load import DEFAULT_MODEL, DTYPES
+    from skiplayer.options import DEFAULT_DTYPE
     from skiplayer.train.calibrate import LOSSES, CalibrationConfig
 
     d = CalibrationConfig(exit_layers=[])
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to calibrate for (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="weight dtype; the draft only loads with the same weights and dtype (default %(default)s)")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES),
+                   help="weight dtype (default %(default)s, as every other command): the draft only loads with the "
+                        "same weights in the same dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     p.add_argument("--no_chat_template", action="store_true", help="feed prompts as plain text even for chat models")
     p.add_argument("--exit_layers", default="8,12,16", help="comma-separated exit layers to calibrate (default %(default)s)")
