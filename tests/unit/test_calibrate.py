@@ -82,6 +82,15 @@ def test_fresh_adapter_is_the_plain_exit(model):
     assert torch.equal(ResidualAdapter(model.args.dim, 8)(h), h)
 
 
+def test_measuring_in_half_precision_leaves_the_trained_adapter_alone(model):
+    import copy
+    from skiplayer.train.calibrate import agreement
+    half = copy.deepcopy(model).half()
+    adapter = ResidualAdapter(model.args.dim, 4)
+    agreement(half, torch.randn(6, model.args.dim).half(), torch.zeros(6, dtype=torch.long), adapter)
+    assert adapter.down.weight.dtype == torch.float32
+
+
 def test_vocab_keeps_eos_and_most_frequent_outputs():
     ids = select_vocab([5, 5, 5, 7, 7, 9], 4, 100, always=[2], fallback=[11, 11, 12])
     assert ids.tolist() == [2, 5, 7, 9]

@@ -37,6 +37,7 @@ training plans fewer epochs), so a generous budget makes calibration determinist
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import Counter
@@ -328,8 +329,9 @@ def draft_top1(model: Transformer, hidden: torch.Tensor, adapter=None, vocab_ids
     w = model.tok_embeddings.weight
     weight = None if vocab_ids is None else model.head_weight[vocab_ids.to(w.device)].contiguous()
     if adapter is not None:
-        adapter = adapter.to(dtype=w.dtype, device=w.device) if next(adapter.parameters()).dtype != w.dtype or \
-            next(adapter.parameters()).device != w.device else adapter
+        p = next(adapter.parameters())
+        if p.dtype != w.dtype or p.device != w.device:  # a copy: Module.to would convert the trained one in place
+            adapter = copy.deepcopy(adapter).to(dtype=w.dtype, device=w.device)
     out = []
     for i in range(0, len(hidden), chunk):
         h = hidden[i:i + chunk].to(dtype=w.dtype, device=w.device)
