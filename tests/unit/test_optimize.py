@@ -74,6 +74,20 @@ def test_native_block_equals_steps_bitwise(dtype, quantize, arch, tie):
 
 
 @native
+@pytest.mark.parametrize("dtype,quantize", [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "int8")])
+def test_half_and_int8_prefill_uses_native_kernel_bitwise(dtype, quantize):
+    """Half and int8 weights run long prompt blocks through the native kernel too (F.linear converts them and is
+    ~4x slower there), so a 20-token prefill equals one-token steps bit for bit; fp32 keeps MKL for long blocks."""
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=3), dtype=dtype), quantize)
+    tokens = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(3))
+    steps, _ = logits_steps(model, tokens, 1)
+    with torch.inference_mode():
+        block = model(tokens, 0, model.new_cache(32))
+    assert torch.equal(steps, block)
+    assert optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=3))).native_rows == 16
+
+
+@native
 def test_native_matches_torch_path_and_fill_kv():
     eager = Transformer.from_hf(tiny_hf_model("llama", seed=4))
     fast = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=4)))

@@ -17,8 +17,8 @@ warning, and `SKIPLAYER_NATIVE_KERNELS=0` turns it off.
 
 int8 is weight-only, symmetric, per output channel (scale = max|w| / 127): the format of
 `torch.ops.aten._weight_int8pack_mm` and of torchao's `Int8WeightOnlyConfig`. Activations, norms, attention and the
-KV cache stay in the model dtype; accumulation is fp32. Blocks larger than `native_rows` (prompt prefill) use
-`F.linear` on the dequantised weight.
+KV cache stay in the model dtype; accumulation is fp32. Without the native kernels, int8 blocks of more than one
+position (prefill) use `F.linear` on the dequantised weight.
 """
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ from torch import nn
 from skiplayer.model.llama import Attention, Linear, RMSNorm, Transformer, mlp_residual
 
 QUANTIZE = (None, "int8")
-DEFAULT_NATIVE_ROWS = 16  # blocks up to this many positions use small_linear; larger ones (prefill) F.linear
+# fp32 blocks up to this many positions use small_linear, larger ones (prefill) MKL's F.linear, which is faster there
+# (231-token prefill of the default model: 0.80 s vs 0.93 s). Half and int8 weights use small_linear at every size:
+# F.linear converts them (same prefill: fp16 3.1 s vs 0.9 s, bf16 3.5 s vs 0.7 s).
+DEFAULT_NATIVE_ROWS = 16
 
 _KERNEL_SRC = r"""
 #include <torch/extension.h>
@@ -401,8 +404,8 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
         table, norms, attention and KV cache keep the model dtype).
     kernels: "auto" (native small-batch kernels when they can be built, else stock PyTorch with a warning),
         "native" (error if they cannot be built) or "torch" (stock PyTorch only).
-    native_rows: blocks of up to this many positions use the native kernel (default 16); larger blocks (prefill)
-        use F.linear.
+    native_rows: blocks of up to this many positions use the native kernel (default: 16 for float32 weights, above
+        which F.linear is faster; every block for half and int8 weights).
     compile: False, True or "auto" ("auto" = False: see below). True compiles the cache-free half of every block
         (norm, feed-forward, residual: llama.mlp_residual) with torch.compile, one dynamic-shape graph for all layers;
         the native matmuls stay opaque custom ops inside it. Measured on the 2-core AVX2 machine (benchmarks/): with
@@ -424,7 +427,10 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
     use_native = kernels != "torch" and on_cpu and native_kernels_available()
     if kernels == "native" and not use_native:
         raise RuntimeError("native kernels requested but unavailable (see the warning above)")
-    rows = (DEFAULT_NATIVE_ROWS if native_rows is None else native_rows) if use_native else 0
+    if native_rows is None:
+        fp32 = quantize is None and model.head_weight.dtype == torch.float32
+        native_rows = DEFAULT_NATIVE_ROWS if fp32 else sys.maxsize
+    rows = native_rows if use_native else 0
     model.native_rows = rows
     for mod in model.modules():
         if isinstance(mod, Linear):
