@@ -2,6 +2,8 @@
 skipping, a combination, and adaptive, on real prompts from three datasets.
 
     python benchmarks/policies.py [--num_samples 10] [--max_steps 64] [--datasets xsum_summarization,gsm8k,human_eval]
+        [--draft DIR]     # a `skiplayer calibrate` artifact: adapters at its layers, its reduced vocabulary for
+                          # every draft head and probe
 
 For every sample all configurations run back to back (rotating order), so each speedup is a ratio of tokens/s
 measured side by side in one run. Prints one markdown table per dataset and an overall one; greedy outputs are
@@ -16,7 +18,9 @@ from collections import defaultdict
 from skiplayer.bench.runner import measure, use_chat_template
 from skiplayer.data.datasets import DATASETS, load_dataset
 from skiplayer.decoding.generate import GenerationConfig
+from skiplayer.draft_artifact import load_draft
 from skiplayer.model.load import load_model
+from skiplayer.options import DEFAULT_DTYPE
 from skiplayer.policies import PolicyConfig
 
 
@@ -37,17 +41,19 @@ def configurations(E: int, k: int, draft_layers: list[int]) -> dict[str, dict | 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, help="weight dtype (default %(default)s, as the CLI)")
     p.add_argument("--datasets", default="xsum_summarization,gsm8k,human_eval")
     p.add_argument("--num_samples", type=int, default=10)
     p.add_argument("--max_steps", type=int, default=64)
     p.add_argument("--exit_layer", type=int, default=24, help="E for the dynamic modes (their maximum depth)")
     p.add_argument("--num_speculations", type=int, default=4)
     p.add_argument("--static_layers", default="8,16,24")
+    p.add_argument("--draft", default=None, help="calibrated draft artifact (skiplayer calibrate)")
     p.add_argument("--output_json", default=None)
     args = p.parse_args()
 
     loaded = load_model(args.model, dtype=args.dtype)
+    draft = load_draft(args.draft, loaded) if args.draft else None
     configs = configurations(args.exit_layer, args.num_speculations, [int(x) for x in args.static_layers.split(",")])
     names = list(configs)
     totals = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
@@ -63,7 +69,7 @@ def main():
                 config = GenerationConfig(max_steps=args.max_steps, stop_words=list(spec.stop_words),
                                           generation_strategy="autoregressive" if policy is None else "self_speculative",
                                           policy=PolicyConfig(**policy) if policy else PolicyConfig())
-                result = measure(loaded, sample, config, chat)
+                result = measure(loaded, sample, config, chat, draft=draft)
                 speed = result["speed"]
                 t = totals[dataset][name]
                 t["tokens"] += speed["new_tokens"]

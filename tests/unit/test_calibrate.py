@@ -232,6 +232,23 @@ def test_missing_or_corrupt_artifact_is_a_user_error(tiny_dirs, calibrated, mode
         load_draft(broken, loaded)
 
 
+def test_exclude_first_keeps_benchmark_rows_out_of_calibration(tmp_path):
+    """`--exclude_first N` never draws a dataset's first N rows (what `benchmark --num_samples N` measures)."""
+    from skiplayer.commands.calibrate import collect_prompts
+
+    class Loaded:
+        def encode(self, prompt, chat_template=True):
+            return [4 + len(prompt)]
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"row {i}", "response": "x"}) + "\n" for i in range(12)))
+    for exclude in (0, 5, 12):
+        prompts, _ = collect_prompts(Loaded(), ["custom_jsonl"], [str(data)], 100, 8, seed=1, chat_template=False,
+                                     held_out=0.25, max_prompt_tokens=64, exclude_first=exclude)
+        ids = sorted(int(p.id.split("/")[1]) for p in prompts)
+        assert ids == list(range(exclude, 12))
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--exit_layers", "9"], "--exit_layers"),
     (["--exit_layers", "a,b"], "--exit_layers"),

@@ -53,7 +53,8 @@ def test_generate_json_output(tiny_model_dir):
             "json", "--generation_strategy", "self_speculative", "--exit_layer", "2", "--num_speculations", "3")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"text", "token_ids", "stats"}
+    assert set(out) == {"text", "token_ids", "stats", "memory"}
+    assert out["memory"]["peak_rss_mb"] > 50  # python + torch alone take more than that
     assert len(out["token_ids"]) == out["stats"]["new_tokens"] <= 6
     for key in ("drafted", "accepted", "acceptance_rate", "rounds", "tokens_per_round", "wall_time",
                 "tokens_per_second", "time_per_token", "exit_layers"):

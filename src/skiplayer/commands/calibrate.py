@@ -37,6 +37,10 @@ def add_arguments(p):
                    help="prompts to draw, round-robin over the datasets (the budget may use fewer; default %(default)s)")
     g.add_argument("--max_steps", type=int, default=128,
                    help="new tokens per prompt, at most (also capped by the dataset's own; default %(default)s)")
+    g.add_argument("--exclude_first", type=int, default=0, metavar="N",
+                   help="leave out each dataset's first N rows, the ones `skiplayer benchmark --num_samples N` "
+                        "measures (without --random_shuffle), so a draft is never benchmarked on its own "
+                        "calibration prompts (default %(default)s)")
     g.add_argument("--max_prompt_tokens", type=int, default=1024, help="skip longer prompts (default %(default)s)")
     g.add_argument("--held_out", type=float, default=0.2,
                    help="share of prompts held out to measure agreement (default %(default)s)")
@@ -84,16 +88,21 @@ def dataset_names(text: str) -> list[str]:
 
 
 def collect_prompts(loaded, names: list[str], data_paths: list[str | None], num_prompts: int, max_steps: int,
-                    seed: int, chat_template: bool, held_out: float, max_prompt_tokens: int, required: bool = True):
-    """Prompts drawn round-robin over the datasets (each shuffled by the seed); within each dataset every
-    round(1/held_out)-th prompt is held out (offset per dataset), so any prefix of the list is a balanced mix."""
+                    seed: int, chat_template: bool, held_out: float, max_prompt_tokens: int, required: bool = True,
+                    exclude_first: int = 0):
+    """Prompts drawn round-robin over the datasets (each shuffled by the seed after dropping its first
+    `exclude_first` rows); within each dataset every round(1/held_out)-th prompt is held out (offset per dataset),
+    so any prefix of the list is a balanced mix."""
+    import random
+
     from skiplayer.data.datasets import get_spec, load_dataset
     from skiplayer.train.calibrate import CalibrationPrompt
 
     sources, skipped = [], []
     for name, path in zip(names, data_paths):
         try:
-            samples = load_dataset(name, data_path=path, seed=seed, random_shuffle=True)
+            samples = list(load_dataset(name, data_path=path))[exclude_first:]
+            random.Random(seed).shuffle(samples)
         except UserError as e:
             if required:
                 raise
@@ -140,6 +149,7 @@ def run(args) -> int:
         paths = given
     check(args.num_prompts >= 2, f"--num_prompts must be >= 2 (got {args.num_prompts})")
     check(args.max_steps >= 1, f"--max_steps must be >= 1 (got {args.max_steps})")
+    check(args.exclude_first >= 0, f"--exclude_first must be >= 0 (got {args.exclude_first})")
     check(0 < args.held_out < 1, f"--held_out must be between 0 and 1 (got {args.held_out})")
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
@@ -157,7 +167,8 @@ def run(args) -> int:
     default_mix = args.data == ",".join(DEFAULT_DATA)
     chat_template = not args.no_chat_template
     prompts, skipped = collect_prompts(loaded, names, paths, args.num_prompts, args.max_steps, args.seed,
-                                       chat_template, args.held_out, args.max_prompt_tokens, required=not default_mix)
+                                       chat_template, args.held_out, args.max_prompt_tokens, required=not default_mix,
+                                       exclude_first=args.exclude_first)
     for s in skipped:
         print(f"[skiplayer calibrate] skipping dataset {s}", file=sys.stderr)
     torch.manual_seed(args.seed)

@@ -81,6 +81,20 @@ class GenerationStats:
         return s
 
 
+def peak_memory_mb(device: str = "cpu") -> dict:
+    """Peak memory of this process so far: resident set size (Linux/macOS) and, on CUDA, allocated GPU memory."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"peak_rss_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if str(device).startswith("cuda"):
+        import torch
+
+        out["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
 class Clock:
     """Accumulates wall time into a stats field; synchronises CUDA so GPU work is charged where it happens."""
 
