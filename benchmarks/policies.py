@@ -48,6 +48,8 @@ def main():
     p.add_argument("--exit_layer", type=int, default=24, help="E for the dynamic modes (their maximum depth)")
     p.add_argument("--num_speculations", type=int, default=4)
     p.add_argument("--static_layers", default="8,16,24")
+    p.add_argument("--only", default=None, help="comma-separated configuration names to run (autoregressive always "
+                   "runs), e.g. --only adaptive")
     p.add_argument("--draft", default=None, help="calibrated draft artifact (skiplayer calibrate)")
     p.add_argument("--output_json", default=None)
     args = p.parse_args()
@@ -55,6 +57,12 @@ def main():
     loaded = load_model(args.model, dtype=args.dtype)
     draft = load_draft(args.draft, loaded) if args.draft else None
     configs = configurations(args.exit_layer, args.num_speculations, [int(x) for x in args.static_layers.split(",")])
+    if args.only:
+        wanted = {"autoregressive", *(x.strip() for x in args.only.split(","))}
+        unknown = wanted - set(configs)
+        if unknown:
+            raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; choose from {list(configs)}")
+        configs = {k: v for k, v in configs.items() if k in wanted}
     names = list(configs)
     totals = defaultdict(lambda: defaultdict(lambda: defaultdict(float)))
     for dataset in args.datasets.split(","):

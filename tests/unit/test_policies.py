@@ -1,6 +1,8 @@
 """Draft policies: lossless in every mode and with layer skipping; each policy's own rule; bad parameters."""
 from collections import Counter
 
+import random
+
 import pytest
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
@@ -125,6 +127,24 @@ def test_adaptive_drafts_nothing_when_acceptance_is_near_zero():
     lengths = [pol.round_length() for _ in range(40)]
     assert lengths.count(0) >= 30  # mostly autoregressive, with occasional one-token probes
     assert max(lengths) <= 1
+
+
+def test_adaptive_probes_less_often_when_rare_acceptances_do_not_pay():
+    """Acceptance 0.25 never pays with these costs: an acceptance now and then must not bring back frequent probing
+    (the back-off resets only when the posterior means say drafting pays)."""
+    probes = 0
+    for seed in (2, 3, 4):
+        pol, rng, lengths = adaptive(0, 0), random.Random(seed), []
+        for _ in range(600):
+            k = pol.round_length()
+            lengths.append(k)
+            if k:
+                steps = [DraftStep(5, pol.exit, confidence=0.5) for _ in range(k)]
+                accepted = next((i for i in range(k) if rng.random() >= 0.25), k)
+                pol.update(RoundResult(steps[:accepted + 1], accepted, [9] * (accepted + 1)))
+        assert pol.best_setting({e: 0.25 for e in pol.candidates})[1] == 0
+        probes += sum(1 for k in lengths[-300:] if k)
+    assert probes <= 24  # 40 when every acceptance reset the back-off
 
 
 def test_adaptive_grows_k_with_acceptance():

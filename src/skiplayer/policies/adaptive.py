@@ -13,7 +13,8 @@ profile of the model measured at start-up (`CostModel`) and are refined online f
 Within a round, drafting stops when the next draft's expected gain per unit cost falls below the round's running
 rate, using the drafts' confidences (mapped to acceptance probabilities learned online) for the positions already
 drafted. When no setting beats autoregressive decoding, the policy decodes autoregressively for a back-off period
-(doubling up to 64 rounds) and then probes again, so it is never meaningfully slower than autoregressive.
+(doubling up to 64 rounds, reset only once the posterior means say drafting pays) and then probes again, so it is
+never meaningfully slower than autoregressive.
 """
 from __future__ import annotations
 
@@ -135,7 +136,9 @@ class Adaptive(DraftPolicy):
             if post is not None:
                 post[0 if ok else 1] += 1
             self.conf_bins[min(9, int(step.confidence * 10))][0 if ok else 1] += 1
-        if result.accepted > 0:
+        # Probe less and less often until the posterior means (not one lucky acceptance) say drafting pays.
+        means = {e: a / (a + b) for e, (a, b) in self.posterior.items()}
+        if self.best_setting(means)[1] > 0:
             self.backoff = 4
         if result.verify_seconds and result.steps:
             self.costs.observe_verify(len(result.steps) + 1, result.verify_seconds)
