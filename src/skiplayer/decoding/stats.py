@@ -82,12 +82,18 @@ class GenerationStats:
 
 
 def peak_memory_mb(device: str = "cpu") -> dict:
-    """Peak memory of this process so far: resident set size (Linux/macOS) and, on CUDA, allocated GPU memory."""
+    """Memory of this process: peak resident set size (Linux/macOS), the current one (Linux) and, on CUDA, the peak
+    allocated GPU memory."""
     import resource
     import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     out = {"peak_rss_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    try:  # Linux: the resident size now, after loading (the peak includes the load's transient copies)
+        with open("/proc/self/status") as f:
+            out["rss_mb"] = round(next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 2**10, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
     if str(device).startswith("cuda"):
         import torch
 

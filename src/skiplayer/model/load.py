@@ -163,6 +163,19 @@ def fingerprint(model: Transformer) -> str:
     return h.hexdigest()[:16]
 
 
+def _release_freed_memory() -> None:
+    """Hand the pages freed with the HF copy back to the OS: glibc keeps them otherwise (measured on the default
+    model in float16: resident 784 MB after loading, 641 MB after this)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
                quantize: str | None = None, compile: bool | str = False) -> LoadedModel:
     """Load a Llama-family model into our forward. `model`: HF directory / hub id (local), .gguf path or alias.
@@ -190,4 +203,5 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
         ours = optimize_model(ours, quantize=quantize, compile=compile)
     elif quantize or compile:
         raise UserError("--quantize and --compile are CPU options here: use --device cpu")
+    _release_freed_memory()  # the HF copy, and the float weights int8 replaced
     return LoadedModel(ours, tokenizer, model, path, eos, fp, dtype, device)
