@@ -41,8 +41,9 @@ def sweep_summary() -> dict:
                            "tokens_per_second_total": 10 + e + k, "speedup_total": (10 + e + k) / 12,
                            "metric": "accuracy", "metric_value": 0.5, "exit_layer_histogram": {str(e): 9}})
     return {"kind": "sweep", "status": "complete", "command": "skiplayer sweep --datasets gsm8k --exit_layers 2:4:2",
-            "configuration": {"model": "smollm2-135m"}, "environment": {"torch": "2.13"},
-            "points": points, "autoregressive": {"gsm8k": {"speed": speed(12.0), "metrics": {"accuracy": 0.5}}}}
+            "configuration": {"model": "smollm2-135m", "draft": "drafts/d",
+                              "draft_command": "skiplayer calibrate --exit_layers 2,4 --output drafts/d"},
+            "environment": {"torch": "2.13"}, "points": points, "autoregressive": {"gsm8k": {"speed": speed(12.0), "metrics": {"accuracy": 0.5}}}}
 
 
 @pytest.fixture
@@ -78,6 +79,8 @@ def test_report_plots_and_markdown(runs, tmp_path):
     assert text.count("| sweep-c | gsm8k |") == 5   # baseline + 4 grid points
     assert "skiplayer benchmark --dataset human_eval --exit_layer 8" in text
     assert "skiplayer sweep --datasets gsm8k --exit_layers 2:4:2" in text
+    # a run with a calibrated draft names the command that made it, right before its own
+    assert "skiplayer calibrate --exit_layers 2,4 --output drafts/d   # makes --draft drafts/d\nskiplayer sweep" in text
 
 
 def test_report_command_and_errors(runs, tmp_path, capsys, monkeypatch):

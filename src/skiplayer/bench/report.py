@@ -150,8 +150,7 @@ def plot_acceptance_vs_speed(rows: list[dict], path: Path) -> Path:
             pts = [(r["acceptance"], r["tps"]) for r in ss if r["mode"] == mode and r["dataset"] == dataset]
             if not pts:
                 continue
-            ax.scatter(*zip(*pts), color=color, marker=markers[di % len(markers)], alpha=0.6,
-                       label=f"{mode} / {dataset}" if len(datasets) > 1 else mode)
+            ax.scatter(*zip(*pts), color=color, marker=markers[di % len(markers)], alpha=0.6)
             # tokens/s are comparable within one dataset only: one front per mode and dataset
             front = pareto_front(pts)
             ax.plot(*zip(*front), color=color, linewidth=1.2, linestyle="--", marker=markers[di % len(markers)],
@@ -167,8 +166,17 @@ def plot_acceptance_vs_speed(rows: list[dict], path: Path) -> Path:
                     fontsize=7, color="gray", va="bottom")
     if not ss:
         _no_data(ax, "no self-speculative runs")
-    else:
-        ax.legend(fontsize=7, loc="best")
+    else:  # colour = mode, marker = dataset: two short legends outside the axes instead of one per pair
+        from matplotlib.lines import Line2D
+        by_mode = [Line2D([], [], color=colors[i % len(colors)], marker="o", linestyle="", label=m)
+                   for i, m in enumerate(modes)]
+        by_dataset = [Line2D([], [], color="gray", marker=markers[i % len(markers)], linestyle="", label=d)
+                      for i, d in enumerate(datasets)]
+        first = ax.legend(handles=by_mode, title="mode", fontsize=7, title_fontsize=8, loc="upper left",
+                          bbox_to_anchor=(1.01, 1.0))
+        ax.add_artist(first)
+        ax.legend(handles=by_dataset, title="dataset", fontsize=7, title_fontsize=8, loc="lower left",
+                  bbox_to_anchor=(1.01, 0.0))
     ax.set_xlabel("acceptance rate")
     ax.set_ylabel("tokens / s (total tokens / total time)")
     ax.set_title("acceptance vs throughput (dashed, circled: pareto front per mode and dataset)")
@@ -269,7 +277,12 @@ def markdown(title: str, rows: list[dict], summaries: list[dict], figures: list[
         lines += [f"**{s['_name']}** ({s['kind']}, {s.get('status', '?')}): model `{conf.get('model')}`, "
                   f"torch {env.get('torch')}, {env.get('device', '?')} ({env.get('cpu', env.get('gpu', '?'))}), "
                   f"{env.get('threads')} threads x {env.get('world_size', 1)} process(es), "
-                  f"commit `{env.get('git_commit')}`", "", "```sh", s.get("command", "(unknown)")]
+                  f"commit `{env.get('git_commit')}`", "", "```sh"]
+        if conf.get("draft"):
+            from skiplayer.bench.runner import draft_command
+            made = conf.get("draft_command") or draft_command(conf["draft"])
+            lines.append(f"{made or '# (calibrate command not recorded)'}   # makes --draft {conf['draft']}")
+        lines.append(s.get("command", "(unknown)"))
         lines += [f"{cmd}   # resumed" for cmd in s.get("resumed") or []]
         lines += ["```", ""]
     return "\n".join(lines)
