@@ -121,14 +121,28 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                         f"recalibrate with skiplayer calibrate") from None
 
 
-def load_draft(path: str | Path, loaded) -> Draft:
-    """Load artifact `path` for `loaded` (a LoadedModel): adapters in the model's dtype and device. A draft
-    calibrated for other weights, or missing/corrupt files, raise a one-line UserError."""
+def _artifact_dir(path: str | Path) -> Path:
+    """The artifact directory for `path` (the directory or one of its two files)."""
     path = Path(path)
     if path.is_file() and path.name in (META_FILE, WEIGHTS_FILE):
         path = path.parent
     if not path.is_dir():
         raise UserError(f"draft {path} not found: pass the directory written by skiplayer calibrate --output")
+    return path
+
+
+def calibrate_command(path: str | Path) -> str | None:
+    """The `skiplayer calibrate` command recorded in artifact `path`; None when it cannot be read."""
+    try:
+        return _read_meta(_artifact_dir(path)).get("command")
+    except UserError:
+        return None
+
+
+def load_draft(path: str | Path, loaded) -> Draft:
+    """Load artifact `path` for `loaded` (a LoadedModel): adapters in the model's dtype and device. A draft
+    calibrated for other weights, or missing/corrupt files, raise a one-line UserError."""
+    path = _artifact_dir(path)
     meta = _read_meta(path)
     model = loaded.model
     if meta.get("fingerprint") != loaded.fingerprint:

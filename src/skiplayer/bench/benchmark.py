@@ -82,7 +82,7 @@ def run(args) -> int:
             c.validate(loaded.model.n_layers)
         out_dir = output_dir(args, "benchmark", settings["dataset"], dist)
         args.output_dir = str(out_dir)
-        configuration = {**settings, **model_record(loaded, args), "generation": config_dict(config),
+        configuration = {**settings, **model_record(loaded, args, draft), "generation": config_dict(config),
                          "strategies": strategies, "compare_autoregressive": len(strategies) > 1,
                          "execute_code": args.execute_code, "warmup": args.warmup}
         return _run(args, dist, loaded, draft, samples, configs, configuration, out_dir)

@@ -68,7 +68,7 @@ def run(args) -> int:
         print(f"{sample.id}: {'ok' if diff is None else f'MISMATCH at token {diff}'}", file=sys.stderr)
     mismatches = sum(not e["match"] for e in per_sample)
     report = {"kind": "correctness", **command_line(args),
-              "configuration": {**settings, **model_record(loaded, args), "generation": config_dict(config)},
+              "configuration": {**settings, **model_record(loaded, args, draft), "generation": config_dict(config)},
               "samples": len(per_sample), "mismatches": mismatches,
               "mismatch_percentage": 100.0 * mismatches / len(per_sample) if per_sample else 0.0,
               "passed": mismatches == 0, "per_sample": per_sample}

@@ -279,8 +279,8 @@ def markdown(title: str, rows: list[dict], summaries: list[dict], figures: list[
                   f"{env.get('threads')} threads x {env.get('world_size', 1)} process(es), "
                   f"commit `{env.get('git_commit')}`", "", "```sh"]
         if conf.get("draft"):
-            from skiplayer.bench.runner import draft_command
-            made = conf.get("draft_command") or draft_command(conf["draft"])
+            from skiplayer.draft_artifact import calibrate_command
+            made = conf.get("draft_command") or calibrate_command(conf["draft"])  # older runs: read the artifact
             lines.append(f"{made or '# (calibrate command not recorded)'}   # makes --draft {conf['draft']}")
         lines.append(s.get("command", "(unknown)"))
         lines += [f"{cmd}   # resumed" for cmd in s.get("resumed") or []]

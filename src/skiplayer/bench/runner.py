@@ -473,25 +473,12 @@ def command_line(args) -> dict:
     return {"command": shlex.join(words), "argv": None}
 
 
-def model_record(loaded, args) -> dict:
+def model_record(loaded, args, draft=None) -> dict:
     return {"model": args.model, "model_name": loaded.name, "hf_path": loaded.hf_path,
             "fingerprint": loaded.fingerprint, "n_layers": loaded.model.n_layers,
             "dtype": str(loaded.dtype).replace("torch.", ""), "draft": getattr(args, "draft", None),
-            "draft_command": draft_command(getattr(args, "draft", None)),
+            "draft_command": draft.meta.get("command") if draft is not None else None,
             "chat_template": bool(loaded.has_chat_template and not args.no_chat_template)}
-
-
-def draft_command(path: str | None) -> str | None:
-    """The `skiplayer calibrate` command a draft artifact was made with (from its draft.json), to reproduce runs."""
-    from skiplayer.draft_artifact import META_FILE
-
-    if not path:
-        return None
-    meta = Path(path) if Path(path).name == META_FILE else Path(path) / META_FILE
-    try:
-        return json.loads(meta.read_text()).get("command")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

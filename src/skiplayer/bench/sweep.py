@@ -145,7 +145,7 @@ def run(args) -> int:
                 with_strategy(config, "self_speculative", **pt.fields()).validate(n_layers)
         out_dir = output_dir(args, "sweep", "-".join(names), dist)
         args.output_dir = str(out_dir)
-        configuration = {"datasets": settings, **model_record(loaded, args),
+        configuration = {"datasets": settings, **model_record(loaded, args, draft),
                          "generation": config_dict(base[names[0]]),
                          "grid": {"exit_layers": sorted({p.exit_layer for p in points}),
                                   "num_speculations": sorted({p.num_speculations for p in points}),
