@@ -5,7 +5,7 @@ import json
 import sys
 
 from skiplayer.decoding.generate import generate
-from skiplayer.decoding.stats import peak_memory_mb
+from skiplayer.decoding.stats import memory_mb
 from skiplayer.options import add_generation_arguments, add_model_arguments, generation_config, load_from_args
 
 
@@ -13,7 +13,7 @@ def add_arguments(p):
     p.add_argument("--prompt", default=None, help="prompt text; omit for an interactive loop")
     p.add_argument("--output_format", default="text", choices=["text", "json"],
                    help="text: stream the completion and print stats; json: one object {text, token_ids, stats, memory} "
-                        "(memory: the process's peak RSS, and peak CUDA allocation on a GPU)")
+                        "(memory: the process's peak and current RSS, and peak CUDA allocation on a GPU)")
     add_model_arguments(p)
     add_generation_arguments(p)
 
@@ -26,12 +26,12 @@ def run(args) -> int:
     def once(prompt: str) -> None:
         if args.output_format == "json":
             result = generate(loaded, prompt, config, chat_template=not args.no_chat_template, draft=draft)
-            print(json.dumps(result.to_dict() | {"memory": peak_memory_mb(loaded.device)}, ensure_ascii=False))
+            print(json.dumps(result.to_dict() | {"memory": memory_mb(loaded.device)}, ensure_ascii=False))
             return
         result = generate(loaded, prompt, config, chat_template=not args.no_chat_template, draft=draft,
                           on_text=lambda text: print(text, end="", flush=True))
         print()
-        memory = ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb(loaded.device).items())
+        memory = ", ".join(f"{k} {v:.0f}" for k, v in memory_mb(loaded.device).items())
         print(f"[{result.stats.summary_line()} | {memory}]", file=sys.stderr)
 
     if args.prompt is not None:

@@ -81,7 +81,7 @@ class GenerationStats:
         return s
 
 
-def peak_memory_mb(device: str = "cpu") -> dict:
+def memory_mb(device: str = "cpu") -> dict:
     """Memory of this process: peak resident set size (Linux/macOS), the current one (Linux) and, on CUDA, the peak
     allocated GPU memory."""
     import resource

@@ -117,12 +117,15 @@ class Attention(nn.Module):
         v = v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
         return q, k, v
 
+    def _native(self, x, cos, sin, cache: KVCache, layer: int, start: int, attend: bool) -> torch.Tensor:
+        cache.claim(layer, start, x.shape[0])
+        return torch.ops.skiplayer.rope_cache_attention(self.wqkv(x), cos, sin, cache.k[layer], cache.v[layer],
+                                                        start, self.n_heads, self.n_kv_heads, attend)
+
     def write_kv(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> None:
         """Only store this block's K/V (for positions that skip the layer): see Transformer.fill_kv."""
         if self.native:
-            cache.claim(layer, start, x.shape[0])
-            torch.ops.skiplayer.rope_cache_attention(self.wqkv(x), cos, sin, cache.k[layer], cache.v[layer], start,
-                                                     self.n_heads, self.n_kv_heads, False)
+            self._native(x, cos, sin, cache, layer, start, attend=False)
             return
         _, k, v = self.kv(x, cos, sin)
         cache.write(layer, start, k, v)
@@ -130,10 +133,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
         T = x.shape[0]
         if self.native:
-            cache.claim(layer, start, T)
-            out = torch.ops.skiplayer.rope_cache_attention(self.wqkv(x), cos, sin, cache.k[layer], cache.v[layer],
-                                                           start, self.n_heads, self.n_kv_heads, True)
-            return self.wo(out)
+            return self.wo(self._native(x, cos, sin, cache, layer, start, attend=True))
         q, k, v = self.kv(x, cos, sin)
         q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
         keys, values = cache.write(layer, start, k, v)

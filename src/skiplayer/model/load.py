@@ -187,6 +187,10 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
         dtype = DTYPES[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
+    if quantize is not None and quantize not in QUANTIZE:  # bad options fail before the (slow) load
+        raise UserError(f"unknown quantization '{quantize}': use one of {', '.join(q for q in QUANTIZE if q)}")
+    if device != "cpu" and (quantize or compile):
+        raise UserError("--quantize and --compile are CPU options here: use --device cpu")
     path = resolve_model_path(model)
     if path.endswith(".gguf"):
         if not Path(path).exists():
@@ -197,11 +201,7 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     eos = eos_ids(hf.config, tokenizer)
     del hf  # our model owns the weights now: no duplicate copy stays alive
     fp = fingerprint(ours)  # of the unquantised weights: drafts calibrated on them still verify losslessly
-    if quantize is not None and quantize not in QUANTIZE:
-        raise UserError(f"unknown quantization '{quantize}': use one of {', '.join(q for q in QUANTIZE if q)}")
     if device == "cpu":
         ours = optimize_model(ours, quantize=quantize, compile=compile)
-    elif quantize or compile:
-        raise UserError("--quantize and --compile are CPU options here: use --device cpu")
     _release_freed_memory()  # the HF copy, and the float weights int8 replaced
     return LoadedModel(ours, tokenizer, model, path, eos, fp, dtype, device)

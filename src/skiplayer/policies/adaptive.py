@@ -5,8 +5,8 @@ tokens per round (accepted drafts + one verified token), at cost k·draft(e) + v
 autoregressive step. The rate E[N]/cost is compared across candidate exit layers and k = 0..K; k = 0 is plain
 autoregressive decoding (rate 1).
 
-Estimates. Acceptance per candidate layer is a Beta posterior (prior Beta(1, 3)) updated from verified drafts (a draft counts as a
-success if accepted, a failure if it was the first rejected one; later drafts are unobserved). Each round samples
+Estimates. Acceptance per candidate layer is a Beta posterior (prior Beta(1, 3)) updated from verified drafts (a
+draft counts as a success if accepted, a failure if it was the first rejected one; later drafts are unobserved). Each round samples
 from the posteriors (Thompson sampling), so untried layers get explored and bad ones fade. Costs come from a
 profile of the model measured at start-up (`CostModel`) and are refined online from measured round times.
 
@@ -86,6 +86,9 @@ class Adaptive(DraftPolicy):
         self.exit, self.k = E, 0
         self._round = []
 
+    def posterior_means(self) -> dict[int, float]:
+        return {e: a / (a + b) for e, (a, b) in self.posterior.items()}
+
     # Choosing a round ------------------------------------------------------------------------------------------
     def best_setting(self, alphas: dict[int, float]) -> tuple[int, int, float]:
         """(exit layer, k, rate) maximising expected tokens per unit cost; k = 0 means autoregressive."""
@@ -106,7 +109,7 @@ class Adaptive(DraftPolicy):
         if self.k == 0:
             # Nothing pays: decode autoregressively for a while, then probe the most promising layer again.
             self.ar_left, self.backoff = self.backoff, min(64, self.backoff * 2)
-            means = {e: a / (a + b) for e, (a, b) in self.posterior.items()}
+            means = self.posterior_means()
             self.exit = max(means, key=means.get)
             self.k = 1
         self._round = []
@@ -145,8 +148,7 @@ class Adaptive(DraftPolicy):
                 post[0 if ok else 1] += 1
             self.conf_bins[min(9, int(step.confidence * 10))][0 if ok else 1] += 1
         # Probe less and less often until the posterior means (not one lucky acceptance) say drafting pays.
-        means = {e: a / (a + b) for e, (a, b) in self.posterior.items()}
-        if self.best_setting(means)[1] > 0:
+        if self.best_setting(self.posterior_means())[1] > 0:
             self.backoff = 4
         if result.verify_seconds and result.steps:
             self.costs.observe_verify(len(result.steps) + 1, result.verify_seconds)
