@@ -233,16 +233,9 @@ def generate_and_capture(model: Transformer, prompts: list[CalibrationPrompt], e
     target = torch.cat(targets)
     prompt_rows = target < 0
     if bool(prompt_rows.any()):  # prompt positions: the full model's argmax there
-        target[prompt_rows] = _argmax(model, final[prompt_rows])
+        target[prompt_rows] = draft_top1(model, final[prompt_rows])  # the full head
     data = Captured({e: torch.cat(parts[e]) for e in exits}, final, target, torch.cat(seqs), torch.cat(is_out))
     return sequences, data
-
-
-@torch.inference_mode()
-def _argmax(model: Transformer, final: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    w = model.tok_embeddings.weight
-    return torch.cat([model.logits(final[i:i + chunk].to(w.device)).argmax(-1).cpu()
-                      for i in range(0, len(final), chunk)])
 
 
 @torch.inference_mode()
@@ -274,7 +267,7 @@ def teacher_force(model: Transformer, sequences: list[Sequence], exit_layers: li
             seqs.append(torch.full((len(positions),), s_index, dtype=torch.long))
             is_out.append(positions >= n_prompt - 1)
     final = torch.cat(finals)
-    return Captured({e: torch.cat(v) for e, v in hidden.items()}, final, _argmax(model, final), torch.cat(seqs),
+    return Captured({e: torch.cat(v) for e, v in hidden.items()}, final, draft_top1(model, final), torch.cat(seqs),
                     torch.cat(is_out))
 
 
