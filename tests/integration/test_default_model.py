@@ -33,7 +33,9 @@ def test_forward_matches_hf(loaded):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
         ours = loaded.model(torch.tensor(ids), 0, loaded.model.new_cache(len(ids)))
-    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    # fp32 both; our kernel sums each dot product in one fixed order, MKL in its own blocked order: ~1e-5 relative
+    err = (ours - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-5, err
 
 
 def test_static_self_speculative_equals_autoregressive(loaded, prompts):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from skiplayer.model.llama import Transformer
 from skiplayer.model.optimize import native_kernels_available, optimize_model, quantize_int8, weight_bytes_per_token
+from skiplayer.model.packing import pack_pairs, packed_rows, unpack_pairs
 from tests.conftest import tiny_hf_model
 
 native = pytest.mark.skipif(not native_kernels_available(), reason="native CPU kernels cannot be built here")
@@ -74,17 +75,17 @@ def test_native_block_equals_steps_bitwise(dtype, quantize, arch, tie):
 
 
 @native
-@pytest.mark.parametrize("dtype,quantize", [(torch.float16, None), (torch.bfloat16, None), (torch.float32, "int8")])
-def test_half_and_int8_prefill_uses_native_kernel_bitwise(dtype, quantize):
-    """Half and int8 weights run long prompt blocks through the native kernel too (F.linear converts them and is
-    ~4x slower there), so a 20-token prefill equals one-token steps bit for bit; fp32 keeps MKL for long blocks."""
+@pytest.mark.parametrize("dtype,quantize", [(torch.float32, None), (torch.float16, None), (torch.bfloat16, None),
+                                           (torch.float32, "int8")])
+def test_prefill_uses_native_kernel_bitwise(dtype, quantize):
+    """Long prompt blocks run through the native kernel too (packed weights have no F.linear path), so a 24-token
+    prefill equals one-token steps bit for bit."""
     model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=3), dtype=dtype), quantize)
     tokens = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(3))
     steps, _ = logits_steps(model, tokens, 1)
     with torch.inference_mode():
         block = model(tokens, 0, model.new_cache(32))
     assert torch.equal(steps, block)
-    assert optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=3))).native_rows == 16
 
 
 @native
@@ -113,7 +114,7 @@ def test_int8_keeps_float_head_weight_and_subsets():
     ids = torch.tensor([3, 7, 11, 50])
     with torch.inference_mode():
         h = model.forward_layers(model.embed(TOKENS[:3]), 0, model.new_cache(8), 0, model.n_layers)
-        full, sub = model.logits(h), model.logits(h, model.head_weight[ids])
+        full, sub = model.logits(h), model.logits(h, model.head_rows(ids))
     assert sub.shape == (3, 4)
     torch.testing.assert_close(sub, full[:, ids], rtol=0.05, atol=0.1)  # float subset vs int8 head
     fp32 = Transformer.from_hf(tiny_hf_model("llama", tie=True, seed=1))
@@ -155,3 +156,47 @@ def test_compile_keeps_greedy_outputs():
     assert torch.equal(ba.argmax(-1), bb.argmax(-1))
     optimize_model(compiled)  # compile=False restores the eager path
     assert "mlp" not in compiled.layers[0].__dict__
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, "int8"])
+def test_packed_weights_give_bitwise_equal_products(dtype):
+    """The pair-packed layout changes only where the kernel reads a weight, not the order it sums in."""
+    op = torch.ops.skiplayer.small_linear
+    g = torch.Generator().manual_seed(7)
+    for N, K in [(7, 16), (64, 24), (33, 40)]:  # odd N: the last row stays unpacked
+        w = torch.randn(N, K, generator=g)
+        w, s = quantize_int8(w) if dtype == "int8" else (w.to(dtype), None)
+        packed = pack_pairs(w)
+        assert torch.equal(unpack_pairs(packed), w)
+        ids = torch.tensor([N - 1, 0, 1, N // 2, N - 1])
+        assert torch.equal(packed_rows(packed, ids), w[ids])
+        for M in range(1, 14):  # 1..6 rows in one pass, more in chunks
+            x = torch.randn(M, K, generator=g)
+            assert torch.equal(op(x, packed, s, None, True, True), op(x, w, s, None, True, False))
+
+
+@native
+@pytest.mark.parametrize("tie", [True, False])
+def test_packed_model_matches_row_major_model_bitwise(tie):
+    """optimize_model packs every matrix and the head (embedding lookups and head_rows read through the layout),
+    and runs each layer as one native call; logits equal the row-major per-op path bit for bit, and re-optimising
+    with a row limit restores the original row-major weights."""
+    hf = tiny_hf_model("llama", tie=tie, seed=6)
+    plain = optimize_model(Transformer.from_hf(hf), native_rows=16)  # row-major; T <= 16 native, op by op
+    for block in plain.layers:
+        block.native_args = None
+    packed = optimize_model(Transformer.from_hf(hf))
+    assert packed.head_packed and packed.layers[0].feed_forward.w13.packed
+    assert packed.layers[0].native_args is not None
+    ids = torch.tensor([3, 0, 96, 5])
+    assert torch.equal(packed.embed(ids), plain.embed(ids))
+    assert torch.equal(packed.head_rows(ids), plain.head_weight[ids])
+    assert torch.equal(plain.logits(plain.embed(ids), plain.head_rows(ids)), packed.logits(packed.embed(ids),
+                                                                                            packed.head_rows(ids)))
+    a, _ = logits_steps(plain, TOKENS, 6)
+    b, _ = logits_steps(packed, TOKENS, 6)
+    assert torch.equal(a, b)
+    optimize_model(packed, native_rows=16)
+    assert not packed.head_packed and torch.equal(packed.head_weight, plain.head_weight)
+    assert torch.equal(packed.layers[1].attention.wqkv.weight, plain.layers[1].attention.wqkv.weight)

@@ -22,7 +22,7 @@ class DraftHead:
 
     def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None, adapters: dict | None = None):
         self.model, self.vocab_ids, self.adapters = model, vocab_ids, adapters or {}
-        self.weight = None if vocab_ids is None else model.head_weight[vocab_ids].contiguous()
+        self.weight = None if vocab_ids is None else model.head_rows(vocab_ids).contiguous()
 
     def __call__(self, h: torch.Tensor, depth: int) -> torch.Tensor:
         adapter = self.adapters.get(depth)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skiplayer.model.kv_cache import KVCache
+from skiplayer.model.packing import packed_rows
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -67,23 +68,25 @@ class RMSNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear whose weight is float32 / bfloat16 / float16, or int8 with a per-output-row fp32 `scale`
     (weight-only quantisation, see model/optimize.py). Blocks of at most `native_rows` positions run the native
-    batch-invariant kernel `torch.ops.skiplayer.small_linear` once optimize_model has enabled it."""
+    batch-invariant kernel `torch.ops.skiplayer.small_linear` once optimize_model has enabled it. A `packed` weight
+    (pairs of rows interleaved, model/optimize.py) runs that kernel at every block size."""
 
     native_rows: int = 0
+    packed: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("scale", None)
 
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.scale, self.native_rows, float_out)
+        return linear(x, self.weight, self.bias, self.scale, self.native_rows, float_out, self.packed)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-           native_rows: int = 0, float_out: bool = False) -> torch.Tensor:
+           native_rows: int = 0, float_out: bool = False, packed: bool = False) -> torch.Tensor:
     """x (T, in) @ weight.T (+ bias), in x's dtype (fp32 if float_out), fp32 accumulation either way."""
-    if x.shape[0] <= native_rows:
-        return torch.ops.skiplayer.small_linear(x, weight, scale, bias, float_out)
+    if packed or x.shape[0] <= native_rows:
+        return torch.ops.skiplayer.small_linear(x, weight, scale, bias, float_out, packed)
     if scale is not None:  # int8 weight-only: dequantise for a large block (prefill)
         weight = (weight.float() * scale[:, None]).to(x.dtype)
     y = F.linear(x, weight, bias)
@@ -170,6 +173,9 @@ def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:
 
 class Block(nn.Module):
     mlp = staticmethod(mlp_residual)  # replaced by a compiled version by optimize_model(compile=True)
+    # (weights, int8 scales, qkv bias) for the one-call native layer, torch.ops.skiplayer.decoder_layer: the same ops
+    # as forward() below without their Python overhead. Set by model/optimize.py.
+    native_args: tuple | None = None
 
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -179,7 +185,13 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(a)
 
     def forward(self, x, cos, sin, cache, layer, start):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
+        a = self.attention
+        if self.native_args is not None and (a.wqkv.packed or x.shape[0] <= a.wqkv.native_rows):
+            cache.claim(layer, start, x.shape[0])
+            return torch.ops.skiplayer.decoder_layer(x, *self.native_args, cos, sin, cache.k[layer], cache.v[layer],
+                                                     start, a.n_heads, a.n_kv_heads, self.attention_norm.eps,
+                                                     a.wqkv.packed)
+        h = x + a(self.attention_norm(x), cos, sin, cache, layer, start)
         return self.mlp(self, h)
 
 
@@ -192,9 +204,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(a.dim, a.norm_eps)
         self.output = None if a.tie_word_embeddings else Linear(a.dim, a.vocab_size, bias=False)
         # The head logits() uses when given no head_weight, when it differs from head_weight (int8 copy): set by
-        # model/optimize.py. head_weight stays the float matrix, so row subsets of it remain plain tensors.
+        # model/optimize.py. head_weight stays float; head_rows() gives row subsets of it (draft vocabularies).
         self.lm_head: Linear | None = None
         self.native_rows = 0  # blocks up to this many positions use the native kernels (model/optimize.py)
+        self.head_packed = False  # head_weight stored pair-packed for the native kernel (model/packing.py)
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
@@ -208,13 +221,23 @@ class Transformer(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
+        """The LM head as stored (pair-packed when head_packed): use head_rows() for its rows."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def head_rows(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `ids` of the LM head (all rows when None), row-major whatever the storage: draft vocabularies."""
+        w = self.head_weight
+        if not self.head_packed:
+            return w if ids is None else w[ids]
+        return packed_rows(w, torch.arange(w.shape[0], device=w.device) if ids is None else ids)
 
     def new_cache(self, max_len: int) -> KVCache:
         w = self.tok_embeddings.weight
         return KVCache(self.n_layers, self.args.n_kv_heads, self.args.head_dim, max_len, w.dtype, w.device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.head_packed and self.output is None:  # tied: the table is the packed head
+            return packed_rows(self.tok_embeddings.weight, tokens)
         return self.tok_embeddings(tokens)
 
     def rope(self, start: int, T: int):
@@ -236,12 +259,13 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm + LM head (intermediate exits use the final norm too): fp32 logits (T, vocab) whatever the
-        model dtype. `head_weight` may be a row subset of `head_weight` (a reduced draft vocabulary)."""
+        model dtype. `head_weight` may be row-major rows of the head (head_rows: a reduced draft vocabulary)."""
         h = self.norm(h)
         if head_weight is None and self.lm_head is not None:
             return self.lm_head(h, float_out=True)
-        weight = self.head_weight if head_weight is None else head_weight
-        return linear(h, weight, native_rows=self.native_rows, float_out=True)
+        if head_weight is None:
+            return linear(h, self.head_weight, native_rows=self.native_rows, float_out=True, packed=self.head_packed)
+        return linear(h, head_weight, native_rows=self.native_rows, float_out=True)
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         """Full model on a block of tokens: logits (T, vocab)."""

@@ -158,7 +158,7 @@ def eos_ids(config, tokenizer) -> list[int]:
 def fingerprint(model: Transformer) -> str:
     """Identifies the weights a draft artifact was calibrated for (shape + a sample of weight values)."""
     h = hashlib.sha1(json.dumps(model.args.__dict__, sort_keys=True).encode())
-    for t in (model.tok_embeddings.weight[:64], model.layers[-1].feed_forward.w2.weight[:16], model.norm.weight):
+    for t in (model.embed(torch.arange(64, device=model.head_weight.device)), model.layers[-1].feed_forward.w2.weight[:16], model.norm.weight):
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -298,7 +298,7 @@ class _Head32:
     """Frozen final norm + head rows in fp32, for training (the model may be half precision)."""
 
     def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None):
-        w = model.head_weight if vocab_ids is None else model.head_weight[vocab_ids.to(model.head_weight.device)]
+        w = model.head_rows(None if vocab_ids is None else vocab_ids.to(model.head_weight.device))
         self.weight = w.detach().float().cpu()
         self.norm = model.norm.weight.detach().float().cpu()
         self.eps = model.norm.eps
@@ -320,7 +320,7 @@ def draft_top1(model: Transformer, hidden: torch.Tensor, adapter=None, vocab_ids
     """Full-vocabulary ids the draft head (adapter, final norm, head rows `vocab_ids`) picks, on the model's own
     dtype/device path (as DraftHead runs it)."""
     w = model.tok_embeddings.weight
-    weight = None if vocab_ids is None else model.head_weight[vocab_ids.to(w.device)].contiguous()
+    weight = None if vocab_ids is None else model.head_rows(vocab_ids.to(w.device)).contiguous()
     if adapter is not None:
         p = next(adapter.parameters())
         if p.dtype != w.dtype or p.device != w.device:  # a copy: Module.to would convert the trained one in place
