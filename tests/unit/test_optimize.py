@@ -200,3 +200,21 @@ def test_packed_model_matches_row_major_model_bitwise(tie):
     optimize_model(packed, native_rows=16)
     assert not packed.head_packed and torch.equal(packed.head_weight, plain.head_weight)
     assert torch.equal(packed.layers[1].attention.wqkv.weight, plain.layers[1].attention.wqkv.weight)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_rms_norm_matches_python_norm(dtype):
+    """The vectorised norm rounds like HF Llama (normalise in fp32, round, scale, round); only the order of the
+    sum of squares differs, so results agree to within one rounding step of the dtype."""
+    from skiplayer.model.llama import RMSNorm
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(60, 1e-5)  # 60: seven vectors of 8 and a scalar tail
+    norm.weight.data = torch.randn(60, generator=g)
+    norm = norm.to(dtype)
+    x = (torch.randn(5, 60, generator=g) * 3).to(dtype)
+    with torch.inference_mode():
+        expected = norm(x)
+        got = torch.ops.skiplayer.rms_norm(x, norm.weight, norm.eps)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)

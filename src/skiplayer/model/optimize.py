@@ -44,6 +44,7 @@ _KERNEL_SRC = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -56,6 +57,29 @@ inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
 inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::Half* p, __m256 v) {  // round to nearest even, as c10::Half does
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store8(at::BFloat16* p, __m256 v) {  // round to nearest even, NaN -> 0x7fc0, as c10::BFloat16 does
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                        _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1)));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, bias), 16);
+  b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+template <typename A>
+inline __m256 round8(__m256 v) {  // v rounded to A's precision, widened back
+  if constexpr (std::is_same_v<A, float>) {
+    return v;
+  } else {
+    alignas(32) A t[8];
+    store8(t, v);
+    return load8(t);
+  }
 }
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -186,14 +210,21 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
 // ---- RMSNorm as HF Llama computes it: normalise in fp32, round to the model dtype, then scale by the weight. ----
 template <typename A>
 void rms_norm_rows(const A* x, const A* w, A* y, int64_t T, int64_t D, double eps) {
+  const int64_t D8 = D & ~int64_t(7);
   for (int64_t t = 0; t < T; ++t) {
     const A* xr = x + t * D;
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; ++d) { const float v = static_cast<float>(xr[d]); ss += v * v; }
+    A* yr = y + t * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) acc = _mm256_fmadd_ps(load8(xr + d), load8(xr + d), acc);
+    float ss = hsum8(acc);
+    for (int64_t d = D8; d < D; ++d) { const float v = static_cast<float>(xr[d]); ss += v * v; }
     const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
-    for (int64_t d = 0; d < D; ++d) {
+    const __m256 rv = _mm256_set1_ps(r);
+    for (int64_t d = 0; d < D8; d += 8)
+      store8(yr + d, _mm256_mul_ps(load8(w + d), round8<A>(_mm256_mul_ps(load8(xr + d), rv))));
+    for (int64_t d = D8; d < D; ++d) {
       const A n = static_cast<A>(static_cast<float>(xr[d]) * r);
-      y[t * D + d] = static_cast<A>(static_cast<float>(w[d]) * static_cast<float>(n));
+      yr[d] = static_cast<A>(static_cast<float>(w[d]) * static_cast<float>(n));
     }
   }
 }
@@ -203,10 +234,17 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
               "rms_norm: x (T, D) and w (D) of one dtype expected");
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty_like(xc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "rms_norm", [&] {
-    rms_norm_rows<scalar_t>(xc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                            xc.size(0), xc.size(1), eps);
-  });
+  const int64_t T = xc.size(0), D = xc.size(1);
+  switch (xc.scalar_type()) {
+    case at::kFloat: rms_norm_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), T, D, eps); break;
+    case at::kBFloat16:
+      rms_norm_rows(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), T, D, eps);
+      break;
+    case at::kHalf:
+      rms_norm_rows(xc.data_ptr<at::Half>(), wc.data_ptr<at::Half>(), y.data_ptr<at::Half>(), T, D, eps);
+      break;
+    default: TORCH_CHECK(false, "rms_norm: float32, bfloat16 or float16 expected");
+  }
   return y;
 }
 
@@ -219,9 +257,17 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 template <typename A>
 void rope_row(const A* x, const A* cos, const A* sin, float* out, int64_t D) {
   const int64_t h = D / 2;
+  if (h % 8 == 0) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 rot = d < h ? _mm256_xor_ps(load8(x + d + h), sign) : load8(x + d - h);
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(load8(x + d), load8(cos + d), _mm256_mul_ps(rot, load8(sin + d))));
+    }
+    return;
+  }
   for (int64_t d = 0; d < D; ++d) {
     const float rot = d < h ? -static_cast<float>(x[d + h]) : static_cast<float>(x[d - h]);
-    out[d] = static_cast<float>(x[d]) * static_cast<float>(cos[d]) + rot * static_cast<float>(sin[d]);
+    out[d] = std::fma(static_cast<float>(x[d]), static_cast<float>(cos[d]), rot * static_cast<float>(sin[d]));
   }
 }
 
@@ -237,7 +283,8 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
       rope_row(k, cos + t * D, sin + t * D, tmp.data(), D);
       A* kd = kc + (g * L + start + t) * D;
       A* vd = vc + (g * L + start + t) * D;
-      for (int64_t d = 0; d < D; ++d) { kd[d] = static_cast<A>(tmp[d]); vd[d] = v[d]; }
+      for (int64_t d = 0; d < D; d += 8) store8(kd + d, _mm256_loadu_ps(tmp.data() + d));
+      std::copy(v, v + D, vd);
     }
   }
   if (!attend) return;
@@ -275,7 +322,7 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
             _mm256_storeu_ps(acc.data() + d0 + 8 * i, _mm256_mul_ps(a[i], _mm256_set1_ps(1.f / sum)));
         }
         A* o = out + t * H * D + h * D;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<A>(acc[d]);
+        for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_loadu_ps(acc.data() + d));
       }
     }
   });
