@@ -6,7 +6,8 @@ Streams the weights of `--layers` Llama layers of SmolLM2-135M shape (q/k/v 960x
 down 576x1536; random values) through each kernel, so no matrix is served from cache, and prints per kernel the time
 of one pass with M = 1 row, the effective GB/s (weight bytes / time) and v(M) = time(M rows) / time(1 row):
   F.linear fp32/bf16/fp16                          stock PyTorch (MKL / oneDNN)
-  small_linear fp32/bf16/fp16/int8                 our batch-invariant AVX2 kernel (model/optimize.py)
+  small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/optimize.py), on row-major
+                                                   weights or on pair-packed ones (model/packing.py, the default)
   _weight_int8pack_mm (bf16 activations)            PyTorch's int8 weight-only op
   quantize_dynamic int8 (fp32 activations)          torch.ao dynamic quantization (fbgemm)
   --compile: torch.compile + inductor freezing (weight prepacking) of the same stack, fp32 and bf16, one graph per M
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skiplayer.model.optimize import native_kernels_available, quantize_int8
+from skiplayer.model.packing import pack_pairs
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 
@@ -53,12 +55,16 @@ def build(args):
     if native_kernels_available():
         op = torch.ops.skiplayer.small_linear
         for dt in (torch.float32, torch.bfloat16, torch.float16):
-            wd = [w.to(dt) for w in ws]
-            kernels[f"small_linear {dt}"] = (n * dt.itemsize, dt, lambda xs, wd=wd: [
-                op(xs[i % 4], w, None, None, False) for i, w in enumerate(wd)])
+            for packed in (False, True):  # row-major, or pairs of rows interleaved (model/packing.py, the default)
+                wd = [pack_pairs(w.to(dt)) if packed else w.to(dt) for w in ws]
+                kernels[f"small_linear {dt}{' packed' if packed else ''}"] = (
+                    n * dt.itemsize, dt, lambda xs, wd=wd, p=packed: [op(xs[i % 4], w, None, None, False, p)
+                                                                      for i, w in enumerate(wd)])
         q8 = [quantize_int8(w) for w in ws]
-        kernels["small_linear int8 (fp32 act)"] = (n, torch.float32, lambda xs: [
-            op(xs[i % 4], q, s, None, False) for i, (q, s) in enumerate(q8)])
+        for packed in (False, True):
+            q8p = [(pack_pairs(q), s) if packed else (q, s) for q, s in q8]
+            kernels[f"small_linear int8{' packed' if packed else ''} (fp32 act)"] = (n, torch.float32, lambda xs, qs=q8p,
+                p=packed: [op(xs[i % 4], q, s, None, False, p) for i, (q, s) in enumerate(qs)])
     q8b = [(q, s.to(torch.bfloat16)) for q, s in (quantize_int8(w) for w in ws)]
     kernels["_weight_int8pack_mm (bf16 act)"] = (n, torch.bfloat16, lambda xs: [
         torch.ops.aten._weight_int8pack_mm(xs[i % 4], q, s) for i, (q, s) in enumerate(q8b)])
