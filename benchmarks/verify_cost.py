@@ -7,7 +7,8 @@ For every configuration (dtype x quantize):
   tok/s   greedy autoregressive decoding (model.forward(token, pos, cache) + argmax), --tokens new tokens per prompt
   GB/s    weight bytes read per token x tok/s, and that as a share of the streaming bandwidth measured here
           (`.sum()` over a 512 MB tensor): the physical limit of a memory-bound decode step
-  v(n)    time of one verification pass over n positions (all layers + LM head) / time of one decode step
+  v(n)    time of one verification pass over n positions (all layers + LM head) / time of one decode step, the
+          median of ratios of passes timed back to back (a one-position pass, then the n-position one)
 --hf adds HF `generate` (greedy, fp32) on the same prompts as the reference speed. --quality compares every
 configuration with fp32: greedy token agreement over the prompts, max |logit error| (teacher-forced on fp32's
 tokens), and how often the argmax of a position differs between a one-token step and the same position inside a
@@ -85,22 +86,28 @@ def decode_loop(model, prompt_ids: list[int], n_new: int) -> tuple[list[int], fl
         return out, time.perf_counter() - t
 
 
-def verify_times(model, context: int, max_n: int) -> dict[int, float]:
-    """Seconds of one forward over n = 1..max_n positions at `context` (all layers + head), cache rolled back."""
+def verify_times(model, context: int, max_n: int, reps: int = 5) -> dict[int, list[tuple[float, float]]]:
+    """Per n = 1..max_n, `reps` pairs (seconds of a one-position forward, seconds of a forward over n positions run
+    right after it), both at `context` (all layers + head, cache rolled back). Paired, so that v(n) is a ratio of
+    two passes a few milliseconds apart: load drifts on a shared machine hit both alike."""
     cache = model.new_cache(context + max_n + 1)
     tokens = torch.arange(context + max_n) % model.args.vocab_size
-    out = {}
+
+    def once(n: int) -> float:
+        cache.rollback(context)
+        t = time.perf_counter()
+        model.forward(tokens[context:context + n], context, cache)
+        return time.perf_counter() - t
+
     with torch.inference_mode():
         model.forward(tokens[:context], 0, cache)
-        for n in list(range(1, max_n + 1)) + [1]:  # n = 1 twice: start and end of the sweep
-            reps = []
-            for _ in range(3):
-                cache.rollback(context)
-                t = time.perf_counter()
-                model.forward(tokens[context:context + n], context, cache)
-                reps.append(time.perf_counter() - t)
-            out[n] = min(reps) if n not in out else min(out[n], min(reps))
-    return out
+        once(1)
+        pairs = {n: [] for n in range(1, max_n + 1)}
+        for n in pairs:
+            for _ in range(reps):
+                t1 = once(1)
+                pairs[n].append((t1, once(n)))
+        return pairs
 
 
 def hf_decode(hf, prompt_ids: list[int], n_new: int) -> float:
@@ -189,8 +196,8 @@ def main(argv=None):
                 out, s = decode_loop(models[k], ids, args.tokens)
                 n_tok, secs = n_tok + len(out) - 1, secs + s
             tok_s[k].append(n_tok / secs)
-            for n, s in verify_times(models[k], args.context, args.max_n).items():
-                vt[k][n].append(s)
+            for n, pairs in verify_times(models[k], args.context, args.max_n).items():
+                vt[k][n] += pairs
         print(f"repeat {r + 1}/{args.repeats} done, load {load_avg()}", flush=True)
     bw_end = stream_gbps(args.repeats)
 
@@ -198,11 +205,11 @@ def main(argv=None):
     for k, m in models.items():
         wb = weight_bytes_per_token(m)
         ts = statistics.median(tok_s[k])
-        step = statistics.median(vt[k][1])
+        step = statistics.median(t1 for t1, _ in vt[k][1])
         rows[k] = {"tok_s": ts, "tok_s_all": tok_s[k], "weight_MB": wb / 1e6, "eff_GBps": wb * ts / 1e9,
                    "share_of_stream": wb * ts / 1e9 / max(bw, bw_end),
                    "step_ms": step * 1e3,
-                   "v": {n: statistics.median(vt[k][n]) / step for n in range(1, args.max_n + 1)}}
+                   "v": {n: statistics.median(tn / t1 for t1, tn in vt[k][n]) for n in range(1, args.max_n + 1)}}
     hf_med = statistics.median(hf_tok_s) if hf_tok_s else None
     if args.quality:
         ref = models.get("float32") or optimize_model(load_model(args.model, dtype="float32").model,

@@ -44,7 +44,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from skiplayer.errors import UserError
+from skiplayer.errors import UserError, parse_enum
 
 IGNORE_INDEX = -100
 
@@ -65,22 +65,12 @@ class EarlyExitCurriculumType(str, Enum):
 
 
 def parse_loss_scale(name: str | EarlyExitLossScaleType) -> EarlyExitLossScaleType:
-    try:
-        return EarlyExitLossScaleType(name)
-    except ValueError:
-        names = ", ".join(s.value for s in EarlyExitLossScaleType)
-        raise UserError(f"unknown early-exit loss scale '{name}': use one of {names} "
-                        f"with --early_exit_loss_scale") from None
+    return parse_enum(EarlyExitLossScaleType, name, "early-exit loss scale", "--early_exit_loss_scale")
 
 
 def parse_curriculum(name: str | EarlyExitCurriculumType) -> EarlyExitCurriculumType:
-    if name == "rot":  # torchtune's spelling
-        name = "rotational"
-    try:
-        return EarlyExitCurriculumType(name)
-    except ValueError:
-        raise UserError(f"unknown early-exit curriculum '{name}': use none, rotational or gradual "
-                        f"with --early_exit_curriculum") from None
+    name = "rotational" if name == "rot" else name  # torchtune's spelling
+    return parse_enum(EarlyExitCurriculumType, name, "early-exit curriculum", "--early_exit_curriculum")
 
 
 def parse_layers(spec: str | Sequence[int] | None, n_layers: int, include_last: bool = True) -> list[int]:

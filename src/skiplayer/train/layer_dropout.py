@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from skiplayer.errors import UserError
+from skiplayer.errors import UserError, parse_enum
 
 
 class LayerDropoutScaleType(str, Enum):
@@ -47,11 +47,7 @@ class LayerDropoutScaleType(str, Enum):
 
 
 def parse_scale(name: str | LayerDropoutScaleType) -> LayerDropoutScaleType:
-    try:
-        return LayerDropoutScaleType(name)
-    except ValueError:
-        names = ", ".join(s.value for s in LayerDropoutScaleType)
-        raise UserError(f"unknown layer dropout scale '{name}': use one of {names} with --layer_dropout_scale") from None
+    return parse_enum(LayerDropoutScaleType, name, "layer dropout scale", "--layer_dropout_scale")
 
 
 def layer_scale(scale: str | LayerDropoutScaleType, layer: int, n_layers: int) -> float:
