@@ -123,7 +123,7 @@ inline void tile(const float* x, const W* w, const float* scale, const float* bi
   const W* base = w + n0 * K;
   // where element (row n0 + r, column k) lies: interleaved in the packed layout, row-major otherwise
   auto at = [&](int r, int64_t k) { return PACKED ? base + k * R + r * 8 : base + r * K + k; };
-#pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int64_t k = 0; k < K8; k += 8) {
     if (PACKED) {  // one stream, 2 KiB ahead
       if (((k * R * sizeof(W)) & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(at(0, k)) + 2048, _MM_HINT_T0);
