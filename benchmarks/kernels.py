@@ -63,8 +63,9 @@ def build(args):
         q8 = [quantize_int8(w) for w in ws]
         for packed in (False, True):
             q8p = [(pack_pairs(q), s) if packed else (q, s) for q, s in q8]
-            kernels[f"small_linear int8{' packed' if packed else ''} (fp32 act)"] = (n, torch.float32, lambda xs, qs=q8p,
-                p=packed: [op(xs[i % 4], q, s, None, False, p) for i, (q, s) in enumerate(qs)])
+            kernels[f"small_linear int8{' packed' if packed else ''} (fp32 act)"] = (
+                n, torch.float32, lambda xs, qs=q8p, p=packed: [op(xs[i % 4], q, s, None, False, p)
+                                                                for i, (q, s) in enumerate(qs)])
     q8b = [(q, s.to(torch.bfloat16)) for q, s in (quantize_int8(w) for w in ws)]
     kernels["_weight_int8pack_mm (bf16 act)"] = (n, torch.bfloat16, lambda xs: [
         torch.ops.aten._weight_int8pack_mm(xs[i % 4], q, s) for i, (q, s) in enumerate(q8b)])

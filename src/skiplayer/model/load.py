@@ -156,9 +156,11 @@ def eos_ids(config, tokenizer) -> list[int]:
 
 
 def fingerprint(model: Transformer) -> str:
-    """Identifies the weights a draft artifact was calibrated for (shape + a sample of weight values)."""
+    """Identifies the weights a draft artifact was calibrated for (shape + a sample of weight values). Taken before
+    optimize_model, whose packed layout would reorder the sampled rows."""
     h = hashlib.sha1(json.dumps(model.args.__dict__, sort_keys=True).encode())
-    for t in (model.embed(torch.arange(64, device=model.head_weight.device)), model.layers[-1].feed_forward.w2.weight[:16], model.norm.weight):
+    first_rows = model.embed(torch.arange(64, device=model.head_weight.device))
+    for t in (first_rows, model.layers[-1].feed_forward.w2.weight[:16], model.norm.weight):
         h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
