@@ -192,6 +192,7 @@ def test_packed_model_matches_row_major_model_bitwise(tie):
     ids = torch.tensor([3, 0, 96, 5])
     assert torch.equal(packed.embed(ids), plain.embed(ids))
     assert torch.equal(packed.head_rows(ids), plain.head_weight[ids])
+    assert torch.equal(packed.head_rows(), plain.head_weight)
     assert torch.equal(plain.logits(plain.embed(ids), plain.head_rows(ids)), packed.logits(packed.embed(ids),
                                                                                             packed.head_rows(ids)))
     a, _ = logits_steps(plain, TOKENS, 6)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skiplayer.model.kv_cache import KVCache
-from skiplayer.model.packing import packed_rows
+from skiplayer.model.packing import packed_rows, unpack_pairs
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -69,7 +69,7 @@ class Linear(nn.Linear):
     """nn.Linear whose weight is float32 / bfloat16 / float16, or int8 with a per-output-row fp32 `scale`
     (weight-only quantisation, see model/optimize.py). Blocks of at most `native_rows` positions run the native
     batch-invariant kernel `torch.ops.skiplayer.small_linear` once optimize_model has enabled it. A `packed` weight
-    (pairs of rows interleaved, model/optimize.py) runs that kernel at every block size."""
+    (pairs of rows interleaved, model/packing.py) runs that kernel at every block size."""
 
     native_rows: int = 0
     packed: bool = False
@@ -82,10 +82,15 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self.scale, self.native_rows, float_out, self.packed)
 
 
+def runs_native(T: int, native_rows: int, packed: bool) -> bool:
+    """Whether a block of T positions goes through the native kernel (a packed weight has no other path)."""
+    return packed or T <= native_rows
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
            native_rows: int = 0, float_out: bool = False, packed: bool = False) -> torch.Tensor:
     """x (T, in) @ weight.T (+ bias), in x's dtype (fp32 if float_out), fp32 accumulation either way."""
-    if packed or x.shape[0] <= native_rows:
+    if runs_native(x.shape[0], native_rows, packed):
         return torch.ops.skiplayer.small_linear(x, weight, scale, bias, float_out, packed)
     if scale is not None:  # int8 weight-only: dequantise for a large block (prefill)
         weight = (weight.float() * scale[:, None]).to(x.dtype)
@@ -186,7 +191,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache, layer, start):
         a = self.attention
-        if self.native_args is not None and (a.wqkv.packed or x.shape[0] <= a.wqkv.native_rows):
+        if self.native_args is not None and runs_native(x.shape[0], a.wqkv.native_rows, a.wqkv.packed):
             cache.claim(layer, start, x.shape[0])
             return torch.ops.skiplayer.decoder_layer(x, *self.native_args, cos, sin, cache.k[layer], cache.v[layer],
                                                      start, a.n_heads, a.n_kv_heads, self.attention_norm.eps,
@@ -229,7 +234,7 @@ class Transformer(nn.Module):
         w = self.head_weight
         if not self.head_packed:
             return w if ids is None else w[ids]
-        return packed_rows(w, torch.arange(w.shape[0], device=w.device) if ids is None else ids)
+        return unpack_pairs(w) if ids is None else packed_rows(w, ids)
 
     def new_cache(self, max_len: int) -> KVCache:
         w = self.tok_embeddings.weight

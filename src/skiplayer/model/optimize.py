@@ -514,18 +514,21 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _relayout(module: nn.Module, packed: bool) -> None:
+    """Replace module.weight by its pair-packed (or, from packed, row-major) copy."""
+    w = module.weight.detach()
+    module.weight = nn.Parameter(pack_pairs(w) if packed else unpack_pairs(w), requires_grad=False)
+
+
 def _set_packed(lin: Linear, packed: bool) -> None:
     if lin.packed != packed:
-        new = pack_pairs(lin.weight.detach()) if packed else unpack_pairs(lin.weight.detach())
-        lin.weight = nn.Parameter(new, requires_grad=False)
+        _relayout(lin, packed)
         lin.packed = packed
 
 
 def _set_head_packed(model: Transformer, packed: bool) -> None:
     if model.head_packed != packed:
-        owner = model.tok_embeddings if model.output is None else model.output
-        w = owner.weight.detach()
-        owner.weight = nn.Parameter(pack_pairs(w) if packed else unpack_pairs(w), requires_grad=False)
+        _relayout(model.tok_embeddings if model.output is None else model.output, packed)
         model.head_packed = packed
 
 
