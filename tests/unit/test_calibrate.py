@@ -13,8 +13,8 @@ from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.draft_artifact import Draft, ResidualAdapter, load_draft, save_draft
 from skiplayer.errors import UserError
 from skiplayer.policies import PolicyConfig
-from skiplayer.train.calibrate import (CalibrationConfig, CalibrationPrompt, calibrate, generate_and_capture,
-                                      select_vocab, teacher_force)
+from skiplayer.train.calibrate import (CalibrationConfig, CalibrationPrompt, Sequence, calibrate,
+                                      generate_and_capture, select_vocab, teacher_force)
 from tests.helpers import FakeTokenizer, chi_square_pvalue, exact_sequence_distribution, predictable_model
 
 EXITS = [1, 3]
@@ -75,6 +75,19 @@ def test_capture_during_generation_matches_teacher_forcing(model):
     # Output rows predict exactly the generated tokens.
     out_targets = [t for s in seqs for t in s.output]
     assert data.target[data.is_output].tolist() == out_targets
+
+
+def test_teacher_forcing_in_blocks_skips_blocks_before_the_kept_rows(model, monkeypatch):
+    """Prompts longer than a teacher-forcing block: blocks wholly before the kept prompt rows keep nothing."""
+    import skiplayer.train.calibrate as calib
+    seqs = [Sequence(p, [7, 8, 9]) for p in random_prompts(3, model.args.vocab_size, seed=3)]
+    seqs[0].prompt.ids = list(range(4, 16))
+    whole = teacher_force(model, seqs, EXITS, prompt_positions=1)
+    monkeypatch.setattr(calib, "CAPTURE_BLOCK", 4)
+    blocks = teacher_force(model, seqs, EXITS, prompt_positions=1)
+    assert len(blocks) == len(whole) == sum(min(len(s.prompt.ids), 2) + 3 - 1 for s in seqs)
+    assert torch.equal(blocks.seq, whole.seq) and torch.equal(blocks.target, whole.target)
+    torch.testing.assert_close(blocks.final, whole.final, atol=1e-4, rtol=1e-4)
 
 
 def test_fresh_adapter_is_the_plain_exit(model):

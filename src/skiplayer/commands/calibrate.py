@@ -49,6 +49,9 @@ def add_arguments(p):
                    help="wall-clock budget after loading the model (default %(default)s)")
     t.add_argument("--generation_share", type=float, default=d.generation_share,
                    help="share of the budget spent generating outputs (default %(default)s)")
+    t.add_argument("--generation_batch", type=int, default=d.generation_batch,
+                   help="prompts decoding together while generating: the weights are read once per step for all "
+                        "of them (default %(default)s)")
     t.add_argument("--draft_vocab_size", type=int, default=d.draft_vocab_size,
                    help="draft scores the N most frequent output tokens; 0 = full vocabulary (default %(default)s)")
     t.add_argument("--adapter_rank", type=int, default=d.adapter_rank, help="adapter rank r (default %(default)s)")
@@ -155,7 +158,8 @@ def run(args) -> int:
         torch.set_num_threads(args.num_threads)
     config = CalibrationConfig(
         exit_layers=layers, draft_vocab_size=args.draft_vocab_size, adapter_rank=args.adapter_rank,
-        budget_minutes=args.budget_minutes, generation_share=args.generation_share, loss=args.loss,
+        budget_minutes=args.budget_minutes, generation_share=args.generation_share,
+        generation_batch=args.generation_batch, loss=args.loss,
         prompt_positions=args.prompt_positions, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress)
 

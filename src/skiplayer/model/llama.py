@@ -117,33 +117,36 @@ class Attention(nn.Module):
         self.wqkv = Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
         self.wo = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
-    def kv(self, x: torch.Tensor, cos, sin):
-        T = x.shape[0]
+    def split(self, qkv: torch.Tensor, cos, sin):
+        """Fused q/k/v rows (T, ...) -> q, k with RoPE and v, each (heads, T, head_dim)."""
+        T = qkv.shape[0]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
         k = apply_rope(k.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)
-        v = v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
-        return q, k, v
+        return q, k, v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
 
-    def _native(self, x, cos, sin, cache: KVCache, layer: int, start: int, attend: bool) -> torch.Tensor:
-        cache.claim(layer, start, x.shape[0])
-        return torch.ops.skiplayer.rope_cache_attention(self.wqkv(x), cos, sin, cache.k[layer], cache.v[layer],
+    def _native(self, qkv, cos, sin, cache: KVCache, layer: int, start: int, attend: bool) -> torch.Tensor:
+        cache.claim(layer, start, qkv.shape[0])
+        return torch.ops.skiplayer.rope_cache_attention(qkv, cos, sin, cache.k[layer], cache.v[layer],
                                                         start, self.n_heads, self.n_kv_heads, attend)
 
     def write_kv(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> None:
         """Only store this block's K/V (for positions that skip the layer): see Transformer.fill_kv."""
         if self.native:
-            self._native(x, cos, sin, cache, layer, start, attend=False)
+            self._native(self.wqkv(x), cos, sin, cache, layer, start, attend=False)
             return
-        _, k, v = self.kv(x, cos, sin)
+        _, k, v = self.split(self.wqkv(x), cos, sin)
         cache.write(layer, start, k, v)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-        T = x.shape[0]
+    def attend(self, qkv: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        """One sequence's block of T positions from its fused q/k/v rows: RoPE, cache write, causal attention over
+        the cache; (T, n_heads * head_dim), before wo. Separate from forward() so that a batch of sequences can
+        share the q/k/v and wo products (decoding/batched.py)."""
+        T = qkv.shape[0]
         if self.native:
-            return self.wo(self._native(x, cos, sin, cache, layer, start, attend=True))
-        q, k, v = self.kv(x, cos, sin)
-        q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
+            return self._native(qkv, cos, sin, cache, layer, start, attend=True)
+        q, k, v = self.split(qkv, cos, sin)
         keys, values = cache.write(layer, start, k, v)
         # Grouped-query attention without repeating K/V: fold the query heads of each KV group into the
         # sequence axis, (n_kv, group*T, head_dim), so each group attends to its own K/V.
@@ -152,11 +155,14 @@ class Attention(nn.Module):
         mask = None
         if T > 1:
             S = keys.shape[1]
-            allowed = torch.arange(S, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
+            rows = start + torch.arange(T, device=qkv.device)
+            allowed = torch.arange(S, device=qkv.device)[None, :] <= rows[:, None]
             mask = allowed.repeat(group, 1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.reshape(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1)
-        return self.wo(out)
+        return out.reshape(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1)
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        return self.wo(self.attend(self.wqkv(x), cos, sin, cache, layer, start))
 
 
 class FeedForward(nn.Module):

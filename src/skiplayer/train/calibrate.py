@@ -1,11 +1,13 @@
 """Draft calibration by self-distillation (`skiplayer calibrate`).
 
-1. The model generates its own greedy outputs for a set of prompts (our engine, autoregressive), within a share of
-   the time budget. Prompts are split into train / held-out beforehand (`CalibrationPrompt.held_out`).
-2. While it generates, forward hooks capture the hidden state that leaves layer E-1 for every exit layer E and the
-   last layer's output at every position that predicts an output token (and, optionally, the last few prompt
-   positions): the same rows as teacher-forcing prompt + output through the model once more (`teacher_force`,
-   kept as the reference), without paying for that second pass, and computed exactly as drafting computes them.
+1. The model generates its own greedy outputs for a set of prompts, several prompts decoding together
+   (decoding/batched.py: the weights are read once per step for all of them, so tokens come several times faster
+   than one prompt at a time), within a share of the time budget. Prompts are split into train / held-out
+   beforehand (`CalibrationPrompt.held_out`).
+2. While it generates, it keeps the hidden state that leaves layer E-1 for every exit layer E and the last layer's
+   output at every position that predicts an output token (and, optionally, the last few prompt positions): the
+   same rows as teacher-forcing prompt + output through the model once more (`teacher_force`, kept as the
+   reference), without paying for that second pass, and computed exactly as drafting computes them.
 3. The draft vocabulary is the `draft_vocab_size` most frequent tokens of the training outputs (EOS ids always
    in); verification still scores the full vocabulary, so decoding stays lossless.
 4. Per exit layer, a residual adapter h + W_up·silu(W_down·rmsnorm(h)) (zero-initialised up-projection: it starts as
@@ -46,7 +48,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.decoding.batched import generate_batched
+from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.draft_artifact import ResidualAdapter
 from skiplayer.errors import UserError, check
 from skiplayer.model.llama import Transformer
@@ -72,6 +75,7 @@ class CalibrationConfig:
     adapter_rank: int = 256
     budget_minutes: float = 15.0
     generation_share: float = 0.75        # of the budget, for generating (and capturing) the model's outputs
+    generation_batch: int = 8             # prompts decoding together while generating
     loss: str = "kl"
     prompt_positions: int = 128           # also train on the last N prompt positions of each training prompt
     epochs: int = 12                      # at most; fewer when the budget runs short
@@ -91,6 +95,7 @@ class CalibrationConfig:
         check(self.draft_vocab_size >= 0, f"--draft_vocab_size must be >= 0 (got {self.draft_vocab_size}; 0 = full)")
         check(self.budget_minutes > 0, f"--budget_minutes must be > 0 (got {self.budget_minutes})")
         check(0 < self.generation_share < 1, "--generation_share must be between 0 and 1")
+        check(self.generation_batch >= 1, f"--generation_batch must be >= 1 (got {self.generation_batch})")
         check(self.loss in LOSSES, f"unknown --loss '{self.loss}': use one of {', '.join(LOSSES)}")
         check(self.prompt_positions >= 0, "--prompt_positions must be >= 0")
         check(self.epochs >= 1 and self.batch_size >= 1 and self.lr > 0, "--epochs, --batch_size, --lr must be > 0")
@@ -157,79 +162,48 @@ def _bar(total, desc, enabled, unit="it"):
 
 # ------------------------------------------------------------------------------------------------ 1+2. generation
 
-class _Recorder:
-    """Forward hooks on the blocks that leave layer E-1 (one per exit layer E) and on the last block: while
-    generate_ids runs, they record the prefill's last `keep` rows, then one row per decoding step. That is exactly
-    the teacher-forced hidden state of every position that predicts an output token, at no extra cost."""
-
-    def __init__(self, model: Transformer, exit_layers: list[int], keep_prompt_rows: int):
-        self.keep = keep_prompt_rows
-        self.rows: dict | None = None
-        self.handles = []
-        for key, block in [(e, e - 1) for e in exit_layers] + [("final", model.n_layers - 1)]:
-            self.handles.append(model.layers[block].register_forward_hook(self._hook(key)))
-
-    def _hook(self, key):
-        def hook(module, inputs, output):
-            if self.rows is not None:
-                first = not self.rows[key]  # the prefill: keep only its last rows
-                self.rows[key].append((output[-self.keep:] if first else output).detach().to("cpu", copy=True))
-        return hook
-
-    def start(self, keys) -> None:
-        self.rows = {k: [] for k in keys}
-
-    def take(self) -> dict:
-        rows, self.rows = self.rows, None
-        return rows
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def generate_and_capture(model: Transformer, prompts: list[CalibrationPrompt], exit_layers: list[int],
                          eos_token_ids, tokenizer, deadline: float, prompt_positions: int = 0,
-                         progress: bool = True) -> tuple[list[Sequence], Captured]:
-    """The model's own greedy outputs (generate_ids, autoregressive), prompt by prompt in the given order until
-    `deadline` (time.monotonic), and the hidden states of every position that predicts an output token (plus the
-    last `prompt_positions` prompt positions): rows leaving layer E-1 for each exit E, and the last layer's."""
+                         progress: bool = True, batch_size: int = 8) -> tuple[list[Sequence], Captured]:
+    """The model's own greedy outputs, `batch_size` prompts decoding together (decoding/batched.py), taking prompts
+    in the given order until `deadline` (time.monotonic), and the hidden states of every position that predicts an
+    output token (plus the last `prompt_positions` prompt positions): rows leaving layer E-1 for each exit E, and
+    the last layer's; sequences in the order they finished."""
     exits = sorted(exit_layers)
-    keys = [*exits, "final"]
+    keys = [*exits, model.n_layers]
     sequences: list[Sequence] = []
     parts = {k: [] for k in keys}
     targets, seqs, is_out = [], [], []
     tokens = 0
-    recorder = _Recorder(model, exits, prompt_positions + 1)
+
+    def make_stop(i: int) -> StopCriteria:
+        p = prompts[i]
+        return StopCriteria(p.max_steps, eos_token_ids, list(p.stop_words) if tokenizer else [], tokenizer)
+
     bar = _bar(len(prompts), "generating outputs", progress, "prompt")
-    try:
-        for p in prompts:
-            if time.monotonic() >= deadline and sequences:
-                break
-            config = GenerationConfig(max_steps=p.max_steps, stop_words=list(p.stop_words) if tokenizer else [])
-            recorder.start(keys)
-            out, _, _ = generate_ids(model, p.ids, config, eos_token_ids, tokenizer)
-            rows = {k: torch.cat(v) for k, v in recorder.take().items()}
-            n_rows = len(rows["final"])
-            n_prompt_rows = n_rows - len(out)  # prompt rows before the one that predicts out[0]
-            assert n_prompt_rows >= 0 and all(len(v) == n_rows for v in rows.values()), "capture out of step"
-            s_index = len(sequences)
-            sequences.append(Sequence(p, list(out)))
-            for k in keys:
-                parts[k].append(rows[k])
-            target = torch.full((n_rows,), -1, dtype=torch.long)
-            target[n_prompt_rows:] = torch.tensor(out, dtype=torch.long)
-            targets.append(target)
-            seqs.append(torch.full((n_rows,), s_index, dtype=torch.long))
-            is_out.append(torch.arange(n_rows) >= n_prompt_rows)
-            tokens += len(out)
-            bar.update(1)
-            bar.set_postfix(tokens=tokens, left=f"{max(0.0, deadline - time.monotonic()):.0f}s")
-    finally:
-        recorder.close()
-        bar.close()
+    finished = generate_batched(model, [p.ids for p in prompts], make_stop, batch_size, tuple(keys),
+                                prompt_positions + 1, admit=lambda: time.monotonic() < deadline or not sequences)
+    for done in finished:
+        out = done.tokens
+        rows = {k: torch.cat(v) for k, v in done.rows.items()}
+        n_rows = len(rows[model.n_layers])
+        n_prompt_rows = n_rows - len(out)  # prompt rows before the one that predicts out[0]
+        assert n_prompt_rows >= 0 and all(len(v) == n_rows for v in rows.values()), "capture out of step"
+        s_index = len(sequences)
+        sequences.append(Sequence(prompts[done.index], list(out)))
+        for k in keys:
+            parts[k].append(rows[k])
+        target = torch.full((n_rows,), -1, dtype=torch.long)
+        target[n_prompt_rows:] = torch.tensor(out, dtype=torch.long)
+        targets.append(target)
+        seqs.append(torch.full((n_rows,), s_index, dtype=torch.long))
+        is_out.append(torch.arange(n_rows) >= n_prompt_rows)
+        tokens += len(out)
+        bar.update(1)
+        bar.set_postfix(tokens=tokens, left=f"{max(0.0, deadline - time.monotonic()):.0f}s")
+    bar.close()
     check(tokens > 0, "calibration produced no output tokens: check the prompts and --max_steps")
-    final = torch.cat(parts["final"])
+    final = torch.cat(parts[model.n_layers])
     target = torch.cat(targets)
     prompt_rows = target < 0
     if bool(prompt_rows.any()):  # prompt positions: the full model's argmax there
@@ -255,7 +229,7 @@ def teacher_force(model: Transformer, sequences: list[Sequence], exit_layers: li
         for start in range(0, last, CAPTURE_BLOCK):
             end = min(last, start + CAPTURE_BLOCK)
             h = model.embed(torch.tensor(ids[start:end], device=device))
-            lo = max(first, start) - start
+            lo = min(max(first, start), end) - start  # no rows kept in a block wholly before `first`
             layer = 0
             for e in exits:
                 h = model.forward_layers(h, start, cache, layer, e)
@@ -449,7 +423,7 @@ def calibrate(model: Transformer, prompts: list[CalibrationPrompt], config: Cali
     t = time.monotonic()
     sequences, data = generate_and_capture(model, prompts, config.exit_layers, eos_token_ids, tokenizer,
                                            started + config.generation_share * budget, config.prompt_positions,
-                                           config.progress)
+                                           config.progress, config.generation_batch)
     timings["generate"] = time.monotonic() - t
     held = [s for s in sequences if s.prompt.held_out]
     if not held or len(held) == len(sequences):
