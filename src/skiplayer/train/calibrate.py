@@ -30,6 +30,9 @@ so differences under ~0.02 are noise), with ~6.5k own output tokens from the def
     agreement (E12 0.322 / 0.321 / 0.276; full trains ~6x slower and got only 4 epochs in its time), so 8k is the
     default: the tokens it drops are ones the draft rarely gets right anyway.
   - lr 1e-3 / 2e-3 / 4e-3: 0.281 / 0.289 / 0.300 (E8); weight decay 0.1: no change.
+  - the datasets' reference answers, teacher-forced (4x cheaper per token than generating), add nothing: 20k own
+    output tokens gave E4 0.300 / E8 0.326 held-out; adding 70k reference-answer tokens of other rows of the same
+    datasets gave E4 0.303 (float16, 4 epochs). The model's own outputs are what count, hence batched generation.
 Not done: draft forms other than the residual adapter -- fine-tuned copies of the shallow layers (MEASURED.md: 0.27 at
 layer 12 from 9k own tokens, but they need their own KV cache, so the draft no longer shares the verifier's) and
 one-layer attention adapters.
