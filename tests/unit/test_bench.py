@@ -330,3 +330,7 @@ def test_small_helpers():
     up = runner.speedup([({**full, **fast}, {**full, **slow}), ({**full, **slow}, {**full, **slow})])
     assert up["total"] == pytest.approx(20 / 3 / 5) and up["per_sample_mean"] == pytest.approx(1.5)
     assert up["mean_of_rates"] == pytest.approx(7.5 / 5)
+    # Decoding only: a 0.5 s prefill made the first token of each sample, on both sides.
+    fast_d = {**full, "new_tokens": 11, "wall_time": 1.5, "prefill_time": 0.5, "tokens_per_second": 11 / 1.5}
+    slow_d = {**full, "new_tokens": 11, "wall_time": 2.5, "prefill_time": 0.5, "tokens_per_second": 11 / 2.5}
+    assert runner.speedup([(fast_d, slow_d)])["decode"] == pytest.approx((10 / 1.0) / (10 / 2.0))

@@ -245,8 +245,9 @@ def render(summary: dict) -> str:
     lines += ["", format_table(headers, rows)]
     if summary.get("speedup") and summary["speedup"].get("total") is not None:
         s = summary["speedup"]
+        decode = f", {s['decode']:.3f}x decoding only (prefill excluded)" if s.get("decode") else ""
         lines.append(f"\nspeedup: {s['total']:.3f}x (total tokens / total time), {s['mean_of_rates']:.3f}x (mean of "
-                     f"per-sample rates), per-sample mean {s['per_sample_mean']:.3f}x")
+                     f"per-sample rates), per-sample mean {s['per_sample_mean']:.3f}x{decode}")
     main = conf["strategies"][0]
     split = summary["speed"].get(main, {}).get("time_split_fraction")
     if split and main != AR:

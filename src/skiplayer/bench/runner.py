@@ -241,16 +241,22 @@ def speedup(pairs: list[tuple[dict, dict]]) -> dict:
     """Speedup of a strategy over autoregressive from per-sample (strategy speed, AR speed) pairs."""
     pairs = [(s, a) for s, a in pairs if s and a]
     if not pairs:
-        return {"total": None, "mean_of_rates": None, "per_sample_mean": None, "per_sample_median": None}
+        return {"total": None, "mean_of_rates": None, "per_sample_mean": None, "per_sample_median": None,
+                "decode": None}
     ss, ar = aggregate_speed([s for s, _ in pairs]), aggregate_speed([a for _, a in pairs])
     ratios = [s["tokens_per_second"] / a["tokens_per_second"] for s, a in pairs if a["tokens_per_second"]]
 
     def div(x, y):
         return x / y if y else None
+
+    def decode_rate(d):  # tokens after the first of each sample / time after the prefill (which made the first)
+        return div(d["new_tokens"] - d["samples"], d["wall_time"] - d["prefill_time"])
     return {"total": div(ss["tokens_per_second_total"], ar["tokens_per_second_total"]),          # Σtok/Σt ratio
             "mean_of_rates": div(ss["tokens_per_second_mean"], ar["tokens_per_second_mean"]),  # mean rate ratio
             "per_sample_mean": statistics.fmean(ratios) if ratios else None,
-            "per_sample_median": statistics.median(ratios) if ratios else None}
+            "per_sample_median": statistics.median(ratios) if ratios else None,
+            # Prefill excluded: it is the same work for both, so this is the part speculation changes.
+            "decode": div(decode_rate(ss), decode_rate(ar))}
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

@@ -288,7 +288,8 @@ def summarize(rows: list[dict], samples: dict, points: list[Point]) -> dict:
                 "ar_tokens_per_second_mean": ar_speed.get("tokens_per_second_mean"),
                 "ar_tokens_per_second_total": ar_speed.get("tokens_per_second_total"),
                 "speedup_total": up["total"], "speedup_mean_of_rates": up["mean_of_rates"],
-                "speedup_per_sample_mean": up["per_sample_mean"], "mean_exit_layer": speed.get("mean_exit_layer"),
+                "speedup_per_sample_mean": up["per_sample_mean"], "speedup_decode": up["decode"],
+                "mean_exit_layer": speed.get("mean_exit_layer"),
                 "mismatches": sum(ss[i]["tokens_sha1"] != ar[i]["tokens_sha1"] for i in ids),
                 "metric": metric_name, "metric_value": metric_value, "metrics": metrics,
                 "exit_layer_histogram": speed.get("exit_layer_histogram", {}),
@@ -297,7 +298,8 @@ def summarize(rows: list[dict], samples: dict, points: list[Point]) -> dict:
         if ranked:
             top = max(ranked, key=lambda p: (p["complete"], p["speedup_total"], p["acceptance_rate"] or 0))
             best[name] = {k: top[k] for k in ("mode", "exit_layer", "num_speculations", "layer_skip_proportion",
-                                              "samples", "speedup_total", "speedup_mean_of_rates", "acceptance_rate",
+                                              "samples", "speedup_total", "speedup_mean_of_rates", "speedup_decode",
+                                              "acceptance_rate",
                                               "tokens_per_second_total", "ar_tokens_per_second_total",
                                               "mean_exit_layer", "mismatches", "metric", "metric_value")}
             best[name]["flags"] = (f"--exit_layer {top['exit_layer']} --num_speculations {top['num_speculations']} "
@@ -311,7 +313,7 @@ def summarize(rows: list[dict], samples: dict, points: list[Point]) -> dict:
 CSV_COLUMNS = ["dataset", "mode", "exit_layer", "num_speculations", "layer_skip_proportion", "samples", "complete",
                "acceptance_rate", "tokens_per_round", "tokens_per_second_mean", "tokens_per_second_total",
                "ar_tokens_per_second_mean", "ar_tokens_per_second_total", "speedup_total", "speedup_mean_of_rates",
-               "speedup_per_sample_mean", "mean_exit_layer", "mismatches", "metric", "metric_value"]
+               "speedup_per_sample_mean", "speedup_decode", "mean_exit_layer", "mismatches", "metric", "metric_value"]
 
 
 def to_csv(points: list[dict]) -> str:
@@ -367,13 +369,14 @@ def _safe(text: str) -> str:
 
 def render(result: dict) -> str:
     headers = ["dataset", "mode", "E", "k", "p", "n", "accept", "tok/round", "tok/s", "AR tok/s", "speedup",
-               "mismatch", "metric"]
+               "decode only", "mismatch", "metric"]
     rows = [[p["dataset"], p["mode"], p["exit_layer"], p["num_speculations"], p["layer_skip_proportion"],
              p["samples"], p["acceptance_rate"], p["tokens_per_round"], p["tokens_per_second_total"],
-             p["ar_tokens_per_second_total"], p["speedup_total"], p["mismatches"],
+             p["ar_tokens_per_second_total"], p["speedup_total"], p.get("speedup_decode"), p["mismatches"],
              None if p["metric"] is None else f"{p['metric']} {p['metric_value']:.3f}"] for p in result["points"]]
     lines = [format_table(headers, rows), ""]
     for name, b in result["best"].items():
+        decode = f", {b['speedup_decode']:.3f}x decoding only" if b.get("speedup_decode") else ""
         lines.append(f"best for {name}: {b['flags']} -> {b['speedup_total']:.3f}x "
-                     f"(acceptance {b['acceptance_rate'] or 0:.2f})")
+                     f"(acceptance {b['acceptance_rate'] or 0:.2f}{decode})")
     return "\n".join(lines)
