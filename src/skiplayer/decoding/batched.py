@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from skiplayer.decoding.generate import positions_needed
 from skiplayer.decoding.stopping import StopCriteria
-from skiplayer.errors import check
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer
 
@@ -74,11 +74,7 @@ def generate_batched(model: Transformer, prompts: list[list[int]], make_stop: Ca
             i = queue.pop()
             stop = make_stop(i)
             ids = prompts[i]
-            check(len(ids) > 0, f"prompt {i} is empty")
-            check(len(ids) + stop.max_steps + 1 <= model.max_seq_len,
-                  f"prompt {i} ({len(ids)} tokens) + {stop.max_steps} new tokens exceeds the model's "
-                  f"{model.max_seq_len} positions: shorten the prompt or lower --max_steps")
-            cache = model.new_cache(len(ids) + stop.max_steps + 1)
+            cache = model.new_cache(positions_needed(model, len(ids), stop.max_steps, 1))
             rows: dict[int, list[torch.Tensor]] = {n: [] for n in keep}
             h, layer = model.embed(torch.tensor(ids, device=device)), 0
             for n in cuts:  # the prefill: one block, cut where rows are kept
@@ -92,10 +88,8 @@ def generate_batched(model: Transformer, prompts: list[list[int]], make_stop: Ca
                 yield Finished(i, stop.tokens, rows)
             else:
                 active.append(seq)
-        if not active:
-            if queue and not admit():
-                return
-            continue
+        if not active:  # the queue is empty or admission has stopped
+            return
 
         def keep_rows(n, h):
             if n in keep:

@@ -65,6 +65,16 @@ def _select(logits: torch.Tensor, sampling: SamplingConfig, generator) -> int:
     return sample(probabilities(logits, sampling), generator) if sampling.sample else int(logits.argmax())
 
 
+def positions_needed(model: Transformer, n_prompt: int, max_steps: int, extra: int) -> int:
+    """Cache positions for a prompt, up to max_steps new tokens and `extra` more (drafts beyond the budget, the
+    pending token); a one-line error when the prompt is empty or they exceed the model's positions."""
+    check(n_prompt > 0, "empty prompt: pass some text with --prompt")
+    total = n_prompt + max_steps + extra
+    check(total <= model.max_seq_len, f"prompt ({n_prompt} tokens) + --max_steps {max_steps} exceeds the model's "
+          f"{model.max_seq_len} positions: shorten the prompt or lower --max_steps")
+    return total
+
+
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationConfig, eos_token_ids=(),
                  tokenizer=None, on_tokens: Callable[[list[int]], None] | None = None,
@@ -73,12 +83,9 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     per full pass or run speculative rounds; `on_tokens` receives tokens as they are accepted. `draft` is a
     calibrated draft (`skiplayer calibrate`): adapters per exit layer, a reduced vocabulary, measured acceptance."""
     config.validate(model.n_layers)
-    check(len(prompt_ids) > 0, "empty prompt: pass some text with --prompt")
     speculative = config.generation_strategy == "self_speculative"
     k = config.policy.num_speculations if speculative else 0
-    total = len(prompt_ids) + config.max_steps + k + 1
-    check(total <= model.max_seq_len, f"prompt ({len(prompt_ids)} tokens) + --max_steps {config.max_steps} exceeds the "
-          f"model's {model.max_seq_len} positions: shorten the prompt or lower --max_steps")
+    total = positions_needed(model, len(prompt_ids), config.max_steps, k + 1)
     stop_ids = set(eos_token_ids) | set(config.stop_token_ids)
     stop = StopCriteria(config.max_steps, stop_ids, config.stop_words, tokenizer)
     stats = GenerationStats(strategy=config.generation_strategy, prompt_tokens=len(prompt_ids))

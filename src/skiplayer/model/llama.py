@@ -118,11 +118,12 @@ class Attention(nn.Module):
         self.wo = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
     def split(self, qkv: torch.Tensor, cos, sin):
-        """Fused q/k/v rows (T, ...) -> q, k with RoPE and v, each (heads, T, head_dim)."""
+        """Fused q/k/v rows (T, ...) -> q (without RoPE: only attention needs it), k with RoPE and v, each
+        (heads, T, head_dim)."""
         T = qkv.shape[0]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.n_heads, self.head_dim).transpose(0, 1), cos, sin)
+        q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)
         k = apply_rope(k.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)
         return q, k, v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
 
@@ -147,6 +148,7 @@ class Attention(nn.Module):
         if self.native:
             return self._native(qkv, cos, sin, cache, layer, start, attend=True)
         q, k, v = self.split(qkv, cos, sin)
+        q = apply_rope(q, cos, sin)
         keys, values = cache.write(layer, start, k, v)
         # Grouped-query attention without repeating K/V: fold the query heads of each KV group into the
         # sequence axis, (n_kv, group*T, head_dim), so each group attends to its own K/V.
