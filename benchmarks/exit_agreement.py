@@ -41,9 +41,8 @@ def main() -> None:
                                      exclude_first=args.skip_first)
         _, data = generate_and_capture(loaded.model, prompts, layers, loaded.eos_token_ids, loaded.tokenizer,
                                        deadline=float("inf"), progress=False)
-        out = data.select(data.is_output)
-        scores = [agreement(loaded.model, out.hidden[e], out.target) for e in layers]
-        print(f"| {name} | {len(out)} | {time.monotonic() - t:.0f} | " + " | ".join(f"{s:.3f}" for s in scores) + " |",
+        scores = [agreement(loaded.model, data, e, data.is_output) for e in layers]
+        print(f"| {name} | {int(data.is_output.sum())} | {time.monotonic() - t:.0f} | " + " | ".join(f"{s:.3f}" for s in scores) + " |",
               flush=True)
 
 

@@ -10,6 +10,11 @@ A directory holding
 The adapter of layer E maps the hidden state leaving layer E-1 (before the final norm) to a corrected one:
 h + W_up·silu(W_down·rmsnorm(h)). The model's own frozen final norm and head (rows `vocab_ids`) follow it, and
 verification always uses the full head, so decoding with a draft stays lossless.
+
+Form `attention` (the default of `skiplayer calibrate`) puts one attention layer in front of that MLP, in the
+style of Kangaroo: h + W_o·attention(rmsnorm(h)) over the states at exit E of every earlier position, with its own
+K/V (`layers.<E>.attention_norm.weight`, `layers.<E>.wqkv.weight`, `layers.<E>.wo.weight`, shaped like the
+model's attention; it starts as a copy of layer E's).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from skiplayer.errors import UserError
 
 FORMAT = "skiplayer-draft"
 VERSION = 1
-FORM = "residual_mlp"
+FORMS = ("residual_mlp", "attention")
 WEIGHTS_FILE = "draft.safetensors"
 META_FILE = "draft.json"
 
@@ -45,6 +50,90 @@ class ResidualAdapter(nn.Module):
         x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.down.weight.dtype)
         delta = F.linear(F.silu(F.linear(x, self.down.weight)), self.up.weight)
         return h + delta.to(h.dtype)
+
+
+class AttentionAdapter(nn.Module):
+    """mlp(h + wo·attention(norm(h))): a one-layer attention draft head whose K/V live in an extra slot of the KV
+    cache (Transformer.new_cache(extra_layers=)). `forward` decodes a block at `start`, `forward_batch` trains on
+    whole right-padded sequences; both compute the same function (tested)."""
+
+    def __init__(self, args, rank: int, dtype: torch.dtype | None = None):
+        from skiplayer.model.llama import Attention, RMSNorm
+        super().__init__()
+        self.args = args
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.mlp = ResidualAdapter(args.dim, rank)
+        if dtype is not None:
+            self.to(dtype)
+
+    @property
+    def rank(self) -> int:
+        return self.mlp.rank
+
+    def forward(self, h: torch.Tensor, cos, sin, cache, slot: int, start: int) -> torch.Tensor:
+        return self.mlp(h + self.attention(self.attention_norm(h), cos, sin, cache, slot, start))
+
+    def write_kv(self, h: torch.Tensor, cos, sin, cache, slot: int, start: int) -> None:
+        self.attention.write_kv(self.attention_norm(h), cos, sin, cache, slot, start)
+
+    def forward_batch(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """h (B, T, dim), causal attention within each row (right padding never reaches real positions)."""
+        from skiplayer.model.llama import apply_rope
+        a, (B, T, _) = self.args, h.shape
+        qkv = F.linear(self.attention_norm(h), self.attention.wqkv.weight, self.attention.wqkv.bias)
+        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        q = apply_rope(q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.mlp(h + F.linear(o.transpose(1, 2).reshape(B, T, -1), self.attention.wo.weight))
+
+
+def attention_adapter_from_layer(model, layer: int, rank: int) -> AttentionAdapter:
+    """A float32 attention adapter starting as a copy of `layer`'s attention (row-major weights) and a zero MLP."""
+    block = model.layers[layer]
+    adapter = AttentionAdapter(model.args, rank)
+    with torch.no_grad():
+        adapter.attention_norm.weight.copy_(block.attention_norm.weight.float())
+        for name in ("wqkv", "wo"):
+            src, dst = getattr(block.attention, name), getattr(adapter.attention, name)
+            dst.weight.copy_(_row_major(src).float())
+            if src.bias is not None:
+                dst.bias.copy_(src.bias.float())
+    return adapter
+
+
+def _row_major(linear) -> torch.Tensor:
+    from skiplayer.model.packing import unpack_pairs
+    w = unpack_pairs(linear.weight) if linear.packed else linear.weight
+    return w.float() * linear.scale[:, None] if linear.scale is not None else w
+
+
+def adapter_tensors(e: int, adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """The artifact's tensors for exit layer e (float32, CPU)."""
+    mlp = adapter.mlp if isinstance(adapter, AttentionAdapter) else adapter
+    named = {"down.weight": mlp.down.weight, "up.weight": mlp.up.weight}
+    if isinstance(adapter, AttentionAdapter):
+        named |= {"attention_norm.weight": adapter.attention_norm.weight,
+                  "wqkv.weight": adapter.attention.wqkv.weight, "wo.weight": adapter.attention.wo.weight}
+        if adapter.attention.wqkv.bias is not None:
+            named["wqkv.bias"] = adapter.attention.wqkv.bias
+    return {f"layers.{e}.{k}": v.detach().float().cpu().contiguous() for k, v in named.items()}
+
+
+def use_kernels_of(module: nn.Module, model) -> nn.Module:
+    """Give an adapter's layers the model's kernel choice (native or stock, see model/optimize.py); its weights
+    stay row-major."""
+    from skiplayer.model.llama import Attention, Linear, RMSNorm
+    for mod in module.modules():
+        if isinstance(mod, Linear):
+            mod.native_rows = model.native_rows
+        elif isinstance(mod, RMSNorm):
+            mod.native = model.norm.native
+        elif isinstance(mod, Attention):
+            mod.native = model.layers[0].attention.native
+    return module
 
 
 @dataclass
@@ -74,12 +163,12 @@ def save_draft(path: str | Path, adapters: dict[int, ResidualAdapter], vocab_ids
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for e, adapter in sorted(adapters.items()):
-        tensors[f"layers.{e}.down.weight"] = adapter.down.weight.detach().float().cpu().contiguous()
-        tensors[f"layers.{e}.up.weight"] = adapter.up.weight.detach().float().cpu().contiguous()
+        tensors |= adapter_tensors(e, adapter)
     if vocab_ids is not None:
         tensors["vocab_ids"] = vocab_ids.detach().to(torch.int64).cpu().contiguous()
     ranks = {a.rank for a in adapters.values()}
-    full = {"format": FORMAT, "version": VERSION, "form": FORM,
+    attention = {isinstance(a, AttentionAdapter) for a in adapters.values()}
+    full = {"format": FORMAT, "version": VERSION, "form": FORMS[1] if True in attention else FORMS[0],
             "adapter_rank": ranks.pop() if len(ranks) == 1 else None,
             "exit_layers": sorted(int(e) for e in adapters),
             "draft_vocab_size": None if vocab_ids is None else int(len(vocab_ids)), **meta}
@@ -101,7 +190,7 @@ def _read_meta(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"draft {path}: {META_FILE} is not a skiplayer draft description; recalibrate with "
                         f"skiplayer calibrate")
-    if meta.get("version") != VERSION or meta.get("form") != FORM:
+    if meta.get("version") != VERSION or meta.get("form") not in FORMS:
         raise UserError(f"draft {path}: unsupported draft version/form ({meta.get('version')}, {meta.get('form')}); "
                         f"recalibrate with this skiplayer's calibrate command")
     return meta
@@ -168,9 +257,24 @@ def load_draft(path: str | Path, loaded) -> Draft:
         if not (1 <= e < n_layers) or down.shape != (rank, dim) or up.shape != (dim, rank):
             raise UserError(f"draft {path}: adapter for exit layer {e} does not fit this model "
                             f"({n_layers} layers, hidden size {dim}); recalibrate with skiplayer calibrate")
-        adapter = ResidualAdapter(dim, rank)
-        adapter.load_state_dict({"down.weight": down, "up.weight": up})
-        adapters[e] = adapter.to(dtype=w.dtype, device=w.device).eval().requires_grad_(False)
+        if f"layers.{e}.wqkv.weight" in tensors:
+            adapter = AttentionAdapter(model.args, rank)
+            prefix = f"layers.{e}."
+            names = {"down.weight": "mlp.down.weight", "up.weight": "mlp.up.weight", "wqkv.weight":
+                     "attention.wqkv.weight", "wqkv.bias": "attention.wqkv.bias", "wo.weight": "attention.wo.weight",
+                     "attention_norm.weight": "attention_norm.weight"}
+            state = {names[k[len(prefix):]]: t for k, t in tensors.items()
+                     if k.startswith(prefix) and k[len(prefix):] in names}
+        else:
+            adapter = ResidualAdapter(dim, rank)
+            state = {"down.weight": down, "up.weight": up}
+        try:
+            adapter.load_state_dict(state)
+        except RuntimeError:
+            raise UserError(f"draft {path}: the adapter for exit layer {e} does not fit this model; recalibrate "
+                            f"with skiplayer calibrate") from None
+        adapter = adapter.to(dtype=w.dtype, device=w.device).eval().requires_grad_(False)
+        adapters[e] = use_kernels_of(adapter, model)
     vocab_ids = tensors.get("vocab_ids")
     if vocab_ids is not None:
         vocab_ids = vocab_ids.to(torch.long)

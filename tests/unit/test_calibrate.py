@@ -10,11 +10,12 @@ import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
 from skiplayer.decoding.sampling import SamplingConfig, probabilities
-from skiplayer.draft_artifact import Draft, ResidualAdapter, load_draft, save_draft
+from skiplayer.draft_artifact import (AttentionAdapter, Draft, ResidualAdapter, adapter_tensors,
+                                     attention_adapter_from_layer, load_draft, save_draft)
 from skiplayer.errors import UserError
 from skiplayer.policies import PolicyConfig
-from skiplayer.train.calibrate import (CalibrationConfig, CalibrationPrompt, Sequence, calibrate,
-                                      generate_and_capture, select_vocab, teacher_force)
+from skiplayer.train.calibrate import (Captured, CalibrationConfig, CalibrationPrompt, Sequence, agreement,
+                                      calibrate, generate_and_capture, select_vocab, teacher_force)
 from tests.helpers import FakeTokenizer, chi_square_pvalue, exact_sequence_distribution, predictable_model
 
 EXITS = [1, 3]
@@ -37,9 +38,14 @@ def model():
     return predictable_model(seed=0, n_layers=5, deep_scale=1.0)  # a plain random model
 
 
-@pytest.fixture(scope="module")
-def calibrated(model):
-    return calibrate(model, random_prompts(50, model.args.vocab_size), small_config())
+@pytest.fixture(scope="module", params=["attention", "mlp"])
+def calibrated(model, request):
+    return calibrate(model, random_prompts(50, model.args.vocab_size), small_config(adapter_form=request.param))
+
+
+def same_adapters(a, b, layers=EXITS):
+    return all(torch.equal(x, y) for e in layers
+               for x, y in zip(adapter_tensors(e, a[e]).values(), adapter_tensors(e, b[e]).values()))
 
 
 def as_draft(result, full_vocab=False):
@@ -54,11 +60,12 @@ def test_calibration_raises_held_out_agreement_deterministically(model, calibrat
     assert calibrated.vocab_ids is not None and len(calibrated.vocab_ids) == 48
     assert 0.5 < calibrated.coverage <= 1.0
     # Same seed, same data -> the same adapters and numbers (the generous budget never cuts work short).
-    again = calibrate(model, random_prompts(15, model.args.vocab_size, max_steps=10), small_config(epochs=2))
-    once = calibrate(model, random_prompts(15, model.args.vocab_size, max_steps=10), small_config(epochs=2))
-    assert again.after == once.after
-    for e in EXITS:
-        assert torch.equal(again.adapters[e].up.weight, once.adapters[e].up.weight)
+    form = "mlp" if isinstance(calibrated.adapters[EXITS[0]], ResidualAdapter) else "attention"
+    again = calibrate(model, random_prompts(15, model.args.vocab_size, max_steps=10),
+                      small_config(epochs=2, adapter_form=form))
+    once = calibrate(model, random_prompts(15, model.args.vocab_size, max_steps=10),
+                     small_config(epochs=2, adapter_form=form))
+    assert again.after == once.after and same_adapters(again.adapters, once.adapters)
 
 
 def test_capture_during_generation_matches_teacher_forcing(model):
@@ -97,11 +104,34 @@ def test_fresh_adapter_is_the_plain_exit(model):
 
 def test_measuring_in_half_precision_leaves_the_trained_adapter_alone(model):
     import copy
-    from skiplayer.train.calibrate import agreement
     half = copy.deepcopy(model).half()
-    adapter = ResidualAdapter(model.args.dim, 4)
-    agreement(half, torch.randn(6, model.args.dim).half(), torch.zeros(6, dtype=torch.long), adapter)
-    assert adapter.down.weight.dtype == torch.float32
+    data = Captured({1: torch.randn(6, model.args.dim).half()}, torch.zeros(6, model.args.dim),
+                    torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long), torch.ones(6, dtype=torch.bool))
+    for adapter in (ResidualAdapter(model.args.dim, 4), attention_adapter_from_layer(model, 1, 4)):
+        agreement(half, data, 1, data.is_output, adapter)
+        assert all(p.dtype == torch.float32 for p in adapter.parameters())
+
+
+def test_attention_adapter_training_path_equals_decoding_path(model):
+    """forward_batch (whole padded sequences, what training sees) computes what decoding computes token by token
+    on the KV cache, and a fresh adapter is layer E's attention followed by an identity MLP."""
+    torch.manual_seed(0)
+    adapter = attention_adapter_from_layer(model, 2, 8)
+    torch.nn.init.normal_(adapter.mlp.up.weight, std=0.1)
+    lengths, dim = [7, 4], model.args.dim
+    h = torch.randn(2, 7, dim)
+    batch = adapter.forward_batch(h, model.rope_cos[:7], model.rope_sin[:7])
+    for b, n in enumerate(lengths):
+        cache = model.new_cache(n, extra_layers=1)
+        slot = model.n_layers
+        steps = [adapter(h[b, t:t + 1], *model.rope(t, 1), cache, slot, t) for t in range(n)]
+        torch.testing.assert_close(torch.cat(steps), batch[b, :n], atol=1e-5, rtol=1e-5)
+    block = model.layers[2]
+    cache = model.new_cache(7)
+    ref = h[0] + block.attention(block.attention_norm(h[0]), *model.rope(0, 7), cache, 2, 0)
+    fresh = attention_adapter_from_layer(model, 2, 8)
+    torch.testing.assert_close(fresh.forward_batch(h[:1], model.rope_cos[:7], model.rope_sin[:7])[0], ref,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_vocab_keeps_eos_and_most_frequent_outputs():
@@ -111,9 +141,10 @@ def test_vocab_keeps_eos_and_most_frequent_outputs():
     assert select_vocab([5], 0, 100) is None and select_vocab([5], 100, 100) is None
 
 
-def run(model, prompt, strategy="autoregressive", E=1, k=1, draft=None, mode="none", max_steps=30):
+def run(model, prompt, strategy="autoregressive", E=1, k=1, draft=None, mode="none", max_steps=30, skip=0.0):
     config = GenerationConfig(max_steps=max_steps, generation_strategy=strategy,
-                              policy=PolicyConfig(exit_layer=E, num_speculations=k, dynamic_early_exit_mode=mode))
+                              policy=PolicyConfig(exit_layer=E, num_speculations=k, dynamic_early_exit_mode=mode,
+                                                  layer_skip_proportion=skip))
     ids, _, stats = generate_ids(model, prompt, config, tokenizer=FakeTokenizer(), draft=draft)
     return ids, stats
 
@@ -129,8 +160,10 @@ def test_calibrated_draft_greedy_is_lossless(model, calibrated):
                     ss, stats = run(model, prompt, "self_speculative", E, k, draft)
                     assert ss == ar, (prompt, full_vocab, E, k)
                     accepted[full_vocab] += stats.accepted
-            ss, _ = run(model, prompt, "self_speculative", 3, 4, draft, mode="adaptive")
-            assert ss == ar
+            # Exits and skipped layers that vary per token leave gaps in an attention adapter's K/V while drafting.
+            for mode, skip in (("adaptive", 0.0), ("random", 0.0), ("logits_current", 0.0), ("none", 0.5)):
+                ss, _ = run(model, prompt, "self_speculative", 3, 4, draft, mode=mode, skip=skip)
+                assert ss == ar, (prompt, mode, skip)
     assert accepted[False] > 0 and accepted[True] > 0
 
 
@@ -198,10 +231,11 @@ def test_cli_artifact_round_trip_generate_and_errors(tiny_dirs, capsys):
     # Saving the loaded draft again gives identical tensors.
     save_draft(root / "copy", draft.adapters, draft.vocab_ids, {"fingerprint": loaded.fingerprint})
     copy = load_draft(root / "copy", loaded)
+    assert meta["form"] == "attention" and meta["adapter_form"] == "attention"
+    assert same_adapters(draft.adapters, copy.adapters, [1, 2])
     for e in (1, 2):
-        for name in ("down", "up"):
-            assert torch.equal(getattr(draft.adapters[e], name).weight, getattr(copy.adapters[e], name).weight)
-        assert draft.adapters[e].up.weight.abs().sum() > 0  # trained, not the zero init
+        assert isinstance(draft.adapters[e], AttentionAdapter)  # the default form
+        assert adapter_tensors(e, draft.adapters[e])[f"layers.{e}.up.weight"].abs().sum() > 0  # trained
     assert torch.equal(draft.vocab_ids, copy.vocab_ids)
 
     # generate --draft: same tokens as autoregressive.
@@ -281,3 +315,87 @@ def test_calibrate_bad_input_is_one_line(tiny_dirs, tmp_path, capsys, args, need
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_saved_outputs_survive_an_interruption_and_are_reused(model, tmp_path, monkeypatch):
+    """Finished outputs reach disk even when generation is interrupted; a rerun reuses them (same rows, no new
+    generation for them) and generates only the prompts not answered yet."""
+    import skiplayer.train.calibrate as cal
+    from skiplayer.train.capture_store import CaptureStore
+
+    settings = {"fingerprint": "abc", "capture_layers": [*EXITS, model.n_layers], "prompt_positions": 2}
+    prompts = random_prompts(9, model.args.vocab_size, seed=11, max_steps=7)
+    ref_seqs, ref = generate_and_capture(model, prompts, EXITS, (), None, time.monotonic() + 600, 2, False, 4)
+
+    real = cal.generate_batched
+
+    def interrupted_after_five(*args, **kw):
+        for n, done in enumerate(real(*args, **kw)):
+            if n == 5:
+                raise KeyboardInterrupt
+            yield done
+
+    monkeypatch.setattr(cal, "generate_batched", interrupted_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        generate_and_capture(model, prompts, EXITS, (), None, time.monotonic() + 600, 2, False, 4,
+                             CaptureStore(tmp_path, settings, part_size=2))
+    assert len(CaptureStore(tmp_path, settings).load()) == 5  # 2 full parts + the pending one flushed
+
+    asked = []
+
+    def counting(model_, prompt_ids, *args, **kw):
+        asked.extend(prompt_ids)
+        return real(model_, prompt_ids, *args, **kw)
+
+    monkeypatch.setattr(cal, "generate_batched", counting)
+    seqs, data = generate_and_capture(model, prompts, EXITS, (), None, time.monotonic() + 600, 2, False, 4,
+                                      CaptureStore(tmp_path, settings, part_size=2))
+    assert len(asked) == 4  # only the prompts without a saved output
+    by_prompt = {tuple(s.prompt.ids): s.output for s in seqs}
+    assert by_prompt == {tuple(s.prompt.ids): s.output for s in ref_seqs}
+    # The same rows as one uninterrupted run, sequence by sequence (up to rounding: these torch kernels are not
+    # batch-invariant and the batches differ).
+    for i, s in enumerate(seqs):
+        j = next(j for j, r in enumerate(ref_seqs) if r.prompt is s.prompt)
+        assert torch.equal(data.target[data.seq == i], ref.target[ref.seq == j])
+        assert torch.equal(data.is_output[data.seq == i], ref.is_output[ref.seq == j])
+        for a, b in [(data.final, ref.final), *((data.hidden[e], ref.hidden[e]) for e in EXITS)]:
+            torch.testing.assert_close(a[data.seq == i], b[ref.seq == j], atol=1e-5, rtol=1e-5)
+    # Everything is saved now: a third run generates nothing.
+    asked.clear()
+    generate_and_capture(model, prompts, EXITS, (), None, time.monotonic() + 600, 2, False, 4,
+                         CaptureStore(tmp_path, settings))
+    assert asked == []
+    with pytest.raises(UserError, match="other settings.*delete"):
+        CaptureStore(tmp_path, settings | {"prompt_positions": 3})
+
+
+def test_calibrate_command_reuses_its_saved_outputs(tiny_dirs, capsys):
+    from skiplayer.cli import main
+    m0, _, data, root = tiny_dirs
+    out = root / "reused"
+    argv = ["calibrate", "--model", str(m0), "--exit_layers", "1", "--data", "custom_jsonl", "--data_path",
+            str(data), "--num_prompts", "12", "--max_steps", "6", "--draft_vocab_size", "40", "--adapter_rank", "8",
+            "--epochs", "2", "--no_progress", "--output", str(out)]
+    assert main(argv) == 0
+    first = json.loads((out / "draft.json").read_text())
+    assert "reusing" not in capsys.readouterr().err
+    assert main(argv) == 0
+    assert "reusing the outputs saved in" in capsys.readouterr().err
+    second = json.loads((out / "draft.json").read_text())
+    assert second["acceptance"] == first["acceptance"]
+    assert second["data"]["output_tokens"] == first["data"]["output_tokens"]
+    # The MLP form trains on fewer prompt rows than these attention-form rows hold: it reuses them, unchanged.
+    mlp = argv[:-1] + [str(root / "reused-mlp"), "--adapter_form", "mlp", "--calibration_data",
+                       str(out / "calibration-data")]
+    parts = sorted(p.name for p in (out / "calibration-data").iterdir())
+    assert main(mlp) == 0
+    assert "reusing the outputs saved in" in capsys.readouterr().err
+    third = json.loads((root / "reused-mlp" / "draft.json").read_text())
+    assert third["adapter_form"] == "mlp" and third["data"]["output_tokens"] == first["data"]["output_tokens"]
+    assert sorted(p.name for p in (out / "calibration-data").iterdir()) == parts
+    other = list(argv)
+    other[other.index("--exit_layers") + 1] = "2"
+    assert main(other) == 2  # other capture layers: refused, one line
+    err = capsys.readouterr().err
+    assert "other settings" in err and len(err.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from skiplayer.errors import UserError, check
 
@@ -16,7 +17,7 @@ ALIASES = {"xsum": "xsum_summarization", "cnn_dm": "cnn_dm_summarization", "cnn"
 def add_arguments(p):
     from skiplayer.model.load import DEFAULT_MODEL, DTYPES
     from skiplayer.options import DEFAULT_DTYPE
-    from skiplayer.train.calibrate import LOSSES, CalibrationConfig
+    from skiplayer.train.calibrate import ADAPTER_FORMS, LOSSES, CalibrationConfig
 
     d = CalibrationConfig(exit_layers=[])
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to calibrate for (default {DEFAULT_MODEL})")
@@ -26,7 +27,11 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     p.add_argument("--no_chat_template", action="store_true", help="feed prompts as plain text even for chat models")
     p.add_argument("--exit_layers", default="8,12,16", help="comma-separated exit layers to calibrate (default %(default)s)")
-    p.add_argument("--output", required=True, help="artifact directory to write (draft.safetensors + draft.json)")
+    p.add_argument("--output", required=True,
+                   help="artifact directory to write (draft.safetensors + draft.json; its calibration-data/ keeps "
+                        "the generated outputs, which a rerun with the same --output reuses)")
+    p.add_argument("--calibration_data", default=None,
+                   help="directory of saved outputs to reuse and extend (default: OUTPUT/calibration-data)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=",".join(DEFAULT_DATA),
                    help="comma-separated datasets whose prompts the model answers (default: %(default)s; "
@@ -54,6 +59,10 @@ def add_arguments(p):
                         "of them (default %(default)s)")
     t.add_argument("--draft_vocab_size", type=int, default=d.draft_vocab_size,
                    help="draft scores the N most frequent output tokens; 0 = full vocabulary (default %(default)s)")
+    t.add_argument("--adapter_form", choices=ADAPTER_FORMS, default=d.adapter_form,
+                   help="attention: one attention layer (started from layer E's) + residual MLP, reads the exit "
+                        "states of all earlier positions; mlp: the residual MLP alone, cheaper to train "
+                        "(default %(default)s)")
     t.add_argument("--adapter_rank", type=int, default=d.adapter_rank, help="adapter rank r (default %(default)s)")
     t.add_argument("--loss", default=d.loss, choices=list(LOSSES),
                    help="kl: KL(full || draft) over the draft vocabulary; ce: cross-entropy to the full model's "
@@ -141,6 +150,7 @@ def run(args) -> int:
     from skiplayer.draft_artifact import save_draft
     from skiplayer.model.load import load_model
     from skiplayer.train.calibrate import CalibrationConfig, calibrate
+    from skiplayer.train.capture_store import CaptureStore
 
     layers = parse_layers(args.exit_layers)
     names = dataset_names(args.data)
@@ -157,7 +167,8 @@ def run(args) -> int:
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     config = CalibrationConfig(
-        exit_layers=layers, draft_vocab_size=args.draft_vocab_size, adapter_rank=args.adapter_rank,
+        exit_layers=layers, draft_vocab_size=args.draft_vocab_size, adapter_form=args.adapter_form,
+        adapter_rank=args.adapter_rank,
         budget_minutes=args.budget_minutes, generation_share=args.generation_share,
         generation_batch=args.generation_batch, loss=args.loss,
         prompt_positions=args.prompt_positions, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -175,14 +186,29 @@ def run(args) -> int:
                                        exclude_first=args.exclude_first)
     for s in skipped:
         print(f"[skiplayer calibrate] skipping dataset {s}", file=sys.stderr)
+    out_dir = Path(args.output)
+    check(not out_dir.exists() or out_dir.is_dir(),
+          f"--output {out_dir} exists and is not a directory: pick a new path for the draft artifact")
+    data_dir = Path(args.calibration_data) if args.calibration_data else out_dir / "calibration-data"
+    saved = CaptureStore.saved_settings(data_dir) or {}
+    if isinstance(saved.get("prompt_positions"), int):  # rows with more of each prompt serve this form too
+        config.capture_prompt_positions = saved["prompt_positions"]
+    store = CaptureStore(data_dir, {
+        "model": loaded.name, "fingerprint": loaded.fingerprint, "dtype": str(loaded.dtype).replace("torch.", ""),
+        "capture_layers": [*sorted(layers), loaded.model.n_layers],
+        "prompt_positions": config.captured_prompt_positions(loaded.model), "eos_token_ids": list(loaded.eos_token_ids)})
+    if store.parts():
+        print(f"[skiplayer calibrate] reusing the outputs saved in {store.dir} ({len(store.parts())} part files); "
+              f"delete it to generate them again", file=sys.stderr)
     torch.manual_seed(args.seed)
-    result = calibrate(loaded.model, prompts, config, loaded.eos_token_ids, loaded.tokenizer, started=started)
+    result = calibrate(loaded.model, prompts, config, loaded.eos_token_ids, loaded.tokenizer, started=started,
+                       store=store)
 
     meta = {
         "model": loaded.name, "hf_path": loaded.hf_path, "fingerprint": loaded.fingerprint,
         "dtype": str(loaded.dtype).replace("torch.", ""), "n_layers": loaded.model.n_layers,
         "dim": loaded.model.args.dim, "full_vocab_size": loaded.model.args.vocab_size,
-        "loss": config.loss, "prompt_positions": config.prompt_positions,
+        "adapter_form": config.adapter_form, "loss": config.loss, "prompt_positions": config.prompt_positions,
         "acceptance": {str(e): round(a, 4) for e, a in result.after.items()},
         "agreement_before": {str(e): round(a, 4) for e, a in result.before.items()},
         "agreement_before_draft_vocab": {str(e): round(a, 4) for e, a in result.before_vocab.items()},

@@ -18,17 +18,40 @@ from skiplayer.policies.base import DraftPolicy, DraftStep
 
 class DraftHead:
     """Final norm + LM head for drafts. A calibrated draft adds an adapter per exit depth (applied to the hidden
-    state before the norm) and may score only a reduced vocabulary (rows of the head) to make exits cheap."""
+    state before the norm) and may score only a reduced vocabulary (rows of the head) to make exits cheap.
+
+    An attention adapter (draft_artifact.AttentionAdapter) attends over the states at its depth of all earlier
+    positions, kept as K/V in an extra cache slot (`extra_layers`): drafting writes them for drafted tokens,
+    verification rewrites them from exact states for every position it keeps (see self_speculative.verify)."""
 
     def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None, adapters: dict | None = None):
+        from skiplayer.draft_artifact import AttentionAdapter
         self.model, self.vocab_ids, self.adapters = model, vocab_ids, adapters or {}
         self.weight = None if vocab_ids is None else model.head_rows(vocab_ids).contiguous()
+        attention = sorted(e for e, a in self.adapters.items() if isinstance(a, AttentionAdapter))
+        self.slots = {e: model.n_layers + j for j, e in enumerate(attention)}  # depth -> cache slot
+        self.extra_layers = len(self.slots)
 
-    def __call__(self, h: torch.Tensor, depth: int) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, depth: int, pos: int = 0, cache: KVCache | None = None,
+                 exit_hidden: dict | None = None) -> torch.Tensor:
         adapter = self.adapters.get(depth)
-        if adapter is not None:
+        if depth in self.slots:
+            gap = cache.lengths[self.slots[depth]]
+            if gap < pos:  # earlier drafts of this round did not stop here: approximate K/V from their last states
+                self.write_kv(depth, torch.cat([exit_hidden[p] for p in range(gap, pos)]), gap, cache)
+            h = adapter(h, *self.model.rope(pos, h.shape[0]), cache, self.slots[depth], pos)
+        elif adapter is not None:
             h = adapter(h)
         return self.model.logits(h, self.weight)[-1]
+
+    def write_kv(self, depth: int, h: torch.Tensor, start: int, cache: KVCache) -> None:
+        self.adapters[depth].write_kv(h, *self.model.rope(start, h.shape[0]), cache, self.slots[depth], start)
+
+    def on_layer(self, start: int, cache: KVCache):
+        """A forward_layers callback that stores the K/V the attention adapters read from a block's exact states."""
+        if not self.slots:
+            return None
+        return lambda n, h: self.write_kv(n, h, start, cache) if n in self.slots else None
 
     def to_full(self, index: int) -> int:
         return index if self.vocab_ids is None else int(self.vocab_ids[index])
@@ -71,7 +94,7 @@ def draft_step(model, cache, token, pos, index, policy, head, sampling, generato
             h = model.forward_layers(h, pos, cache, layer, layer + 1)
         if layer + 1 in plan.probe_layers and layer + 1 < plan.exit_layer:
             t = clock.charge("time_draft_layers", t)
-            logits = head(h, layer + 1)
+            logits = head(h, layer + 1, pos, cache, exit_hidden)
             clock.stats.probe_heads += 1
             top_p, top_i = torch.softmax(logits.float(), -1).max(-1)
             probe_tokens[layer + 1] = head.to_full(int(top_i))
@@ -83,7 +106,7 @@ def draft_step(model, cache, token, pos, index, policy, head, sampling, generato
     hiddens.append(h)
     t = clock.charge("time_draft_layers", t)
     if logits is None:
-        logits = head(h, depth)
+        logits = head(h, depth, pos, cache, exit_hidden)
     if sampling.sample:
         probs = probabilities(logits, sampling)
         choice = sample(probs, generator)

@@ -17,14 +17,20 @@ from skiplayer.model.llama import Transformer
 from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult
 
 
-def verify(model: Transformer, cache: KVCache, tokens: list[int], steps: list[DraftStep], start: int) -> torch.Tensor:
+def verify(model: Transformer, cache: KVCache, tokens: list[int], steps: list[DraftStep], start: int,
+           head: DraftHead) -> torch.Tensor:
     """Full-model logits for the block `tokens` = [pending, *drafts] at positions start.. (len(steps)+1 rows)."""
     layer = min((s.exact_until for s in steps), default=0)
     # The last draft was never run through the model: bring it to `layer` exactly, then join the stored states.
-    last = model.forward_layers(model.embed(torch.tensor(tokens[-1:], device=cache.k.device)),
-                                start + len(steps), cache, 0, layer)
-    h = torch.cat([s.hiddens[layer] for s in steps] + [last])
-    return model.logits(model.forward_layers(h, start, cache, layer, model.n_layers))
+    last = [model.embed(torch.tensor(tokens[-1:], device=cache.k.device))]
+    for i in range(layer):
+        last.append(model.forward_layers(last[-1], start + len(steps), cache, i, i + 1))
+    states = [s.hiddens for s in steps] + [last]  # states[j][l]: exact input of layer l <= `layer`, position j
+    for e in head.slots:  # attention adapters read exact states of every kept position (deeper ones: on_layer)
+        if e <= layer:
+            head.write_kv(e, torch.cat([st[e] for st in states]), start, cache)
+    h = torch.cat([st[layer] for st in states])
+    return model.logits(model.forward_layers(h, start, cache, layer, model.n_layers, head.on_layer(start, cache)))
 
 
 def speculative_round(model, cache, pending, start, budget, policy: DraftPolicy, head: DraftHead, sampling,
@@ -34,7 +40,7 @@ def speculative_round(model, cache, pending, start, budget, policy: DraftPolicy,
     steps = draft_round(model, cache, pending, start, budget, policy, head, sampling, generator, clock, stop_ids)
     drafts = [s.token for s in steps]
     t = clock.now()
-    logits = verify(model, cache, [pending, *drafts], steps, start)
+    logits = verify(model, cache, [pending, *drafts], steps, start, head)
     if sampling.sample:
         n, nxt = accept_sampling(drafts, [s.probs for s in steps], probabilities(logits, sampling), generator)
     else:

@@ -7,6 +7,7 @@ verification the deep ones, with the cache shared between them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -244,9 +245,11 @@ class Transformer(nn.Module):
             return w if ids is None else w[ids]
         return unpack_pairs(w) if ids is None else packed_rows(w, ids)
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_cache(self, max_len: int, extra_layers: int = 0) -> KVCache:
+        """`extra_layers` slots after the model's own: K/V of a draft's attention adapters (decoding/draft.py)."""
         w = self.tok_embeddings.weight
-        return KVCache(self.n_layers, self.args.n_kv_heads, self.args.head_dim, max_len, w.dtype, w.device)
+        return KVCache(self.n_layers + extra_layers, self.args.n_kv_heads, self.args.head_dim, max_len, w.dtype,
+                       w.device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.head_packed and self.output is None:  # tied: the table is the packed head
@@ -256,10 +259,14 @@ class Transformer(nn.Module):
     def rope(self, start: int, T: int):
         return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
-    def forward_layers(self, h: torch.Tensor, start: int, cache: KVCache, first: int, last: int) -> torch.Tensor:
-        """Run layers [first, last) on a block of T positions starting at `start`."""
+    def forward_layers(self, h: torch.Tensor, start: int, cache: KVCache, first: int, last: int,
+                       on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Run layers [first, last) on a block of T positions starting at `start`; `on_layer(n, h)` sees the states
+        after layer n-1 for first < n < last."""
         cos, sin = self.rope(start, h.shape[0])
         for i in range(first, last):
+            if on_layer is not None and i > first:
+                on_layer(i, h)
             h = self.layers[i](h, cos, sin, cache, i, start)
         return h
 
