@@ -213,8 +213,9 @@ def generate_and_capture(model: Transformer, prompts: list[CalibrationPrompt], e
     done_list: list[tuple[CalibrationPrompt, list[int], dict[str, torch.Tensor]]] = []
     todo = []
     for p in prompts:
-        if key(p) in saved:
-            done_list.append((p, *saved[key(p)]))
+        hit = saved.get(key(p))
+        if hit is not None:
+            done_list.append((p, *hit))
         else:
             todo.append(p)
     tokens = sum(len(out) for _, out, _ in done_list)
@@ -417,15 +418,15 @@ def _sequence_batches(data: Captured, generator: torch.Generator | None) -> list
     return [batches[j] for j in order]
 
 
-def _padded(data: Captured, exit_layer: int, seq_ids: torch.Tensor, loss_rows: torch.Tensor):
-    """(B, T, dim) fp32 states of whole sequences from position 0, right-padded; the mask of their loss rows in
-    that layout and those rows' indices in `data`, in the same order."""
-    rows = [torch.nonzero(data.seq == s).squeeze(1) for s in seq_ids.tolist()]
+def _padded(X: torch.Tensor, seq: torch.Tensor, seq_ids: torch.Tensor, loss_rows: torch.Tensor):
+    """(B, T, dim) states X of whole sequences from position 0, right-padded; the mask of their loss rows in that
+    layout and those rows' indices in X, in the same order."""
+    rows = [torch.nonzero(seq == s).squeeze(1) for s in seq_ids.tolist()]
     T = max(len(r) for r in rows)
-    H = torch.zeros(len(rows), T, data.hidden[exit_layer].shape[1])
+    H = torch.zeros(len(rows), T, X.shape[1])
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for b, r in enumerate(rows):
-        H[b, :len(r)] = data.hidden[exit_layer][r].float()
+        H[b, :len(r)] = X[r]
         mask[b, :len(r)] = loss_rows[r]
     return H, mask, torch.cat([r[loss_rows[r]] for r in rows])
 
@@ -475,7 +476,7 @@ def train_adapter(model: Transformer, data: Captured, exit_layer: int, vocab_ids
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, planned * steps_per_epoch, config.lr)
             if attention:
-                H, mask, idx = _padded(data, exit_layer, batch, loss_rows)
+                H, mask, idx = _padded(X, data.seq, batch, loss_rows)
                 T = H.shape[1]
                 logits = head(adapter.forward_batch(H, rope[0][:T], rope[1][:T])[mask])
             else:
