@@ -38,11 +38,11 @@ META_FILE = "draft.json"
 class ResidualAdapter(nn.Module):
     """h + up(silu(down(rmsnorm(h)))); `up` starts at zero, so a fresh adapter is the plain early exit."""
 
-    def __init__(self, dim: int, rank: int, eps: float = 1e-6, dtype: torch.dtype | None = None, device=None):
+    def __init__(self, dim: int, rank: int, eps: float = 1e-6):
         super().__init__()
         self.dim, self.rank, self.eps = dim, rank, eps
-        self.down = nn.Linear(dim, rank, bias=False, dtype=dtype, device=device)
-        self.up = nn.Linear(rank, dim, bias=False, dtype=dtype, device=device)
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
         nn.init.zeros_(self.up.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -57,15 +57,12 @@ class AttentionAdapter(nn.Module):
     cache (Transformer.new_cache(extra_layers=)). `forward` decodes a block at `start`, `forward_batch` trains on
     whole right-padded sequences; both compute the same function (tested)."""
 
-    def __init__(self, args, rank: int, dtype: torch.dtype | None = None):
+    def __init__(self, args, rank: int):
         from skiplayer.model.llama import Attention, RMSNorm
         super().__init__()
-        self.args = args
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.mlp = ResidualAdapter(args.dim, rank)
-        if dtype is not None:
-            self.to(dtype)
 
     @property
     def rank(self) -> int:
@@ -80,14 +77,11 @@ class AttentionAdapter(nn.Module):
     def forward_batch(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """h (B, T, dim), causal attention within each row (right padding never reaches real positions)."""
         from skiplayer.model.llama import apply_rope
-        a, (B, T, _) = self.args, h.shape
-        qkv = F.linear(self.attention_norm(h), self.attention.wqkv.weight, self.attention.wqkv.bias)
-        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
-        q = apply_rope(q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.mlp(h + F.linear(o.transpose(1, 2).reshape(B, T, -1), self.attention.wo.weight))
+        attention = self.attention
+        qkv = F.linear(self.attention_norm(h), attention.wqkv.weight, attention.wqkv.bias)
+        q, k, v = attention.split(qkv, cos, sin)
+        o = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, is_causal=True, enable_gqa=True)
+        return self.mlp(h + F.linear(o.transpose(1, 2).flatten(-2), attention.wo.weight))
 
 
 def attention_adapter_from_layer(model, layer: int, rank: int) -> AttentionAdapter:
@@ -105,21 +99,27 @@ def attention_adapter_from_layer(model, layer: int, rank: int) -> AttentionAdapt
 
 
 def _row_major(linear) -> torch.Tensor:
+    from skiplayer.model.llama import dequantize
     from skiplayer.model.packing import unpack_pairs
-    w = unpack_pairs(linear.weight) if linear.packed else linear.weight
-    return w.float() * linear.scale[:, None] if linear.scale is not None else w
+    return dequantize(unpack_pairs(linear.weight) if linear.packed else linear.weight, linear.scale)
+
+
+# Artifact tensor name (after "layers.<E>.") -> the adapter's parameter name, per form.
+_MLP_NAMES = {"down.weight": "down.weight", "up.weight": "up.weight"}
+_ATTENTION_NAMES = {"down.weight": "mlp.down.weight", "up.weight": "mlp.up.weight",
+                    "attention_norm.weight": "attention_norm.weight", "wqkv.weight": "attention.wqkv.weight",
+                    "wqkv.bias": "attention.wqkv.bias", "wo.weight": "attention.wo.weight"}
+
+
+def _tensor_names(adapter: nn.Module) -> dict[str, str]:
+    return _ATTENTION_NAMES if isinstance(adapter, AttentionAdapter) else _MLP_NAMES
 
 
 def adapter_tensors(e: int, adapter: nn.Module) -> dict[str, torch.Tensor]:
     """The artifact's tensors for exit layer e (float32, CPU)."""
-    mlp = adapter.mlp if isinstance(adapter, AttentionAdapter) else adapter
-    named = {"down.weight": mlp.down.weight, "up.weight": mlp.up.weight}
-    if isinstance(adapter, AttentionAdapter):
-        named |= {"attention_norm.weight": adapter.attention_norm.weight,
-                  "wqkv.weight": adapter.attention.wqkv.weight, "wo.weight": adapter.attention.wo.weight}
-        if adapter.attention.wqkv.bias is not None:
-            named["wqkv.bias"] = adapter.attention.wqkv.bias
-    return {f"layers.{e}.{k}": v.detach().float().cpu().contiguous() for k, v in named.items()}
+    params = dict(adapter.named_parameters())
+    return {f"layers.{e}.{name}": params[p].detach().float().cpu().contiguous()
+            for name, p in _tensor_names(adapter).items() if p in params}
 
 
 def use_kernels_of(module: nn.Module, model) -> nn.Module:
@@ -257,17 +257,10 @@ def load_draft(path: str | Path, loaded) -> Draft:
         if not (1 <= e < n_layers) or down.shape != (rank, dim) or up.shape != (dim, rank):
             raise UserError(f"draft {path}: adapter for exit layer {e} does not fit this model "
                             f"({n_layers} layers, hidden size {dim}); recalibrate with skiplayer calibrate")
-        if f"layers.{e}.wqkv.weight" in tensors:
-            adapter = AttentionAdapter(model.args, rank)
-            prefix = f"layers.{e}."
-            names = {"down.weight": "mlp.down.weight", "up.weight": "mlp.up.weight", "wqkv.weight":
-                     "attention.wqkv.weight", "wqkv.bias": "attention.wqkv.bias", "wo.weight": "attention.wo.weight",
-                     "attention_norm.weight": "attention_norm.weight"}
-            state = {names[k[len(prefix):]]: t for k, t in tensors.items()
-                     if k.startswith(prefix) and k[len(prefix):] in names}
-        else:
-            adapter = ResidualAdapter(dim, rank)
-            state = {"down.weight": down, "up.weight": up}
+        attention = f"layers.{e}.wqkv.weight" in tensors
+        adapter = AttentionAdapter(model.args, rank) if attention else ResidualAdapter(dim, rank)
+        state = {p: tensors[f"layers.{e}.{name}"] for name, p in _tensor_names(adapter).items()
+                 if f"layers.{e}.{name}" in tensors}
         try:
             adapter.load_state_dict(state)
         except RuntimeError:

@@ -88,13 +88,18 @@ def runs_native(T: int, native_rows: int, packed: bool) -> bool:
     return packed or T <= native_rows
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A row-major weight in float: int8 rows times their fp32 scale (model/optimize.py), else as it is."""
+    return weight if scale is None else weight.float() * scale[:, None]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, scale: torch.Tensor | None = None,
            native_rows: int = 0, float_out: bool = False, packed: bool = False) -> torch.Tensor:
     """x (T, in) @ weight.T (+ bias), in x's dtype (fp32 if float_out), fp32 accumulation either way."""
     if runs_native(x.shape[0], native_rows, packed):
         return torch.ops.skiplayer.small_linear(x, weight, scale, bias, float_out, packed)
     if scale is not None:  # int8 weight-only: dequantise for a large block (prefill)
-        weight = (weight.float() * scale[:, None]).to(x.dtype)
+        weight = dequantize(weight, scale).to(x.dtype)
     y = F.linear(x, weight, bias)
     return y.float() if float_out else y
 
@@ -119,14 +124,13 @@ class Attention(nn.Module):
         self.wo = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
     def split(self, qkv: torch.Tensor, cos, sin):
-        """Fused q/k/v rows (T, ...) -> q (without RoPE: only attention needs it), k with RoPE and v, each
-        (heads, T, head_dim)."""
-        T = qkv.shape[0]
+        """Fused q/k/v rows (..., T, ...) -> q (without RoPE: only attention needs it), k with RoPE and v, each
+        (..., heads, T, head_dim); leading dims are a batch (calibration trains on whole sequences)."""
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)
-        k = apply_rope(k.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1), cos, sin)
-        return q, k, v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim)).transpose(-3, -2)
+        k = apply_rope(k.unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2), cos, sin)
+        return q, k, v.unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)
 
     def _native(self, qkv, cos, sin, cache: KVCache, layer: int, start: int, attend: bool) -> torch.Tensor:
         cache.claim(layer, start, qkv.shape[0])
