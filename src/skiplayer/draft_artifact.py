@@ -152,14 +152,20 @@ class Draft:
         return f"draft for exit layers {self.exit_layers}, {vocab}, calibrated acceptance {acc}"
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """`path` as a Path, if an artifact directory can go there (a one-line UserError otherwise)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {path} exists and is not a directory: pick a new path for the draft artifact")
+    return path
+
+
 def save_draft(path: str | Path, adapters: dict[int, ResidualAdapter], vocab_ids: torch.Tensor | None,
                meta: dict) -> Path:
     """Write the artifact directory (created if needed). `meta` must hold at least `fingerprint`."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output {path} exists and is not a directory: pick a new path for the draft artifact")
+    path = check_output_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for e, adapter in sorted(adapters.items()):
@@ -167,8 +173,8 @@ def save_draft(path: str | Path, adapters: dict[int, ResidualAdapter], vocab_ids
     if vocab_ids is not None:
         tensors["vocab_ids"] = vocab_ids.detach().to(torch.int64).cpu().contiguous()
     ranks = {a.rank for a in adapters.values()}
-    attention = {isinstance(a, AttentionAdapter) for a in adapters.values()}
-    full = {"format": FORMAT, "version": VERSION, "form": FORMS[1] if True in attention else FORMS[0],
+    attention = any(isinstance(a, AttentionAdapter) for a in adapters.values())
+    full = {"format": FORMAT, "version": VERSION, "form": "attention" if attention else "residual_mlp",
             "adapter_rank": ranks.pop() if len(ranks) == 1 else None,
             "exit_layers": sorted(int(e) for e in adapters),
             "draft_vocab_size": None if vocab_ids is None else int(len(vocab_ids)), **meta}

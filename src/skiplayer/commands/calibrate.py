@@ -147,7 +147,7 @@ def collect_prompts(loaded, names: list[str], data_paths: list[str | None], num_
 def run(args) -> int:
     import torch
 
-    from skiplayer.draft_artifact import save_draft
+    from skiplayer.draft_artifact import check_output_dir, save_draft
     from skiplayer.model.load import load_model
     from skiplayer.train.calibrate import CalibrationConfig, calibrate
     from skiplayer.train.capture_store import CaptureStore
@@ -186,9 +186,7 @@ def run(args) -> int:
                                        exclude_first=args.exclude_first)
     for s in skipped:
         print(f"[skiplayer calibrate] skipping dataset {s}", file=sys.stderr)
-    out_dir = Path(args.output)
-    check(not out_dir.exists() or out_dir.is_dir(),
-          f"--output {out_dir} exists and is not a directory: pick a new path for the draft artifact")
+    out_dir = check_output_dir(args.output)  # before generating: the saved outputs go below it
     data_dir = Path(args.calibration_data) if args.calibration_data else out_dir / "calibration-data"
     saved = CaptureStore.saved_settings(data_dir) or {}
     if isinstance(saved.get("prompt_positions"), int):  # rows with more of each prompt serve this form too

@@ -23,9 +23,8 @@ def verify(model: Transformer, cache: KVCache, tokens: list[int], steps: list[Dr
     layer = min((s.exact_until for s in steps), default=0)
     # The last draft was never run through the model: bring it to `layer` exactly, then join the stored states.
     last = [model.embed(torch.tensor(tokens[-1:], device=cache.k.device))]
-    for i in range(layer):
-        last.append(model.forward_layers(last[-1], start + len(steps), cache, i, i + 1))
-    states = [s.hiddens for s in steps] + [last]  # states[j][l]: exact input of layer l <= `layer`, position j
+    h = model.forward_layers(last[0], start + len(steps), cache, 0, layer, lambda n, x: last.append(x))
+    states = [s.hiddens for s in steps] + [last + [h]]  # states[j][l]: exact input of layer l <= `layer`, position j
     for e in head.slots:  # attention adapters read exact states of every kept position (deeper ones: on_layer)
         if e <= layer:
             head.write_kv(e, torch.cat([st[e] for st in states]), start, cache)

@@ -204,7 +204,8 @@ def generate_and_capture(model: Transformer, prompts: list[CalibrationPrompt], e
     the last layer's. With a `store`, prompts it already holds are not generated again (their sequences come
     first, in prompt order; then the new ones in the order they finished) and new ones are saved to it."""
     exits = sorted(exit_layers)
-    keys = [str(k) for k in [*exits, model.n_layers]]
+    layers = (*exits, model.n_layers)  # captured: rows entering each exit, and the last layer's output
+    keys = [str(k) for k in layers]    # their names in the rows (and on disk)
 
     def key(p: CalibrationPrompt) -> str:
         return prompt_key(p.ids, p.max_steps, list(p.stop_words) if tokenizer else [])
@@ -225,7 +226,7 @@ def generate_and_capture(model: Transformer, prompts: list[CalibrationPrompt], e
     tokens = sum(len(out) for _, out, _ in done_list)
     bar = _bar(len(prompts), "generating outputs", progress, "prompt")
     bar.update(len(done_list))
-    finished = generate_batched(model, [p.ids for p in todo], make_stop, batch_size, tuple(int(k) for k in keys),
+    finished = generate_batched(model, [p.ids for p in todo], make_stop, batch_size, layers,
                                 prompt_positions + 1, admit=lambda: time.monotonic() < deadline or not done_list)
     try:
         for done in finished:
@@ -567,8 +568,8 @@ def calibrate(model: Transformer, prompts: list[CalibrationPrompt], config: Cali
     held_mask = torch.tensor([sequences[int(i)].prompt.held_out for i in data.seq], dtype=torch.bool)
     test = data.select(held_mask)  # measured on its output rows (an attention adapter reads the others)
     loss = loss_rows(data, config.prompt_positions)
-    train = data.select(~held_mask & (loss | (config.adapter_form == "attention")))
-    train_loss = loss[~held_mask & (loss | (config.adapter_form == "attention"))]
+    in_train = ~held_mask & (loss | (config.adapter_form == "attention"))  # attention reads every earlier row
+    train, train_loss = data.select(in_train), loss[in_train]
     val = None
     train_seq_ids = sorted({int(i) for i in train.seq})
     if config.val_fraction > 0 and len(train_seq_ids) >= 4:
