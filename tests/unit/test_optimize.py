@@ -89,6 +89,37 @@ def test_prefill_uses_native_kernel_bitwise(dtype, quantize):
 
 
 @native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_native_attention_block_equals_rows_and_reference(dtype):
+    """rope_cache_attention over blocks longer than its key blocks (64) and row chunks (16), with 3 query heads per
+    KV head: a T-row block equals T one-row calls bit for bit (outputs and cache), and fp32 math on the same inputs."""
+    from skiplayer.model.llama import apply_rope
+    H, G, D, L, start, T = 6, 2, 16, 160, 75, 21
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    kc0, vc0 = torch.randn(G, L, D, generator=g).to(dtype), torch.randn(G, L, D, generator=g).to(dtype)
+    op = torch.ops.skiplayer.rope_cache_attention
+    kb, vb = kc0.clone(), vc0.clone()
+    block = op(qkv, cos, sin, kb, vb, start, H, G, True)
+    kr, vr = kc0.clone(), vc0.clone()
+    rows = torch.cat([op(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], kr, vr, start + t, H, G, True) for t in range(T)])
+    assert torch.equal(block, rows) and torch.equal(kb, kr) and torch.equal(vb, vr)
+
+    f = lambda x: x.float()  # noqa: E731
+    q, k, v = f(qkv).split([H * D, G * D, G * D], dim=1)
+    q = apply_rope(q.view(T, H, D).transpose(0, 1), f(cos), f(sin))
+    k = apply_rope(k.view(T, G, D).transpose(0, 1), f(cos), f(sin))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(f(kb[:, start:start + T]), k, rtol=tol, atol=tol)
+    keys, values = f(kb[:, :start + T]).repeat_interleave(H // G, 0), f(vb[:, :start + T]).repeat_interleave(H // G, 0)
+    mask = torch.arange(start + T)[None, :] <= start + torch.arange(T)[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    torch.testing.assert_close(f(block), ref.transpose(0, 1).reshape(T, H * D), rtol=tol, atol=tol)
+
+
+@native
 def test_native_matches_torch_path_and_fill_kv():
     eager = Transformer.from_hf(tiny_hf_model("llama", seed=4))
     fast = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=4)))

@@ -290,6 +290,92 @@ void rope_row(const A* x, const A* cos, const A* sin, float* out, int64_t D) {
   }
 }
 
+// The four sums of a0..a3, each as ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)).
+inline __m128 hsum8x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// p[j] = scale * q . k[j] for keys j0 <= j < j1: one FMA chain over d in order per key and the same horizontal
+// sum, whichever path a key takes. Four keys at a time give four independent chains (one at a time waited on the
+// FMA latency).
+template <typename A>
+inline void key_scores(const float* q, const A* k, int64_t j0, int64_t j1, int64_t D, float scale, float* p) {
+  const __m128 sc = _mm_set1_ps(scale);
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const A* k0 = k + j * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qd, load8(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qd, load8(k0 + D + d), a1);
+      a2 = _mm256_fmadd_ps(qd, load8(k0 + 2 * D + d), a2);
+      a3 = _mm256_fmadd_ps(qd, load8(k0 + 3 * D + d), a3);
+    }
+    _mm_storeu_ps(p + j, _mm_mul_ps(hsum8x4(a0, a1, a2, a3), sc));
+  }
+  for (; j < j1; ++j) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + j * D + d), a);
+    const __m256 z = _mm256_setzero_ps();
+    p[j] = _mm_cvtss_f32(_mm_mul_ps(hsum8x4(a, z, z, z), sc));
+  }
+}
+
+// p[0, n) = exp(p - max p), in place; returns 1 / sum. exp eight at a time (a scalar std::exp per key took about
+// half of the attention time).
+inline float softmax_row(float* p, int64_t n) {
+  __m256 m8 = _mm256_set1_ps(-INFINITY);  // the max, eight lanes at a time (a scalar max waited on each compare)
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(p + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m8);
+  float m = *std::max_element(lanes, lanes + 8);
+  for (; i < n; ++i) m = std::max(m, p[i]);
+  const __m256 mx = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mx));
+    _mm256_storeu_ps(p + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum8(sv);
+  for (; j < n; ++j) { p[j] = std::exp(p[j] - m); sum += p[j]; }
+  return 1.f / sum;
+}
+
+// acc[0, 8C) += sum_j p[j] v[j * D + (0, 8C)] over keys j0 <= j < j1 in order, keys in the outer loop: C independent
+// FMA chains. C is a compile-time constant so that the accumulators stay in registers (with a run-time count they
+// lived on the stack: half the attention time).
+template <int C, typename A>
+inline void weighted_sum(const float* p, const A* v, int64_t j0, int64_t j1, int64_t D, float* acc) {
+  __m256 a[C];
+  for (int i = 0; i < C; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int i = 0; i < C; ++i) a[i] = _mm256_fmadd_ps(pj, load8(v + j * D + 8 * i), a[i]);
+  }
+  for (int i = 0; i < C; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+template <typename A>
+inline void weighted_sum_any(const float* p, const A* v, int64_t j0, int64_t j1, int64_t D, float* acc) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    switch (std::min<int64_t>(8, (D - d0) / 8)) {
+      case 8: weighted_sum<8>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 7: weighted_sum<7>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 6: weighted_sum<6>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 5: weighted_sum<5>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 4: weighted_sum<4>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 3: weighted_sum<3>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 2: weighted_sum<2>(p, v + d0, j0, j1, D, acc + d0); break;
+      default: weighted_sum<1>(p, v + d0, j0, j1, D, acc + d0); break;
+    }
+  }
+}
+
 template <typename A>
 void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
                     int64_t H, int64_t G, int64_t D, int64_t L, bool attend) {
@@ -310,47 +396,32 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   const int64_t S = start + T, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = T * S * D * H < (1 << 18) ? H : 1;  // small problems: no thread hand-off
+  // Up to ROWS rows of a head share each block of KB keys (8 KiB of half K or V, kept in L1 while they use it):
+  // the cache is read once per head and block, not once per row. Each score, softmax and weighted sum still runs
+  // over the keys in order, so a row's result is the same for every T.
+  constexpr int64_t ROWS = 16, KB = 64;
   at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> q(D), p(S), acc(D);
+    std::vector<float> q(ROWS * D), p(ROWS * S), acc(ROWS * D), inv(ROWS);
     for (int64_t h = h0; h < h1; ++h) {
       const A* kh = kc + (h / group) * L * D;
       const A* vh = vc + (h / group) * L * D;
-      for (int64_t t = 0; t < T; ++t) {
-        rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data(), D);
-        const int64_t n = start + t + 1;  // causal: keys 0..start+t
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) {
-          __m256 a = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q.data() + d), load8(kh + j * D + d), a);
-          p[j] = hsum8(a) * scale;
-          mx = std::max(mx, p[j]);
+      for (int64_t t0 = 0; t0 < T; t0 += ROWS) {
+        const int64_t R = std::min(ROWS, T - t0), keys = start + t0 + R;  // row r sees keys 0..start+t0+r
+        for (int64_t r = 0; r < R; ++r)
+          rope_row(qkv + (t0 + r) * row + h * D, cos + (t0 + r) * D, sin + (t0 + r) * D, q.data() + r * D, D);
+        for (int64_t j0 = 0; j0 < keys; j0 += KB)
+          for (int64_t r = 0; r < R; ++r)
+            key_scores(q.data() + r * D, kh, j0, std::min(j0 + KB, start + t0 + r + 1), D, scale, p.data() + r * S);
+        for (int64_t r = 0; r < R; ++r) inv[r] = softmax_row(p.data() + r * S, start + t0 + r + 1);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t j0 = 0; j0 < keys; j0 += KB)
+          for (int64_t r = 0; r < R; ++r)
+            weighted_sum_any(p.data() + r * S, vh, j0, std::min(j0 + KB, start + t0 + r + 1), D, acc.data() + r * D);
+        for (int64_t r = 0; r < R; ++r) {
+          A* o = out + (t0 + r) * H * D + h * D;
+          const __m256 iv = _mm256_set1_ps(inv[r]);
+          for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + r * D + d), iv));
         }
-        // exp eight at a time (a scalar std::exp per key took about half of the attention time)
-        const __m256 mxv = _mm256_set1_ps(mx);
-        __m256 sv = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + j), mxv));
-          _mm256_storeu_ps(p.data() + j, e);
-          sv = _mm256_add_ps(sv, e);
-        }
-        float sum = hsum8(sv);
-        for (; j < n; ++j) { p[j] = std::exp(p[j] - mx); sum += p[j]; }
-        // Up to 64 output dims at once, keys in the outer loop: eight independent FMA chains instead of one
-        // latency-bound chain per 8 dims (each output still sums over the keys in order: same result).
-        for (int64_t d0 = 0; d0 < D; d0 += 64) {
-          const int64_t c = std::min<int64_t>(8, (D - d0) / 8);
-          __m256 a[8];
-          for (int64_t i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-          for (int64_t j = 0; j < n; ++j) {
-            const __m256 pj = _mm256_set1_ps(p[j]);
-            for (int64_t i = 0; i < c; ++i) a[i] = _mm256_fmadd_ps(pj, load8(vh + j * D + d0 + 8 * i), a[i]);
-          }
-          for (int64_t i = 0; i < c; ++i)
-            _mm256_storeu_ps(acc.data() + d0 + 8 * i, _mm256_mul_ps(a[i], _mm256_set1_ps(1.f / sum)));
-        }
-        A* o = out + t * H * D + h * D;
-        for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_loadu_ps(acc.data() + d));
       }
     }
   });
