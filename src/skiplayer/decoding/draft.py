@@ -47,11 +47,9 @@ class DraftHead:
     def write_kv(self, depth: int, h: torch.Tensor, start: int, cache: KVCache) -> None:
         self.adapters[depth].write_kv(h, *self.model.rope(start, h.shape[0]), cache, self.slots[depth], start)
 
-    def on_layer(self, start: int, cache: KVCache):
-        """A forward_layers callback that stores the K/V the attention adapters read from a block's exact states."""
-        if not self.slots:
-            return None
-        return lambda n, h: self.write_kv(n, h, start, cache) if n in self.slots else None
+    def taps(self, start: int, cache: KVCache) -> dict:
+        """forward_layers taps that store the K/V the attention adapters read from a block's exact states."""
+        return {n: lambda h, n=n: self.write_kv(n, h, start, cache) for n in self.slots}
 
     def to_full(self, index: int) -> int:
         return index if self.vocab_ids is None else int(self.vocab_ids[index])

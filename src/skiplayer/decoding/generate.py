@@ -104,9 +104,8 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
 
     t0 = clock.now()
     cache = model.new_cache(total, head.extra_layers if speculative else 0)
-    on_layer = head.on_layer(0, cache) if speculative else None  # attention adapters read the prompt's states
-    h = model.forward_layers(model.embed(torch.tensor(prompt_ids, device=device)), 0, cache, 0, model.n_layers,
-                             on_layer)
+    taps = head.taps(0, cache) if speculative else None  # attention adapters read the prompt's states
+    h = model.forward_layers(model.embed(torch.tensor(prompt_ids, device=device)), 0, cache, 0, model.n_layers, taps)
     logits = model.logits(h[-1:])[-1]
     token, pos = _select(logits, config.sampling, generator), len(prompt_ids)
     stats.prefill_time = clock.now() - t0

@@ -23,13 +23,13 @@ def verify(model: Transformer, cache: KVCache, tokens: list[int], steps: list[Dr
     layer = min((s.exact_until for s in steps), default=0)
     # The last draft was never run through the model: bring it to `layer` exactly, then join the stored states.
     last = [model.embed(torch.tensor(tokens[-1:], device=cache.k.device))]
-    h = model.forward_layers(last[0], start + len(steps), cache, 0, layer, lambda n, x: last.append(x))
+    h = model.forward_layers(last[0], start + len(steps), cache, 0, layer, {n: last.append for n in range(1, layer)})
     states = [s.hiddens for s in steps] + [last + [h]]  # states[j][l]: exact input of layer l <= `layer`, position j
-    for e in head.slots:  # attention adapters read exact states of every kept position (deeper ones: on_layer)
+    for e in head.slots:  # attention adapters read exact states of every kept position (deeper ones: taps)
         if e <= layer:
             head.write_kv(e, torch.cat([st[e] for st in states]), start, cache)
     h = torch.cat([st[layer] for st in states])
-    return model.logits(model.forward_layers(h, start, cache, layer, model.n_layers, head.on_layer(start, cache)))
+    return model.logits(model.forward_layers(h, start, cache, layer, model.n_layers, head.taps(start, cache)))
 
 
 def speculative_round(model, cache, pending, start, budget, policy: DraftPolicy, head: DraftHead, sampling,

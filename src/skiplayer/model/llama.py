@@ -189,10 +189,22 @@ def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:
     return h + block.feed_forward(block.ffn_norm(h))
 
 
+def native_layers(block: "Block", weights: list, scales: list, biases: list, h: torch.Tensor, cos, sin,
+                  cache: KVCache, first: int, start: int) -> torch.Tensor:
+    """Layers first..first+len(biases)-1 in one native call (torch.ops.skiplayer.decoder_layers: the same ops as
+    Block.forward without their Python overhead); weights/scales/biases: 6/4/1 per layer, as in Block.native_args.
+    `block`: any of them (shapes and options are the same for all)."""
+    for layer in range(first, first + len(biases)):
+        cache.claim(layer, start, h.shape[0])
+    a = block.attention
+    return torch.ops.skiplayer.decoder_layers(h, weights, scales, biases, cos, sin, cache.k, cache.v, first, start,
+                                              a.n_heads, a.n_kv_heads, block.attention_norm.eps, a.wqkv.packed)
+
+
 class Block(nn.Module):
     mlp = staticmethod(mlp_residual)  # replaced by a compiled version by optimize_model(compile=True)
-    # (weights, int8 scales, qkv bias) for the one-call native layer, torch.ops.skiplayer.decoder_layer: the same ops
-    # as forward() below without their Python overhead. Set by model/optimize.py.
+    # ([attention_norm, wqkv, wo, ffn_norm, w13, w2], [their 4 int8 scales or None], [qkv bias or None]) for
+    # native_layers. Set by model/optimize.py.
     native_args: tuple | None = None
 
     def __init__(self, a: ModelArgs):
@@ -202,14 +214,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = FeedForward(a)
 
-    def forward(self, x, cos, sin, cache, layer, start):
+    def runs_native(self, T: int) -> bool:
         a = self.attention
-        if self.native_args is not None and runs_native(x.shape[0], a.wqkv.native_rows, a.wqkv.packed):
-            cache.claim(layer, start, x.shape[0])
-            return torch.ops.skiplayer.decoder_layer(x, *self.native_args, cos, sin, cache.k[layer], cache.v[layer],
-                                                     start, a.n_heads, a.n_kv_heads, self.attention_norm.eps,
-                                                     a.wqkv.packed)
-        h = x + a(self.attention_norm(x), cos, sin, cache, layer, start)
+        return self.native_args is not None and runs_native(T, a.wqkv.native_rows, a.wqkv.packed)
+
+    def forward(self, x, cos, sin, cache, layer, start):
+        if self.runs_native(x.shape[0]):
+            return native_layers(self, *self.native_args, x, cos, sin, cache, layer, start)
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
         return self.mlp(self, h)
 
 
@@ -226,6 +238,7 @@ class Transformer(nn.Module):
         self.lm_head: Linear | None = None
         self.native_rows = 0  # blocks up to this many positions use the native kernels (model/optimize.py)
         self.head_packed = False  # head_weight stored pair-packed for the native kernel (model/packing.py)
+        self.native_stack: tuple | None = None  # every layer's Block.native_args, concatenated (model/optimize.py)
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
@@ -264,13 +277,22 @@ class Transformer(nn.Module):
         return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
     def forward_layers(self, h: torch.Tensor, start: int, cache: KVCache, first: int, last: int,
-                       on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Run layers [first, last) on a block of T positions starting at `start`; `on_layer(n, h)` sees the states
-        after layer n-1 for first < n < last."""
+                       taps: dict[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
+        """Run layers [first, last) on a block of T positions starting at `start`; `taps[n](h)` sees the states
+        entering layer n, for first < n < last."""
         cos, sin = self.rope(start, h.shape[0])
+        for n in sorted(n for n in taps or () if first < n < last):
+            h = self._run_layers(h, cos, sin, cache, first, n, start)
+            taps[n](h)
+            first = n
+        return self._run_layers(h, cos, sin, cache, first, last, start)
+
+    def _run_layers(self, h, cos, sin, cache: KVCache, first: int, last: int, start: int) -> torch.Tensor:
+        if first < last and self.native_stack is not None and self.layers[first].runs_native(h.shape[0]):
+            weights, scales, biases = self.native_stack  # the whole range in one call
+            return native_layers(self.layers[first], weights[6 * first:6 * last], scales[4 * first:4 * last],
+                                 biases[first:last], h, cos, sin, cache, first, start)
         for i in range(first, last):
-            if on_layer is not None and i > first:
-                on_layer(i, h)
             h = self.layers[i](h, cos, sin, cache, i, start)
         return h
 

@@ -6,8 +6,8 @@ k+1 <= 9 positions should cost about one step, but stock PyTorch kernels do not 
 (no native bf16 on AVX2; oneDNN converts), `aten._weight_int8pack_mm` is fast only on AVX-512. `small_linear` below
 reads each weight row once and multiplies it with up to 6 input rows held in registers (fp32 accumulation; bf16,
 fp16 and int8 weights are widened in registers), so T = 1..6 cost little more than one. Weights are stored with
-pairs of rows interleaved (model/packing.py) so that each tile reads one sequential stream, and a whole decoder layer
-runs as one native call (`decoder_layer`), which removes the per-op Python overhead of ~12 small ops per layer.
+pairs of rows interleaved (model/packing.py) so that each tile reads one sequential stream, and a range of decoder
+layers runs as one native call (`decoder_layers`), without the Python overhead of ~12 small ops per layer.
 
 It is also *batch invariant*: every output element is accumulated in the same order whatever the number of rows
 and threads, so a position's logits are bit-identical in a one-token step and inside a verification block.
@@ -457,23 +457,33 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
   return out;
 }
 
-// ---- One decoder layer, x + attn(norm(x)) then h + mlp(norm(h)), as the Python Block computes it (same ops, same
-// roundings, bit-identical), in one call: a decode step is ~30 layers x 12 small ops, and their Python and dispatch
-// overhead was a quarter of a float16 step of the default model. ----
-// weights: attention_norm, wqkv, wo, ffn_norm, w13, w2; scales: int8 scales of wqkv, wo, w13, w2 (or None).
-at::Tensor decoder_layer(const at::Tensor& x, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& scales,
-                         const c10::optional<at::Tensor>& qkv_bias, const at::Tensor& cos, const at::Tensor& sin,
-                         at::Tensor kc, at::Tensor vc, int64_t start, int64_t n_heads, int64_t n_kv_heads, double eps,
-                         bool packed) {
-  TORCH_CHECK(weights.size() == 6 && scales.size() == 4, "decoder_layer: 6 weights and 4 scales expected");
+// ---- Decoder layers first..first+n-1, each x + attn(norm(x)) then h + mlp(norm(h)), as the Python Block computes
+// it (same ops, same roundings, bit-identical), in one call: a decode step is ~30 layers x 12 small ops, and their
+// Python and dispatch overhead was a quarter of a float16 step of the default model; one call per layer still cost
+// ~40 us of Python each (~10% of a step), hence one call for a whole range of layers. ----
+// Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
+// wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
+at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& scales,
+                          const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
+                          const at::Tensor& sin, at::Tensor k, at::Tensor v, int64_t first, int64_t start,
+                          int64_t n_heads, int64_t n_kv_heads, double eps, bool packed) {
+  const int64_t n = qkv_bias.size();
+  TORCH_CHECK(weights.size() == 6 * n && scales.size() == 4 * n, "decoder_layers: 6 weights and 4 scales per layer");
+  TORCH_CHECK(k.dim() == 4 && first >= 0 && first + n <= k.size(0), "decoder_layers: layers outside the cache");
   const c10::optional<at::Tensor> none;
-  const at::Tensor qkv = small_linear(rms_norm(x, weights[0], eps), weights[1], scales.get(0), qkv_bias, false, packed);
-  const at::Tensor att = rope_cache_attention(qkv, cos, sin, kc, vc, start, n_heads, n_kv_heads, true);
-  const at::Tensor h = x + small_linear(att, weights[2], scales.get(1), none, false, packed);
-  const at::Tensor gate_up = small_linear(rms_norm(h, weights[3], eps), weights[4], scales.get(2), none, false, packed);
-  const int64_t inter = gate_up.size(1) / 2;
-  const at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
-  return h + small_linear(act, weights[5], scales.get(3), none, false, packed);
+  at::Tensor x_ = x;
+  for (int64_t l = 0; l < n; ++l) {
+    const at::Tensor* w = weights.data() + 6 * l;
+    const at::Tensor qkv = small_linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), false, packed);
+    const at::Tensor att = rope_cache_attention(qkv, cos, sin, k.select(0, first + l), v.select(0, first + l), start,
+                                                n_heads, n_kv_heads, true);
+    const at::Tensor h = x_ + small_linear(att, w[2], scales.get(4 * l + 1), none, false, packed);
+    const at::Tensor gate_up = small_linear(rms_norm(h, w[3], eps), w[4], scales.get(4 * l + 2), none, false, packed);
+    const int64_t inter = gate_up.size(1) / 2;
+    const at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
+    x_ = h + small_linear(act, w[5], scales.get(4 * l + 3), none, false, packed);
+  }
+  return x_;
 }
 
 }  // namespace
@@ -483,14 +493,15 @@ TORCH_LIBRARY(skiplayer, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kc, Tensor(b!) vc, int start, "
         "int n_heads, int n_kv_heads, bool attend) -> Tensor");
-  m.def("decoder_layer(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor? qkv_bias, Tensor cos, Tensor sin, "
-        "Tensor(a!) kc, Tensor(b!) vc, int start, int n_heads, int n_kv_heads, float eps, bool packed) -> Tensor");
+  m.def("decoder_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor?[] qkv_bias, Tensor cos, Tensor sin, "
+        "Tensor(a!) k, Tensor(b!) v, int first, int start, int n_heads, int n_kv_heads, float eps, bool packed) "
+        "-> Tensor");
 }
 TORCH_LIBRARY_IMPL(skiplayer, CPU, m) {
   m.impl("small_linear", &small_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope_cache_attention", &rope_cache_attention);
-  m.impl("decoder_layer", &decoder_layer);
+  m.impl("decoder_layers", &decoder_layers);
 }
 """
 
@@ -568,8 +579,8 @@ def _register_fake() -> None:
     def _(x, w, eps):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("skiplayer::decoder_layer")
-    def _(x, weights, scales, qkv_bias, cos, sin, kc, vc, start, n_heads, n_kv_heads, eps, packed):
+    @torch.library.register_fake("skiplayer::decoder_layers")
+    def _(x, weights, scales, qkv_bias, cos, sin, k, v, first, start, n_heads, n_kv_heads, eps, packed):
         return torch.empty_like(x)
 
     @torch.library.register_fake("skiplayer::rope_cache_attention")
@@ -671,9 +682,12 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
             del block.mlp  # back to the eager class attribute
         at, ff = block.attention, block.feed_forward
         one_call = at.native and compiled is None and at.wqkv.packed == at.wo.packed == ff.w13.packed == ff.w2.packed
-        block.native_args = ((block.attention_norm.weight, at.wqkv.weight, at.wo.weight, block.ffn_norm.weight,
-                              ff.w13.weight, ff.w2.weight), (at.wqkv.scale, at.wo.scale, ff.w13.scale, ff.w2.scale),
-                             at.wqkv.bias) if one_call else None
+        block.native_args = ([block.attention_norm.weight, at.wqkv.weight, at.wo.weight, block.ffn_norm.weight,
+                              ff.w13.weight, ff.w2.weight], [at.wqkv.scale, at.wo.scale, ff.w13.scale, ff.w2.scale],
+                             [at.wqkv.bias]) if one_call else None
+    model.native_stack = None
+    if all(block.native_args is not None for block in model.layers):
+        model.native_stack = tuple([x for block in model.layers for x in block.native_args[i]] for i in range(3))
     return model.eval().requires_grad_(False)
 
 
