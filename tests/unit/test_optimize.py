@@ -250,3 +250,20 @@ def test_native_rms_norm_matches_python_norm(dtype):
         got = torch.ops.skiplayer.rms_norm(x, norm.weight, norm.eps)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), expected.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
+
+
+@native
+def test_taps_split_the_one_call_layer_range():
+    """forward_layers runs a layer range as one native call, split where a tap reads the states entering a layer:
+    same result and cache as without taps, taps see what the prefix of layers computes, and only first < n < last."""
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", n_layers=4, seed=8)))
+    assert model.native_stack is not None
+    h0, seen = model.embed(TOKENS[:5]), {}
+    taps = {n: (lambda h, n=n: seen.setdefault(n, h)) for n in (0, 1, 3, 4)}
+    c1, c2, c3 = model.new_cache(16), model.new_cache(16), model.new_cache(16)
+    with torch.inference_mode():
+        plain = model.forward_layers(h0, 0, c1, 0, 4)
+        tapped = model.forward_layers(h0, 0, c2, 0, 4, taps)
+        prefix = model.forward_layers(h0, 0, c3, 0, 3)
+    assert torch.equal(plain, tapped) and torch.equal(c1.k, c2.k) and c1.lengths == c2.lengths == [5] * 4
+    assert sorted(seen) == [1, 3] and torch.equal(seen[3], prefix)
