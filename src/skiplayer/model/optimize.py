@@ -395,7 +395,7 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   if (!attend) return;
   const int64_t S = start + T, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const int64_t grain = T * S * D * H < (1 << 18) ? H : 1;  // small problems: no thread hand-off
+  const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
   // Up to ROWS rows of a head share each block of KB keys (8 KiB of half K or V, kept in L1 while they use it):
   // the cache is read once per head and block, not once per row. Each score, softmax and weighted sum still runs
   // over the keys in order, so a row's result is the same for every T.
