@@ -176,8 +176,11 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {load_avg()}", flush=True)
     models, lm = {}, None
     for label, d, q in configs:
-        lm = load_model(args.model, dtype=d, quantize=q)
-        models[label] = optimize_model(lm.model, quantize=q, compile=args.compile, kernels=args.kernels)
+        lm = load_model(args.model, dtype=d, quantize=q, compile=args.compile)
+        # load_model already optimised it with the default kernels; repacking every weight again only for the
+        # same choice moved them to new allocations (and cost time)
+        models[label] = lm.model if args.kernels == "auto" else optimize_model(lm.model, q, args.compile,
+                                                                               kernels=args.kernels)
     prompts_ids = [lm.encode(pr) for pr in PROMPTS]
     hf = load_hf(lm.hf_path, torch.float32)[0] if args.hf else None
 
