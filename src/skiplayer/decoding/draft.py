@@ -81,7 +81,13 @@ def draft_step(model, cache, token, pos, index, policy, head, sampling, generato
     t = clock.now()
     h = model.embed(torch.tensor([token], device=cache.k.device))
     hiddens, probe_tokens, logits, depth = [], {}, None, plan.exit_layer
-    for layer in range(plan.exit_layer):
+    # Nothing to do between layers (no skips, probes or K/V gaps: static exits): one call keeping each layer's input
+    plain = (not plan.skip_layers and all(p >= depth for p in plan.probe_layers)
+             and min(cache.lengths[:depth], default=pos) >= pos)
+    if plain:
+        hiddens.append(h)
+        h = model.forward_layers(h, pos, cache, 0, depth, {n: hiddens.append for n in range(1, depth)})
+    for layer in () if plain else range(plan.exit_layer):
         hiddens.append(h)
         gap = cache.lengths[layer]
         if gap < pos:  # earlier drafts exited below this layer: give them approximate K/V here

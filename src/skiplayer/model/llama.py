@@ -190,15 +190,17 @@ def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:
 
 
 def native_layers(block: "Block", weights: list, scales: list, biases: list, h: torch.Tensor, cos, sin,
-                  cache: KVCache, first: int, start: int) -> torch.Tensor:
+                  cache: KVCache, first: int, start: int, keep: list[int] = ()) -> list[torch.Tensor]:
     """Layers first..first+len(biases)-1 in one native call (torch.ops.skiplayer.decoder_layers: the same ops as
     Block.forward without their Python overhead); weights/scales/biases: 6/4/1 per layer, as in Block.native_args.
-    `block`: any of them (shapes and options are the same for all)."""
+    `block`: any of them (shapes and options are the same for all). Returns the states entering each layer in
+    `keep` (ascending, strictly inside the range), then the output."""
     for layer in range(first, first + len(biases)):
         cache.claim(layer, start, h.shape[0])
     a = block.attention
     return torch.ops.skiplayer.decoder_layers(h, weights, scales, biases, cos, sin, cache.k, cache.v, first, start,
-                                              a.n_heads, a.n_kv_heads, block.attention_norm.eps, a.wqkv.packed)
+                                              a.n_heads, a.n_kv_heads, block.attention_norm.eps, a.wqkv.packed,
+                                              list(keep))
 
 
 class Block(nn.Module):
@@ -220,7 +222,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache, layer, start):
         if self.runs_native(x.shape[0]):
-            return native_layers(self, *self.native_args, x, cos, sin, cache, layer, start)
+            return native_layers(self, *self.native_args, x, cos, sin, cache, layer, start)[0]
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
         return self.mlp(self, h)
 
@@ -278,21 +280,20 @@ class Transformer(nn.Module):
 
     def forward_layers(self, h: torch.Tensor, start: int, cache: KVCache, first: int, last: int,
                        taps: dict[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
-        """Run layers [first, last) on a block of T positions starting at `start`; `taps[n](h)` sees the states
-        entering layer n, for first < n < last."""
+        """Run layers [first, last) on a block of T positions starting at `start`; `taps[n](h)` gets the states
+        entering layer n, for first < n < last, in layer order (after the whole range where it runs natively)."""
         cos, sin = self.rope(start, h.shape[0])
-        for n in sorted(n for n in taps or () if first < n < last):
-            h = self._run_layers(h, cos, sin, cache, first, n, start)
-            taps[n](h)
-            first = n
-        return self._run_layers(h, cos, sin, cache, first, last, start)
-
-    def _run_layers(self, h, cos, sin, cache: KVCache, first: int, last: int, start: int) -> torch.Tensor:
+        keep = sorted(n for n in taps or () if first < n < last)
         if first < last and self.native_stack is not None and self.layers[first].runs_native(h.shape[0]):
             weights, scales, biases = self.native_stack  # the whole range in one call
-            return native_layers(self.layers[first], weights[6 * first:6 * last], scales[4 * first:4 * last],
-                                 biases[first:last], h, cos, sin, cache, first, start)
+            *states, h = native_layers(self.layers[first], weights[6 * first:6 * last], scales[4 * first:4 * last],
+                                       biases[first:last], h, cos, sin, cache, first, start, keep)
+            for n, state in zip(keep, states):
+                taps[n](state)
+            return h
         for i in range(first, last):
+            if i in keep:
+                taps[i](h)
             h = self.layers[i](h, cos, sin, cache, i, start)
         return h
 

@@ -463,18 +463,28 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
 // ~40 us of Python each (~10% of a step), hence one call for a whole range of layers. ----
 // Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
 // wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
-at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& scales,
-                          const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
-                          const at::Tensor& sin, at::Tensor k, at::Tensor v, int64_t first, int64_t start,
-                          int64_t n_heads, int64_t n_kv_heads, double eps, bool packed) {
+// Returns the states entering each layer listed in `keep` (ascending, first < n < first + layers), then the output.
+std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weights,
+                                       const c10::List<c10::optional<at::Tensor>>& scales,
+                                       const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
+                                       const at::Tensor& sin, at::Tensor k, at::Tensor v, int64_t first, int64_t start,
+                                       int64_t n_heads, int64_t n_kv_heads, double eps, bool packed,
+                                       at::IntArrayRef keep) {
   const int64_t n = qkv_bias.size();
   TORCH_CHECK(weights.size() == 6 * n && scales.size() == 4 * n, "decoder_layers: 6 weights and 4 scales per layer");
   TORCH_CHECK(k.dim() == 4 && first >= 0 && first + n <= k.size(0), "decoder_layers: layers outside the cache");
   const c10::optional<at::Tensor> none;
+  std::vector<at::Tensor> out;
+  auto next_keep = keep.begin();
   at::Tensor x_ = x;
   for (int64_t l = 0; l < n; ++l) {
+    if (next_keep != keep.end() && *next_keep == first + l) {
+      out.push_back(x_);
+      ++next_keep;
+    }
     const at::Tensor* w = weights.data() + 6 * l;
-    const at::Tensor qkv = small_linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), false, packed);
+    const at::Tensor qkv =
+        small_linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), false, packed);
     const at::Tensor att = rope_cache_attention(qkv, cos, sin, k.select(0, first + l), v.select(0, first + l), start,
                                                 n_heads, n_kv_heads, true);
     const at::Tensor h = x_ + small_linear(att, w[2], scales.get(4 * l + 1), none, false, packed);
@@ -483,7 +493,9 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList weights, const c10
     const at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
     x_ = h + small_linear(act, w[5], scales.get(4 * l + 3), none, false, packed);
   }
-  return x_;
+  TORCH_CHECK(next_keep == keep.end(), "decoder_layers: keep must list layers first < n < first + layers, ascending");
+  out.push_back(x_);
+  return out;
 }
 
 }  // namespace
@@ -494,8 +506,8 @@ TORCH_LIBRARY(skiplayer, m) {
   m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kc, Tensor(b!) vc, int start, "
         "int n_heads, int n_kv_heads, bool attend) -> Tensor");
   m.def("decoder_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor?[] qkv_bias, Tensor cos, Tensor sin, "
-        "Tensor(a!) k, Tensor(b!) v, int first, int start, int n_heads, int n_kv_heads, float eps, bool packed) "
-        "-> Tensor");
+        "Tensor(a!) k, Tensor(b!) v, int first, int start, int n_heads, int n_kv_heads, float eps, bool packed, "
+        "int[] keep) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(skiplayer, CPU, m) {
   m.impl("small_linear", &small_linear);
@@ -580,8 +592,8 @@ def _register_fake() -> None:
         return torch.empty_like(x)
 
     @torch.library.register_fake("skiplayer::decoder_layers")
-    def _(x, weights, scales, qkv_bias, cos, sin, k, v, first, start, n_heads, n_kv_heads, eps, packed):
-        return torch.empty_like(x)
+    def _(x, weights, scales, qkv_bias, cos, sin, k, v, first, start, n_heads, n_kv_heads, eps, packed, keep):
+        return [torch.empty_like(x) for _ in range(len(keep) + 1)]
 
     @torch.library.register_fake("skiplayer::rope_cache_attention")
     def _(qkv, cos, sin, kc, vc, start, n_heads, n_kv_heads, attend):
