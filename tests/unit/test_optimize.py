@@ -254,8 +254,8 @@ def test_native_rms_norm_matches_python_norm(dtype):
 
 
 @native
-def test_taps_split_the_one_call_layer_range():
-    """forward_layers runs a layer range as one native call, split where a tap reads the states entering a layer:
+def test_taps_read_states_from_the_one_call_layer_range():
+    """forward_layers runs a layer range as one native call that also returns the states entering tapped layers:
     same result and cache as without taps, taps see what the prefix of layers computes, and only first < n < last."""
     model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", n_layers=4, seed=8)))
     assert model.native_stack is not None
@@ -268,3 +268,8 @@ def test_taps_split_the_one_call_layer_range():
         prefix = model.forward_layers(h0, 0, c3, 0, 3)
     assert torch.equal(plain, tapped) and torch.equal(c1.k, c2.k) and c1.lengths == c2.lengths == [5] * 4
     assert sorted(seen) == [1, 3] and torch.equal(seen[3], prefix)
+    one_call, seen = seen, {}  # one call per layer (no stack): the same taps, bit for bit
+    model.native_stack = None
+    with torch.inference_mode():
+        assert torch.equal(model.forward_layers(h0, 0, model.new_cache(16), 0, 4, taps), plain)
+    assert sorted(seen) == [1, 3] and all(torch.equal(seen[n], one_call[n]) for n in seen)
