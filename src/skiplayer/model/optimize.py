@@ -198,6 +198,26 @@ void run_layout(bool packed, const float* x, const W* w, const float* scale, con
   else run<false, W>(x, w, scale, bias, y, M, K, N);
 }
 
+// y (M, N) fp32 = x (M, K) fp32 @ w^T, times the int8 scales, plus the bias: the batch-invariant product.
+void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+             const c10::optional<at::Tensor>& bias, float* y, int64_t M, bool packed) {
+  TORCH_CHECK(w.is_contiguous(), "small_linear: contiguous weights expected");
+  const int64_t K = w.size(1), N = w.size(0);
+  if (M == 0 || N == 0) return;
+  at::Tensor sc, bc;
+  const float* sp = nullptr;
+  const float* bp = nullptr;
+  if (scale.has_value() && scale->defined()) { sc = scale->to(at::kFloat).contiguous(); sp = sc.data_ptr<float>(); }
+  if (bias.has_value() && bias->defined()) { bc = bias->to(at::kFloat).contiguous(); bp = bc.data_ptr<float>(); }
+  switch (w.scalar_type()) {
+    case at::kFloat: return run_layout(packed, x, w.data_ptr<float>(), sp, bp, y, M, K, N);
+    case at::kBFloat16: return run_layout(packed, x, w.data_ptr<at::BFloat16>(), sp, bp, y, M, K, N);
+    case at::kHalf: return run_layout(packed, x, w.data_ptr<at::Half>(), sp, bp, y, M, K, N);
+    case at::kChar: return run_layout(packed, x, w.data_ptr<int8_t>(), sp, bp, y, M, K, N);
+    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16, float16 or int8");
+  }
+}
+
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                         const c10::optional<at::Tensor>& bias, bool float_out, bool packed) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K), w (N, K) expected");
@@ -205,25 +225,43 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor wc = w.contiguous();
-  const int64_t M = xf.size(0), K = xf.size(1), N = wc.size(0);
-  at::Tensor y = at::empty({M, N}, xf.options());
-  at::Tensor sc, bc;
-  const float* sp = nullptr;
-  const float* bp = nullptr;
-  if (scale.has_value() && scale->defined()) { sc = scale->to(at::kFloat).contiguous(); sp = sc.data_ptr<float>(); }
-  if (bias.has_value() && bias->defined()) { bc = bias->to(at::kFloat).contiguous(); bp = bc.data_ptr<float>(); }
-  if (M > 0 && N > 0) {
-    const float* xp = xf.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    switch (wc.scalar_type()) {
-      case at::kFloat: run_layout(packed, xp, wc.data_ptr<float>(), sp, bp, yp, M, K, N); break;
-      case at::kBFloat16: run_layout(packed, xp, wc.data_ptr<at::BFloat16>(), sp, bp, yp, M, K, N); break;
-      case at::kHalf: run_layout(packed, xp, wc.data_ptr<at::Half>(), sp, bp, yp, M, K, N); break;
-      case at::kChar: run_layout(packed, xp, wc.data_ptr<int8_t>(), sp, bp, yp, M, K, N); break;
-      default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16, float16 or int8");
-    }
-  }
+  at::Tensor y = at::empty({xf.size(0), wc.size(0)}, xf.options());
+  product(xf.data_ptr<float>(), wc, scale, bias, y.data_ptr<float>(), xf.size(0), packed);
   return float_out ? y : y.to(x.scalar_type());
+}
+
+// small_linear(x, w, ...) in x's dtype A, plus `residual` (same shape) when given, rounded as the Python path rounds
+// (the product to A, then the sum in fp32 to A: at::add's rounding) but without its tensor ops: converting x and y
+// and the add were ~20 dispatched ops per layer, run on one thread while the other waited.
+template <typename A>
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& bias, bool packed, const at::Tensor* residual) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), MN = M * N;
+  const A* xa = x.data_ptr<A>();
+  std::vector<float> xbuf, ybuf(MN);
+  const float* xf = reinterpret_cast<const float*>(xa);
+  if constexpr (!std::is_same_v<A, float>) {
+    xbuf.resize(M * K);
+    int64_t i = 0;
+    for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(xbuf.data() + i, load8(xa + i));
+    for (; i < M * K; ++i) xbuf[i] = static_cast<float>(xa[i]);
+    xf = xbuf.data();
+  }
+  product(xf, w, scale, bias, ybuf.data(), M, packed);
+  at::Tensor out = at::empty({M, N}, x.options());
+  A* o = out.data_ptr<A>();
+  const A* r = residual ? residual->data_ptr<A>() : nullptr;
+  int64_t i = 0;
+  for (; i + 8 <= MN; i += 8) {
+    __m256 v = round8<A>(_mm256_loadu_ps(ybuf.data() + i));
+    if (r) v = _mm256_add_ps(load8(r + i), v);
+    store8(o + i, v);
+  }
+  for (; i < MN; ++i) {
+    const A v = static_cast<A>(ybuf[i]);
+    o[i] = r ? static_cast<A>(static_cast<float>(r[i]) + static_cast<float>(v)) : v;
+  }
+  return out;
 }
 
 // ---- RMSNorm as HF Llama computes it: normalise in fp32, round to the model dtype, then scale by the weight. ----
@@ -474,24 +512,34 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
   TORCH_CHECK(weights.size() == 6 * n && scales.size() == 4 * n, "decoder_layers: 6 weights and 4 scales per layer");
   TORCH_CHECK(k.dim() == 4 && first >= 0 && first + n <= k.size(0), "decoder_layers: layers outside the cache");
   const c10::optional<at::Tensor> none;
+  // [residual +] x @ w^T in the activation dtype, as the Python Block computes it
+  auto linear = [&](const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor* residual) {
+    TORCH_CHECK(!packed || w.size(1) % 8 == 0, "decoder_layers: a packed weight needs K % 8 == 0");
+    switch (a.scalar_type()) {
+      case at::kFloat: return linear_rows<float>(a, w, scale, bias, packed, residual);
+      case at::kBFloat16: return linear_rows<at::BFloat16>(a, w, scale, bias, packed, residual);
+      case at::kHalf: return linear_rows<at::Half>(a, w, scale, bias, packed, residual);
+      default: TORCH_CHECK(false, "decoder_layers: float32, bfloat16 or float16 activations expected");
+    }
+  };
   std::vector<at::Tensor> out;
   auto next_keep = keep.begin();
-  at::Tensor x_ = x;
+  at::Tensor x_ = x.contiguous();
   for (int64_t l = 0; l < n; ++l) {
     if (next_keep != keep.end() && *next_keep == first + l) {
       out.push_back(x_);
       ++next_keep;
     }
     const at::Tensor* w = weights.data() + 6 * l;
-    const at::Tensor qkv =
-        small_linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), false, packed);
+    const at::Tensor qkv = linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), nullptr);
     const at::Tensor att = rope_cache_attention(qkv, cos, sin, k.select(0, first + l), v.select(0, first + l), start,
                                                 n_heads, n_kv_heads, true);
-    const at::Tensor h = x_ + small_linear(att, w[2], scales.get(4 * l + 1), none, false, packed);
-    const at::Tensor gate_up = small_linear(rms_norm(h, w[3], eps), w[4], scales.get(4 * l + 2), none, false, packed);
+    const at::Tensor h = linear(att, w[2], scales.get(4 * l + 1), none, &x_);
+    const at::Tensor gate_up = linear(rms_norm(h, w[3], eps), w[4], scales.get(4 * l + 2), none, nullptr);
     const int64_t inter = gate_up.size(1) / 2;
     const at::Tensor act = at::silu(gate_up.narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
-    x_ = h + small_linear(act, w[5], scales.get(4 * l + 3), none, false, packed);
+    x_ = linear(act.contiguous(), w[5], scales.get(4 * l + 3), none, &h);
   }
   TORCH_CHECK(next_keep == keep.end(), "decoder_layers: keep must list layers first < n < first + layers, ascending");
   out.push_back(x_);
