@@ -273,3 +273,18 @@ def test_taps_read_states_from_the_one_call_layer_range():
     with torch.inference_mode():
         assert torch.equal(model.forward_layers(h0, 0, model.new_cache(16), 0, 4, taps), plain)
     assert sorted(seen) == [1, 3] and all(torch.equal(seen[n], one_call[n]) for n in seen)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_draft_head_reduced_vocabulary_is_packed_and_exact(dtype):
+    """A draft's reduced-vocabulary head is stored pair-packed like the model's head, and its logits are the full
+    head's logits at those ids, bit for bit (the kernel computes each row the same way in either layout)."""
+    from skiplayer.decoding.draft import DraftHead
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=9), dtype=dtype))
+    ids = torch.tensor([96, 0, 5, 17, 42])  # odd count: the last row stays unpaired
+    head = DraftHead(model, ids)
+    assert head.packed and model.head_packed
+    h = model.embed(TOKENS[:3])
+    with torch.inference_mode():
+        assert torch.equal(head(h, 1), model.logits(h)[-1, ids])

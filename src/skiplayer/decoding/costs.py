@@ -24,7 +24,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 @torch.inference_mode()
 def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | None = None, repeats: int = 3,
-                  context: int = 64) -> CostModel:
+                  context: int = 64, head_packed: bool = False) -> CostModel:
     """Measure on this machine, relative to one autoregressive step; cached per model and draft head."""
     key = (max_n, None if head_weight is None else head_weight.shape[0])
     cached = _PROFILES.setdefault(model, {})
@@ -47,7 +47,7 @@ def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | No
     h = model.embed(tokens[context:context + 1])
     step = _median_seconds(run(lambda: model(tokens[context:context + 1], context, cache)), repeats + 2)
     layers = _median_seconds(run(lambda: model.forward_layers(h, context, cache, 0, model.n_layers)), repeats)
-    head = _median_seconds(run(lambda: model.logits(h, head_weight)), repeats)
+    head = _median_seconds(run(lambda: model.logits(h, head_weight, head_packed)), repeats)
     verify = [0.0] + [_median_seconds(run(lambda n=n: model(tokens[context:context + n], context, cache)), repeats)
                       / step for n in range(1, max_n + 1)]
     costs = CostModel(model.n_layers, layers / model.n_layers / step, head / step, verify, step)

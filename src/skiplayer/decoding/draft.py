@@ -13,6 +13,7 @@ from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
 from skiplayer.decoding.stats import Clock
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer
+from skiplayer.model.packing import pack_pairs
 from skiplayer.policies.base import DraftPolicy, DraftStep
 
 
@@ -27,7 +28,10 @@ class DraftHead:
     def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None, adapters: dict | None = None):
         from skiplayer.draft_artifact import AttentionAdapter
         self.model, self.vocab_ids, self.adapters = model, vocab_ids, adapters or {}
-        self.weight = None if vocab_ids is None else model.head_rows(vocab_ids).contiguous()
+        # a reduced head is stored like the model's (pair-packed when the native kernel streams it: ~20% faster)
+        self.packed = vocab_ids is not None and model.head_packed
+        rows = None if vocab_ids is None else model.head_rows(vocab_ids).contiguous()
+        self.weight = pack_pairs(rows) if self.packed else rows
         attention = sorted(e for e, a in self.adapters.items() if isinstance(a, AttentionAdapter))
         self.slots = {e: model.n_layers + j for j, e in enumerate(attention)}  # depth -> cache slot
         self.extra_layers = len(self.slots)
@@ -42,7 +46,7 @@ class DraftHead:
             h = adapter(h, *self.model.rope(pos, h.shape[0]), cache, self.slots[depth], pos)
         elif adapter is not None:
             h = adapter(h)
-        return self.model.logits(h, self.weight)[-1]
+        return self.model.logits(h, self.weight, self.packed)[-1]
 
     def write_kv(self, depth: int, h: torch.Tensor, start: int, cache: KVCache) -> None:
         self.adapters[depth].write_kv(h, *self.model.rope(start, h.shape[0]), cache, self.slots[depth], start)

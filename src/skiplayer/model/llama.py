@@ -304,15 +304,16 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start, h.shape[0])
         block.attention.write_kv(block.attention_norm(h), cos, sin, cache, layer, start)
 
-    def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, head_weight: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
         """Final norm + LM head (intermediate exits use the final norm too): fp32 logits (T, vocab) whatever the
-        model dtype. `head_weight` may be row-major rows of the head (head_rows: a reduced draft vocabulary)."""
+        model dtype. `head_weight` may be rows of the head (head_rows: a reduced draft vocabulary), row-major or
+        pair-packed (`packed`, model/packing.py)."""
         h = self.norm(h)
         if head_weight is None and self.lm_head is not None:
             return self.lm_head(h, float_out=True)
         if head_weight is None:
             return linear(h, self.head_weight, native_rows=self.native_rows, float_out=True, packed=self.head_packed)
-        return linear(h, head_weight, native_rows=self.native_rows, float_out=True)
+        return linear(h, head_weight, native_rows=self.native_rows, float_out=True, packed=packed)
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache) -> torch.Tensor:
         """Full model on a block of tokens: logits (T, vocab)."""
