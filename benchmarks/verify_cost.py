@@ -8,7 +8,9 @@ For every configuration (dtype x quantize):
   GB/s    weight bytes read per token x tok/s, and that as a share of the streaming bandwidth measured here
           (`.sum()` over a 512 MB tensor): the physical limit of a memory-bound decode step
   v(n)    time of one verification pass over n positions (all layers + LM head) / time of one decode step, the
-          median of ratios of passes timed back to back (a one-position pass, then the n-position one)
+          median of ratios of passes timed back to back (a one-position pass, then the n-position one; every n once
+          per repeat). Such a pass is compute-bound, so the fp32 matmul GFLOP/s measured at each repeat is printed
+          beside its v(5): the compute a shared VM gave that repeat.
 --hf adds HF `generate` (greedy, fp32) on the same prompts as the reference speed. --quality compares every
 configuration with fp32: greedy token agreement over the prompts, max |logit error| (teacher-forced on fp32's
 tokens), and how often the argmax of a position differs between a one-token step and the same position inside a
@@ -72,6 +74,20 @@ def stream_gbps(repeats: int) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
+def matmul_gflops(repeats: int = 5) -> float:
+    """Floating-point throughput the CPU gives us right now: fp32 torch.mm (256x576 @ 576x576, in cache), median of
+    repeats. A pass over several positions is compute-bound, and on this VM the FMA rate of a core moved by up to
+    30% within minutes while its clock stayed put (other tenants share the cores' FMA units, presumably)."""
+    a, b = torch.randn(256, 576), torch.randn(576, 576)
+    a @ b
+    times = []
+    for _ in range(max(3, repeats)):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * 256 * 576 * 576 / statistics.median(times) / 1e9
+
+
 def decode_loop(model, prompt_ids: list[int], n_new: int) -> tuple[list[int], float]:
     """Plain greedy decoding; returns the new tokens and the seconds spent after the prefill."""
     cache = model.new_cache(len(prompt_ids) + n_new + 1)
@@ -103,8 +119,8 @@ def verify_times(model, context: int, max_n: int, reps: int = 5) -> dict[int, li
         model.forward(tokens[:context], 0, cache)
         once(1)
         pairs = {n: [] for n in range(1, max_n + 1)}
-        for n in pairs:
-            for _ in range(reps):
+        for _ in range(reps):  # every n once per repeat: a slow spell of a shared machine does not land on one n
+            for n in pairs:
                 t1 = once(1)
                 pairs[n].append((t1, once(n)))
         return pairs
@@ -185,11 +201,14 @@ def main(argv=None):
     hf = load_hf(lm.hf_path, torch.float32)[0] if args.hf else None
 
     bw = stream_gbps(args.repeats)
+    gflops = []  # per repeat
     tok_s = {k: [] for k in models}
     vt = {k: {n: [] for n in range(1, args.max_n + 1)} for k in models}
+    v5_per_repeat = {k: [] for k in models}  # to read against gflops
     hf_tok_s = []
     names = list(models) + (["hf"] if hf is not None else [])
     for r in range(args.repeats):  # interleaved: every configuration once per repeat, rotating order
+        gflops.append(matmul_gflops())
         for k in names[r % len(names):] + names[:r % len(names)]:
             if k == "hf":
                 hf_tok_s.append(statistics.median(hf_decode(hf, ids, args.tokens) for ids in prompts_ids))
@@ -201,7 +220,9 @@ def main(argv=None):
             tok_s[k].append(n_tok / secs)
             for n, pairs in verify_times(models[k], args.context, args.max_n).items():
                 vt[k][n] += pairs
-        print(f"repeat {r + 1}/{args.repeats} done, load {load_avg()}", flush=True)
+                if n == min(5, args.max_n):
+                    v5_per_repeat[k].append(statistics.median(tn / t1 for t1, tn in pairs))
+        print(f"repeat {r + 1}/{args.repeats} done, load {load_avg()}, fp32 matmul {gflops[-1]:.0f} GFLOP/s", flush=True)
     bw_end = stream_gbps(args.repeats)
 
     rows = {}
@@ -211,7 +232,7 @@ def main(argv=None):
         step = statistics.median(t1 for t1, _ in vt[k][1])
         rows[k] = {"tok_s": ts, "tok_s_all": tok_s[k], "weight_MB": wb / 1e6, "eff_GBps": wb * ts / 1e9,
                    "share_of_stream": wb * ts / 1e9 / max(bw, bw_end),
-                   "step_ms": step * 1e3,
+                   "step_ms": step * 1e3, "v5_per_repeat": v5_per_repeat[k],
                    "v": {n: statistics.median(tn / t1 for t1, tn in vt[k][n]) for n in range(1, args.max_n + 1)}}
     hf_med = statistics.median(hf_tok_s) if hf_tok_s else None
     if args.quality:
@@ -225,6 +246,8 @@ def main(argv=None):
     out.append(f"streaming read: {bw:.1f} GB/s (start), {bw_end:.1f} GB/s (end); load now {load_avg()}; "
           f"{args.tokens} new tokens x {len(PROMPTS)} prompts, {args.repeats} repeats, kernels={args.kernels}, "
           f"compile={args.compile}")
+    out.append(f"fp32 matmul in cache (compute available to a verification pass), per repeat: "
+               f"{', '.join(f'{g:.0f}' for g in gflops)} GFLOP/s")
     if hf_med:
         out.append(f"HF generate fp32: {hf_med:.1f} tok/s (runs: {', '.join(f'{x:.1f}' for x in hf_tok_s)})")
     vcols = " | ".join(f"v({n})" for n in range(2, args.max_n + 1))
@@ -236,6 +259,10 @@ def main(argv=None):
         vs = " | ".join(f"{r['v'][n]:.2f}" for n in range(2, args.max_n + 1))
         out.append(f"| {k} | {r['tok_s']:.1f} | {xhf} | {r['weight_MB']:.0f} | {r['eff_GBps']:.1f} | "
                    f"{100 * r['share_of_stream']:.0f}% | {r['step_ms']:.1f} | {vs} |")
+    out.append("")
+    out.append(f"v({min(5, args.max_n)}) per repeat, beside that repeat's fp32 matmul GFLOP/s:")
+    for k, r in rows.items():
+        out.append(f"- {k}: " + ", ".join(f"{v:.2f} ({g:.0f})" for v, g in zip(r["v5_per_repeat"], gflops)))
     if args.quality:
         out.append("")
         out.append("| config | greedy prefix agreement with fp32 | max abs logit err | T=1 vs T=5 argmax flips | "
@@ -250,7 +277,7 @@ def main(argv=None):
         update_readme(args.update_readme, out)
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "stream_GBps": [bw, bw_end], "hf_tok_s": hf_tok_s, "configs": rows,
+            json.dump({"args": vars(args), "stream_GBps": [bw, bw_end], "matmul_GFLOPs": gflops, "hf_tok_s": hf_tok_s, "configs": rows,
                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}, f, indent=1)
 
 
