@@ -44,6 +44,7 @@ _KERNEL_SRC = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -236,24 +237,30 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
 template <typename A>
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, bool packed, const at::Tensor* residual) {
+  constexpr bool F32 = std::is_same_v<A, float>;
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), MN = M * N;
   const A* xa = x.data_ptr<A>();
-  std::vector<float> xbuf, ybuf(MN);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (F32 && !residual) {  // nothing to convert or add: the product goes straight to the output
+    product(reinterpret_cast<const float*>(xa), w, scale, bias, reinterpret_cast<float*>(out.data_ptr<A>()), M, packed);
+    return out;
+  }
+  std::vector<float> xbuf;
   const float* xf = reinterpret_cast<const float*>(xa);
-  if constexpr (!std::is_same_v<A, float>) {
+  if constexpr (!F32) {
     xbuf.resize(M * K);
     int64_t i = 0;
     for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(xbuf.data() + i, load8(xa + i));
     for (; i < M * K; ++i) xbuf[i] = static_cast<float>(xa[i]);
     xf = xbuf.data();
   }
-  product(xf, w, scale, bias, ybuf.data(), M, packed);
-  at::Tensor out = at::empty({M, N}, x.options());
+  std::unique_ptr<float[]> ybuf(new float[MN]);  // not zero-filled: the kernel writes every element
+  product(xf, w, scale, bias, ybuf.get(), M, packed);
   A* o = out.data_ptr<A>();
   const A* r = residual ? residual->data_ptr<A>() : nullptr;
   int64_t i = 0;
   for (; i + 8 <= MN; i += 8) {
-    __m256 v = round8<A>(_mm256_loadu_ps(ybuf.data() + i));
+    __m256 v = round8<A>(_mm256_loadu_ps(ybuf.get() + i));
     if (r) v = _mm256_add_ps(load8(r + i), v);
     store8(o + i, v);
   }
