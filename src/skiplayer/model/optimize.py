@@ -219,21 +219,9 @@ void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor
   }
 }
 
-at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
-                        const c10::optional<at::Tensor>& bias, bool float_out, bool packed) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K), w (N, K) expected");
-  TORCH_CHECK(!packed || w.size(1) % 8 == 0, "small_linear: a packed weight needs K % 8 == 0");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor wc = w.contiguous();
-  at::Tensor y = at::empty({xf.size(0), wc.size(0)}, xf.options());
-  product(xf.data_ptr<float>(), wc, scale, bias, y.data_ptr<float>(), xf.size(0), packed);
-  return float_out ? y : y.to(x.scalar_type());
-}
-
-// small_linear(x, w, ...) in x's dtype A, plus `residual` (same shape) when given, rounded as the Python path rounds
-// (the product to A, then the sum in fp32 to A: at::add's rounding) but without its tensor ops: converting x and y
-// and the add were ~20 dispatched ops per layer, run on one thread while the other waited.
+// The product of x (M, K) in dtype A and w, in A, plus `residual` (M, N) when given, rounded as the tensor ops it
+// replaces round (the product to A, then the sum in fp32 to A: at::add's rounding). In decoder_layers those ops
+// (x to fp32, y back to A, the residual add: ~20 dispatched ops per layer) ran on one thread while the other waited.
 template <typename A>
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, bool packed, const at::Tensor* residual) {
@@ -269,6 +257,33 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::opti
     o[i] = r ? static_cast<A>(static_cast<float>(r[i]) + static_cast<float>(v)) : v;
   }
   return out;
+}
+
+// [residual +] x @ w^T in x's dtype (float32, bfloat16 or float16): linear_rows for that dtype.
+at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                           const c10::optional<at::Tensor>& bias, bool packed, const at::Tensor* residual) {
+  TORCH_CHECK(!residual || (residual->sizes() == at::IntArrayRef({x.size(0), w.size(0)}) &&
+                            residual->scalar_type() == x.scalar_type() && residual->is_contiguous()),
+              "small_linear: the residual must be a contiguous (M, N) tensor of x's dtype");
+  switch (x.scalar_type()) {
+    case at::kFloat: return linear_rows<float>(x, w, scale, bias, packed, residual);
+    case at::kBFloat16: return linear_rows<at::BFloat16>(x, w, scale, bias, packed, residual);
+    case at::kHalf: return linear_rows<at::Half>(x, w, scale, bias, packed, residual);
+    default: TORCH_CHECK(false, "small_linear: float32, bfloat16 or float16 activations expected");
+  }
+}
+
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                        const c10::optional<at::Tensor>& bias, bool float_out, bool packed) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K), w (N, K) expected");
+  TORCH_CHECK(!packed || w.size(1) % 8 == 0, "small_linear: a packed weight needs K % 8 == 0");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  if (!float_out || x.scalar_type() == at::kFloat) return linear_in_dtype(xc, wc, scale, bias, packed, nullptr);
+  const at::Tensor xf = xc.to(at::kFloat);
+  at::Tensor y = at::empty({xf.size(0), wc.size(0)}, xf.options());
+  product(xf.data_ptr<float>(), wc, scale, bias, y.data_ptr<float>(), xf.size(0), packed);
+  return y;
 }
 
 // ---- RMSNorm as HF Llama computes it: normalise in fp32, round to the model dtype, then scale by the weight. ----
@@ -523,12 +538,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
   auto linear = [&](const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                     const c10::optional<at::Tensor>& bias, const at::Tensor* residual) {
     TORCH_CHECK(!packed || w.size(1) % 8 == 0, "decoder_layers: a packed weight needs K % 8 == 0");
-    switch (a.scalar_type()) {
-      case at::kFloat: return linear_rows<float>(a, w, scale, bias, packed, residual);
-      case at::kBFloat16: return linear_rows<at::BFloat16>(a, w, scale, bias, packed, residual);
-      case at::kHalf: return linear_rows<at::Half>(a, w, scale, bias, packed, residual);
-      default: TORCH_CHECK(false, "decoder_layers: float32, bfloat16 or float16 activations expected");
-    }
+    return linear_in_dtype(a, w, scale, bias, packed, residual);
   };
   std::vector<at::Tensor> out;
   auto next_keep = keep.begin();
