@@ -204,7 +204,8 @@ def main(argv=None):
     gflops = []  # per repeat
     tok_s = {k: [] for k in models}
     vt = {k: {n: [] for n in range(1, args.max_n + 1)} for k in models}
-    v5_per_repeat = {k: [] for k in models}  # to read against gflops
+    n5 = min(5, args.max_n)
+    v5_per_repeat = {k: [] for k in models}  # v(n5) of each repeat, to read against gflops
     hf_tok_s = []
     names = list(models) + (["hf"] if hf is not None else [])
     for r in range(args.repeats):  # interleaved: every configuration once per repeat, rotating order
@@ -220,9 +221,10 @@ def main(argv=None):
             tok_s[k].append(n_tok / secs)
             for n, pairs in verify_times(models[k], args.context, args.max_n).items():
                 vt[k][n] += pairs
-                if n == min(5, args.max_n):
+                if n == n5:
                     v5_per_repeat[k].append(statistics.median(tn / t1 for t1, tn in pairs))
-        print(f"repeat {r + 1}/{args.repeats} done, load {load_avg()}, fp32 matmul {gflops[-1]:.0f} GFLOP/s", flush=True)
+        print(f"repeat {r + 1}/{args.repeats} done, load {load_avg()}, fp32 matmul {gflops[-1]:.0f} GFLOP/s",
+              flush=True)
     bw_end = stream_gbps(args.repeats)
 
     rows = {}
@@ -260,7 +262,7 @@ def main(argv=None):
         out.append(f"| {k} | {r['tok_s']:.1f} | {xhf} | {r['weight_MB']:.0f} | {r['eff_GBps']:.1f} | "
                    f"{100 * r['share_of_stream']:.0f}% | {r['step_ms']:.1f} | {vs} |")
     out.append("")
-    out.append(f"v({min(5, args.max_n)}) per repeat, beside that repeat's fp32 matmul GFLOP/s:")
+    out.append(f"v({n5}) per repeat, beside that repeat's fp32 matmul GFLOP/s:")
     for k, r in rows.items():
         out.append(f"- {k}: " + ", ".join(f"{v:.2f} ({g:.0f})" for v, g in zip(r["v5_per_repeat"], gflops)))
     if args.quality:
@@ -277,7 +279,8 @@ def main(argv=None):
         update_readme(args.update_readme, out)
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "stream_GBps": [bw, bw_end], "matmul_GFLOPs": gflops, "hf_tok_s": hf_tok_s, "configs": rows,
+            json.dump({"args": vars(args), "stream_GBps": [bw, bw_end], "matmul_GFLOPs": gflops,
+                       "hf_tok_s": hf_tok_s, "configs": rows,
                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}, f, indent=1)
 
 

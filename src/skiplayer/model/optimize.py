@@ -203,6 +203,7 @@ void run_layout(bool packed, const float* x, const W* w, const float* scale, con
 void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
              const c10::optional<at::Tensor>& bias, float* y, int64_t M, bool packed) {
   TORCH_CHECK(w.is_contiguous(), "small_linear: contiguous weights expected");
+  TORCH_CHECK(!packed || w.size(1) % 8 == 0, "small_linear: a packed weight needs K % 8 == 0");
   const int64_t K = w.size(1), N = w.size(0);
   if (M == 0 || N == 0) return;
   at::Tensor sc, bc;
@@ -276,7 +277,6 @@ at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const c10::
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                         const c10::optional<at::Tensor>& bias, bool float_out, bool packed) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K), w (N, K) expected");
-  TORCH_CHECK(!packed || w.size(1) % 8 == 0, "small_linear: a packed weight needs K % 8 == 0");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   if (!float_out || x.scalar_type() == at::kFloat) return linear_in_dtype(xc, wc, scale, bias, packed, nullptr);
@@ -537,7 +537,6 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
   // [residual +] x @ w^T in the activation dtype, as the Python Block computes it
   auto linear = [&](const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                     const c10::optional<at::Tensor>& bias, const at::Tensor* residual) {
-    TORCH_CHECK(!packed || w.size(1) % 8 == 0, "decoder_layers: a packed weight needs K % 8 == 0");
     return linear_in_dtype(a, w, scale, bias, packed, residual);
   };
   std::vector<at::Tensor> out;
