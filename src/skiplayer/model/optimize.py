@@ -44,6 +44,7 @@ _KERNEL_SRC = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -220,6 +221,15 @@ void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor
   }
 }
 
+// Scratch rows for the kernel, 64-byte aligned: it reads x 32 bytes at a time, and rows starting 16 bytes into a
+// cache line (malloc's alignment) split every other load over two lines (5-position products ~4% slower).
+struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
+inline std::unique_ptr<float[], FreeDeleter> aligned_floats(int64_t n) {  // not zero-filled
+  void* p = std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(float) + 63) & ~size_t(63));
+  TORCH_CHECK(p || n == 0, "small_linear: out of memory");
+  return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
+}
+
 // The product of x (M, K) in dtype A and w, in A, plus `residual` (M, N) when given, rounded as the tensor ops it
 // replaces round (the product to A, then the sum in fp32 to A: at::add's rounding). In decoder_layers those ops
 // (x to fp32, y back to A, the residual add: ~20 dispatched ops per layer) ran on one thread while the other waited.
@@ -234,16 +244,16 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::opti
     product(reinterpret_cast<const float*>(xa), w, scale, bias, reinterpret_cast<float*>(out.data_ptr<A>()), M, packed);
     return out;
   }
-  std::vector<float> xbuf;
+  std::unique_ptr<float[], FreeDeleter> xbuf;
   const float* xf = reinterpret_cast<const float*>(xa);
   if constexpr (!F32) {
-    xbuf.resize(M * K);
+    xbuf = aligned_floats(M * K);
     int64_t i = 0;
-    for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(xbuf.data() + i, load8(xa + i));
+    for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(xbuf.get() + i, load8(xa + i));
     for (; i < M * K; ++i) xbuf[i] = static_cast<float>(xa[i]);
-    xf = xbuf.data();
+    xf = xbuf.get();
   }
-  std::unique_ptr<float[]> ybuf(new float[MN]);  // not zero-filled: the kernel writes every element
+  const auto ybuf = aligned_floats(MN);  // the kernel writes every element
   product(xf, w, scale, bias, ybuf.get(), M, packed);
   A* o = out.data_ptr<A>();
   const A* r = residual ? residual->data_ptr<A>() : nullptr;
