@@ -254,6 +254,40 @@ def test_native_rms_norm_matches_python_norm(dtype):
 
 
 @native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_silu_mul_matches_torch_and_is_row_invariant(dtype):
+    """silu(gate) * up in one op: within one rounding step of F.silu(gate) * up (its exp is not torch's), the same
+    signs (x / inf = -0 for very negative gates), and a row's result does not depend on the rows beside it."""
+    g = torch.Generator().manual_seed(4)
+    gate_up = torch.randn(5, 2 * 37, generator=g) * 4  # 37: four vectors of 8 and a scalar tail
+    gate_up[0, [0, 1, 2, 3, 33, 34]] = torch.tensor([-100.0, 100.0, -88.8, 0.0, -100.0, 100.0])  # vector and tail
+    gate_up = gate_up.to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    got = torch.ops.skiplayer.silu_mul(gate_up)
+    assert got.dtype == dtype and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-30)
+    assert torch.equal(torch.signbit(got), torch.signbit(expected))
+    assert got[0, 0] == 0 and got[0, 33] == 0 and got[0, 1] == expected[0, 1]
+    rows = torch.cat([torch.ops.skiplayer.silu_mul(gate_up[i:i + 1]) for i in range(5)])
+    assert torch.equal(got, rows)
+
+
+@native
+def test_feed_forward_uses_native_silu_mul_after_optimize():
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=2), dtype=torch.float16))
+    ff = model.layers[0].feed_forward
+    assert ff.native
+    x = torch.randn(3, model.args.dim).half()
+    with torch.inference_mode():
+        gate_up = ff.w13(x)
+        assert torch.equal(ff(x), ff.w2(torch.ops.skiplayer.silu_mul(gate_up)))
+        ff.native = False
+        gate, up = gate_up.chunk(2, dim=-1)
+        assert torch.equal(ff(x), ff.w2(F.silu(gate) * up))
+
+
+@native
 def test_taps_read_states_from_the_one_call_layer_range():
     """forward_layers runs a layer range as one native call that also returns the states entering tapped layers:
     same result and cache as without taps, taps see what the prefix of layers computes, and only first < n < last."""

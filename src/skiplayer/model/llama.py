@@ -173,13 +173,19 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    native: bool = False  # silu(gate) * up as one op (torch.ops.skiplayer.silu_mul): set by model/optimize.py
+
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.w13 = Linear(a.dim, 2 * a.intermediate_size, bias=False)  # gate and up, fused
         self.w2 = Linear(a.intermediate_size, a.dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
+        gate_up = self.w13(x)
+        if self.native:
+            act = torch.ops.skiplayer.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))
+            return self.w2(act.reshape(*gate_up.shape[:-1], -1))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
