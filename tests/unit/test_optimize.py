@@ -90,11 +90,13 @@ def test_prefill_uses_native_kernel_bitwise(dtype, quantize):
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_native_attention_block_equals_rows_and_reference(dtype):
-    """rope_cache_attention over blocks longer than its key blocks (64) and row chunks (16), with 3 query heads per
-    KV head: a T-row block equals T one-row calls bit for bit (outputs and cache), and fp32 math on the same inputs."""
+@pytest.mark.parametrize("D", [16, 24])
+def test_native_attention_block_equals_rows_and_reference(dtype, D):
+    """rope_cache_attention over blocks longer than its row chunks (16, taken 5 rows at a time), with 3 query heads
+    per KV head and head sizes with and without a last 8 columns: a T-row block equals T one-row calls bit for bit
+    (outputs and cache), and fp32 math on the same inputs."""
     from skiplayer.model.llama import apply_rope
-    H, G, D, L, start, T = 6, 2, 16, 160, 75, 21
+    H, G, L, start, T = 6, 2, 160, 75, 21
     g = torch.Generator().manual_seed(11)
     qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
     angles = torch.rand(T, D // 2, generator=g) * 6

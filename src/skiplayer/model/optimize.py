@@ -487,6 +487,75 @@ inline void weighted_sum_any(const float* p, const A* v, int64_t j0, int64_t j1,
   }
 }
 
+// key_scores for NR rows of q (stride D) at once, KEYS keys at a time: each K vector is converted once for all NR
+// rows instead of once per row (with half K/V the per-row loops were bound by conversions). Every key keeps its own
+// FMA chain over d in order and the same horizontal sum (hsum8x4 sums each of its four inputs on its own), so the
+// scores equal key_scores' bit for bit. p rows have stride S.
+template <int NR, typename A>
+inline void key_scores_rows(const float* q, const A* k, int64_t j0, int64_t j1, int64_t D, float scale, float* p,
+                            int64_t S) {
+  constexpr int KEYS = NR <= 2 ? 4 : 2, N = NR * KEYS;  // N <= 10 accumulators
+  const __m128 sc = _mm_set1_ps(scale);
+  const __m256 z = _mm256_setzero_ps();
+  int64_t j = j0;
+  for (; j + KEYS <= j1; j += KEYS) {
+    __m256 a[N + 3];  // [row][key], padded to a multiple of four for the sums
+    for (int i = 0; i < N + 3; ++i) a[i] = z;
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 kv[KEYS];
+      for (int c = 0; c < KEYS; ++c) kv[c] = load8(k + (j + c) * D + d);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 qd = _mm256_loadu_ps(q + r * D + d);
+        for (int c = 0; c < KEYS; ++c) a[r * KEYS + c] = _mm256_fmadd_ps(qd, kv[c], a[r * KEYS + c]);
+      }
+    }
+    for (int i = 0; i < N; i += 4) {
+      alignas(16) float t[4];
+      _mm_store_ps(t, _mm_mul_ps(hsum8x4(a[i], a[i + 1], a[i + 2], a[i + 3]), sc));
+      for (int l = 0; l < 4 && i + l < N; ++l) p[(i + l) / KEYS * S + j + (i + l) % KEYS] = t[l];
+    }
+  }
+  for (int r = 0; r < NR; ++r) key_scores(q + r * D, k, j, j1, D, scale, p + r * S);
+}
+
+// weighted_sum for NR rows at once over keys j0..j1-1, VC vectors of columns at a time: each V vector is converted
+// once for all rows. Per column the sum still runs over the keys in order, as in weighted_sum (bit-identical).
+template <int NR, typename A>
+inline void weighted_sum_rows(const float* p, int64_t S, const A* v, int64_t j0, int64_t j1, int64_t D, float* acc) {
+  constexpr int VC = NR <= 2 ? 4 : 2;  // NR * VC <= 10 accumulators
+  int64_t d0 = 0;
+  for (; d0 + 8 * VC <= D; d0 += 8 * VC) {
+    __m256 a[NR][VC];
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < VC; ++c) a[r][c] = _mm256_loadu_ps(acc + r * D + d0 + 8 * c);
+    for (int64_t j = j0; j < j1; ++j) {
+      __m256 vv[VC];
+      for (int c = 0; c < VC; ++c) vv[c] = load8(v + j * D + d0 + 8 * c);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 pj = _mm256_broadcast_ss(p + r * S + j);
+        for (int c = 0; c < VC; ++c) a[r][c] = _mm256_fmadd_ps(pj, vv[c], a[r][c]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < VC; ++c) _mm256_storeu_ps(acc + r * D + d0 + 8 * c, a[r][c]);
+  }
+  for (; d0 < D; d0 += 8)  // the last columns, 8 at a time, row by row
+    for (int r = 0; r < NR; ++r) weighted_sum<1>(p + r * S, v + d0, j0, j1, D, acc + r * D + d0);
+}
+
+// Scores and weighted sums of rows r0..r0+NR-1 of a block (row r sees keys 0..first_keys+r-1): the keys all of them
+// see together, then each row's own last keys alone (in order, so every chain is the one-row chain).
+template <int NR, typename A>
+inline void rows_scores(const float* q, const A* kh, int64_t first_keys, int64_t D, float scale, float* p, int64_t S) {
+  key_scores_rows<NR>(q, kh, 0, first_keys, D, scale, p, S);
+  for (int r = 1; r < NR; ++r) key_scores(q + r * D, kh, first_keys, first_keys + r, D, scale, p + r * S);
+}
+template <int NR, typename A>
+inline void rows_weighted(const float* p, int64_t S, const A* vh, int64_t first_keys, int64_t D, float* acc) {
+  weighted_sum_rows<NR>(p, S, vh, 0, first_keys, D, acc);
+  for (int r = 1; r < NR; ++r) weighted_sum_any(p + r * S, vh, first_keys, first_keys + r, D, acc + r * D);
+}
+
 template <typename A>
 void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
                     int64_t H, int64_t G, int64_t D, int64_t L, bool attend) {
@@ -507,27 +576,40 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   const int64_t S = start + T, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
-  // Up to ROWS rows of a head share each block of KB keys (8 KiB of half K or V, kept in L1 while they use it):
-  // the cache is read once per head and block, not once per row. Each score, softmax and weighted sum still runs
-  // over the keys in order, so a row's result is the same for every T.
-  constexpr int64_t ROWS = 16, KB = 64;
+  // Rows of a head are taken up to NR = 5 at a time (a verification block of k + 1 <= 5 positions in one go): each
+  // K and V vector is converted once for all of them. A single row keeps the one-row loops (four keys at a time).
+  constexpr int64_t ROWS = 16, NR = 5;
   at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
     std::vector<float> q(ROWS * D), p(ROWS * S), acc(ROWS * D), inv(ROWS);
     for (int64_t h = h0; h < h1; ++h) {
       const A* kh = kc + (h / group) * L * D;
       const A* vh = vc + (h / group) * L * D;
       for (int64_t t0 = 0; t0 < T; t0 += ROWS) {
-        const int64_t R = std::min(ROWS, T - t0), keys = start + t0 + R;  // row r sees keys 0..start+t0+r
+        const int64_t R = std::min(ROWS, T - t0);  // row r sees keys 0..start+t0+r
         for (int64_t r = 0; r < R; ++r)
           rope_row(qkv + (t0 + r) * row + h * D, cos + (t0 + r) * D, sin + (t0 + r) * D, q.data() + r * D, D);
-        for (int64_t j0 = 0; j0 < keys; j0 += KB)
-          for (int64_t r = 0; r < R; ++r)
-            key_scores(q.data() + r * D, kh, j0, std::min(j0 + KB, start + t0 + r + 1), D, scale, p.data() + r * S);
-        for (int64_t r = 0; r < R; ++r) inv[r] = softmax_row(p.data() + r * S, start + t0 + r + 1);
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j0 = 0; j0 < keys; j0 += KB)
-          for (int64_t r = 0; r < R; ++r)
-            weighted_sum_any(p.data() + r * S, vh, j0, std::min(j0 + KB, start + t0 + r + 1), D, acc.data() + r * D);
+        for (int64_t g0 = 0; g0 < R; g0 += NR) {
+          const int64_t nr = std::min(NR, R - g0), keys = start + t0 + g0 + 1;  // keys all nr rows see
+          float* pg = p.data() + g0 * S;
+          const float* qg = q.data() + g0 * D;
+          switch (nr) {
+            case 1: key_scores(qg, kh, 0, keys, D, scale, pg); break;
+            case 2: rows_scores<2>(qg, kh, keys, D, scale, pg, S); break;
+            case 3: rows_scores<3>(qg, kh, keys, D, scale, pg, S); break;
+            case 4: rows_scores<4>(qg, kh, keys, D, scale, pg, S); break;
+            default: rows_scores<5>(qg, kh, keys, D, scale, pg, S); break;
+          }
+          for (int64_t r = 0; r < nr; ++r) inv[g0 + r] = softmax_row(pg + r * S, keys + r);
+          float* ag = acc.data() + g0 * D;
+          switch (nr) {
+            case 1: weighted_sum_any(pg, vh, 0, keys, D, ag); break;
+            case 2: rows_weighted<2>(pg, S, vh, keys, D, ag); break;
+            case 3: rows_weighted<3>(pg, S, vh, keys, D, ag); break;
+            case 4: rows_weighted<4>(pg, S, vh, keys, D, ag); break;
+            default: rows_weighted<5>(pg, S, vh, keys, D, ag); break;
+          }
+        }
         for (int64_t r = 0; r < R; ++r) {
           A* o = out + (t0 + r) * H * D + h * D;
           const __m256 iv = _mm256_set1_ps(inv[r]);
