@@ -273,6 +273,9 @@ def test_native_silu_mul_matches_torch_and_is_row_invariant(dtype):
     assert got[0, 0] == 0 and got[0, 33] == 0 and got[0, 1] == expected[0, 1]
     rows = torch.cat([torch.ops.skiplayer.silu_mul(gate_up[i:i + 1]) for i in range(5)])
     assert torch.equal(got, rows)
+    long_block = (torch.randn(40, 2 * 1536, generator=g) * 4).to(dtype)  # long enough to be split over threads
+    rows = torch.cat([torch.ops.skiplayer.silu_mul(long_block[i:i + 1]) for i in range(40)])
+    assert torch.equal(torch.ops.skiplayer.silu_mul(long_block), rows)
 
 
 @native

@@ -369,12 +369,20 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const at::Tensor gu = gate_up.contiguous();
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
   at::Tensor out = at::empty({T, I}, gu.options());
-  switch (gu.scalar_type()) {
-    case at::kFloat: silu_mul_rows(gu.data_ptr<float>(), out.data_ptr<float>(), T, I); break;
-    case at::kBFloat16: silu_mul_rows(gu.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), T, I); break;
-    case at::kHalf: silu_mul_rows(gu.data_ptr<at::Half>(), out.data_ptr<at::Half>(), T, I); break;
-    default: TORCH_CHECK(false, "silu_mul: float32, bfloat16 or float16 expected");
-  }
+  const auto dt = gu.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "silu_mul: float32, bfloat16 or float16 expected");
+  // rows split over threads only for long blocks (prefill): a few rows are cheaper than the hand-off
+  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
+    if (dt == at::kFloat) {
+      silu_mul_rows(gu.data_ptr<float>() + t0 * 2 * I, out.data_ptr<float>() + t0 * I, t1 - t0, I);
+    } else if (dt == at::kBFloat16) {
+      using B = at::BFloat16;
+      silu_mul_rows(gu.data_ptr<B>() + t0 * 2 * I, out.data_ptr<B>() + t0 * I, t1 - t0, I);
+    } else {
+      silu_mul_rows(gu.data_ptr<at::Half>() + t0 * 2 * I, out.data_ptr<at::Half>() + t0 * I, t1 - t0, I);
+    }
+  });
   return out;
 }
 
