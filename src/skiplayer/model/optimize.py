@@ -369,20 +369,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const at::Tensor gu = gate_up.contiguous();
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
   at::Tensor out = at::empty({T, I}, gu.options());
-  const auto dt = gu.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "silu_mul: float32, bfloat16 or float16 expected");
   // rows split over threads only for long blocks (prefill): a few rows are cheaper than the hand-off
-  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
-    if (dt == at::kFloat) {
-      silu_mul_rows(gu.data_ptr<float>() + t0 * 2 * I, out.data_ptr<float>() + t0 * I, t1 - t0, I);
-    } else if (dt == at::kBFloat16) {
-      using B = at::BFloat16;
-      silu_mul_rows(gu.data_ptr<B>() + t0 * 2 * I, out.data_ptr<B>() + t0 * I, t1 - t0, I);
-    } else {
-      silu_mul_rows(gu.data_ptr<at::Half>() + t0 * 2 * I, out.data_ptr<at::Half>() + t0 * I, t1 - t0, I);
-    }
-  });
+  auto rows = [&](const auto* g, auto* o) {
+    at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
+      silu_mul_rows(g + t0 * 2 * I, o + t0 * I, t1 - t0, I);
+    });
+  };
+  switch (gu.scalar_type()) {
+    case at::kFloat: rows(gu.data_ptr<float>(), out.data_ptr<float>()); break;
+    case at::kBFloat16: rows(gu.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: rows(gu.data_ptr<at::Half>(), out.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, "silu_mul: float32, bfloat16 or float16 expected");
+  }
   return out;
 }
 
@@ -551,17 +549,19 @@ inline void weighted_sum_rows(const float* p, int64_t S, const A* v, int64_t j0,
     for (int r = 0; r < NR; ++r) weighted_sum<1>(p + r * S, v + d0, j0, j1, D, acc + r * D + d0);
 }
 
-// Scores and weighted sums of rows r0..r0+NR-1 of a block (row r sees keys 0..first_keys+r-1): the keys all of them
-// see together, then each row's own last keys alone (in order, so every chain is the one-row chain).
+// Rows 0..NR-1 of a group (row r sees keys 0..keys+r-1): scores, softmax and the weighted sum. The keys all rows see
+// go through the NR-row loops, each row's own last keys through the one-row ones (in order, so every chain is the
+// one-row chain); a single row keeps the one-row loops throughout (four keys at a time).
 template <int NR, typename A>
-inline void rows_scores(const float* q, const A* kh, int64_t first_keys, int64_t D, float scale, float* p, int64_t S) {
-  key_scores_rows<NR>(q, kh, 0, first_keys, D, scale, p, S);
-  for (int r = 1; r < NR; ++r) key_scores(q + r * D, kh, first_keys, first_keys + r, D, scale, p + r * S);
-}
-template <int NR, typename A>
-inline void rows_weighted(const float* p, int64_t S, const A* vh, int64_t first_keys, int64_t D, float* acc) {
-  weighted_sum_rows<NR>(p, S, vh, 0, first_keys, D, acc);
-  for (int r = 1; r < NR; ++r) weighted_sum_any(p + r * S, vh, first_keys, first_keys + r, D, acc + r * D);
+void attend_rows(const float* q, const A* kh, const A* vh, int64_t keys, int64_t D, float scale, float* p, int64_t S,
+                 float* acc, float* inv) {
+  if constexpr (NR == 1) key_scores(q, kh, 0, keys, D, scale, p);
+  else key_scores_rows<NR>(q, kh, 0, keys, D, scale, p, S);
+  for (int r = 1; r < NR; ++r) key_scores(q + r * D, kh, keys, keys + r, D, scale, p + r * S);
+  for (int r = 0; r < NR; ++r) inv[r] = softmax_row(p + r * S, keys + r);
+  if constexpr (NR == 1) weighted_sum_any(p, vh, 0, keys, D, acc);
+  else weighted_sum_rows<NR>(p, S, vh, 0, keys, D, acc);
+  for (int r = 1; r < NR; ++r) weighted_sum_any(p + r * S, vh, keys, keys + r, D, acc + r * D);
 }
 
 template <typename A>
@@ -587,6 +587,8 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   // Rows of a head are taken up to NR = 5 at a time (a verification block of k + 1 <= 5 positions in one go): each
   // K and V vector is converted once for all of them. A single row keeps the one-row loops (four keys at a time).
   constexpr int64_t ROWS = 16, NR = 5;
+  decltype(&attend_rows<1, A>) const group_rows[NR] = {attend_rows<1, A>, attend_rows<2, A>, attend_rows<3, A>,
+                                                        attend_rows<4, A>, attend_rows<5, A>};
   at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
     std::vector<float> q(ROWS * D), p(ROWS * S), acc(ROWS * D), inv(ROWS);
     for (int64_t h = h0; h < h1; ++h) {
@@ -599,24 +601,8 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t g0 = 0; g0 < R; g0 += NR) {
           const int64_t nr = std::min(NR, R - g0), keys = start + t0 + g0 + 1;  // keys all nr rows see
-          float* pg = p.data() + g0 * S;
-          const float* qg = q.data() + g0 * D;
-          switch (nr) {
-            case 1: key_scores(qg, kh, 0, keys, D, scale, pg); break;
-            case 2: rows_scores<2>(qg, kh, keys, D, scale, pg, S); break;
-            case 3: rows_scores<3>(qg, kh, keys, D, scale, pg, S); break;
-            case 4: rows_scores<4>(qg, kh, keys, D, scale, pg, S); break;
-            default: rows_scores<5>(qg, kh, keys, D, scale, pg, S); break;
-          }
-          for (int64_t r = 0; r < nr; ++r) inv[g0 + r] = softmax_row(pg + r * S, keys + r);
-          float* ag = acc.data() + g0 * D;
-          switch (nr) {
-            case 1: weighted_sum_any(pg, vh, 0, keys, D, ag); break;
-            case 2: rows_weighted<2>(pg, S, vh, keys, D, ag); break;
-            case 3: rows_weighted<3>(pg, S, vh, keys, D, ag); break;
-            case 4: rows_weighted<4>(pg, S, vh, keys, D, ag); break;
-            default: rows_weighted<5>(pg, S, vh, keys, D, ag); break;
-          }
+          group_rows[nr - 1](q.data() + g0 * D, kh, vh, keys, D, scale, p.data() + g0 * S, S, acc.data() + g0 * D,
+                             inv.data() + g0);
         }
         for (int64_t r = 0; r < R; ++r) {
           A* o = out + (t0 + r) * H * D + h * D;
