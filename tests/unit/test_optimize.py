@@ -72,6 +72,26 @@ def test_small_linear_matches_reference(dtype):
 
 
 @native
+@pytest.mark.parametrize("M", [1, 5])
+def test_small_linear_same_result_for_any_thread_count(M):
+    """Threads share the weight rows dynamically (each starts on its own share, then takes blocks left in others):
+    every row is computed exactly once, and which thread computes it does not change a bit."""
+    op = torch.ops.skiplayer.small_linear
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(M, 64, generator=g), torch.randn(1001, 64, generator=g).half()  # 63 blocks, odd last row
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3, 7):
+            torch.set_num_threads(threads)
+            results.append(op(x, w, None, None, True))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(results[0], F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
+@native
 @pytest.mark.parametrize("dtype,quantize", [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "int8")])
 @pytest.mark.parametrize("arch,tie", [("llama", False), ("qwen2", True)])
 def test_native_block_equals_steps_bitwise(dtype, quantize, arch, tie):

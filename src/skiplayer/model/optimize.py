@@ -42,6 +42,7 @@ _KERNEL_SRC = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -174,22 +175,36 @@ void rows_any(int64_t M, const float* x, const W* w, const float* scale, const f
   }
 }
 
+// Each thread starts on its own contiguous share of the blocks of weight rows (one sequential stream per thread) and,
+// once done, takes the blocks left in the other shares, one block at a time. A static split waited for the slower
+// core: on this VM the two cores' speeds differ from minute to minute, and a five-position pass spent ~5% waiting.
+// Which thread computes a row does not change its result (tile is batch- and split-invariant).
+struct alignas(64) NextBlock { std::atomic<int64_t> v; };
+
 template <bool PACKED, typename W>
 void run(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K, int64_t N) {
   // More than 6 input rows (12 accumulators + 2 weights + 1 input fill the 16 AVX2 registers): even chunks of <= 6
   // rows over the same block of weight rows, which is still in cache.
   const int64_t chunks = (M + 5) / 6;
   constexpr int64_t BLOCK = 16;  // weight rows per task (even: packed pairs stay whole)
-  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t n0 = b0 * BLOCK, n1 = std::min(N, b1 * BLOCK);
-    for (int64_t n = n0; n < n1; n += BLOCK) {
-      const int64_t ne = std::min(n1, n + BLOCK);
-      for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-        const int64_t mc = (M - m0) / (chunks - c);
-        rows_any<PACKED, W>(mc, x + m0 * K, w, scale, bias, y + m0 * N, K, N, n, ne);
-        m0 += mc;
-      }
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::vector<NextBlock> next(shares);
+  for (int64_t s = 0; s < shares; ++s) next[s].v.store(s * blocks / shares, std::memory_order_relaxed);
+  auto block = [&](int64_t b) {
+    const int64_t n = b * BLOCK, ne = std::min(N, n + BLOCK);
+    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+      const int64_t mc = (M - m0) / (chunks - c);
+      rows_any<PACKED, W>(mc, x + m0 * K, w, scale, bias, y + m0 * N, K, N, n, ne);
+      m0 += mc;
     }
+  };
+  at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < shares; ++i) {  // its own share first, then the others'
+        const int64_t s = (t + i) % shares, end = (s + 1) * blocks / shares;
+        for (int64_t b; (b = next[s].v.fetch_add(1, std::memory_order_relaxed)) < end;) block(b);
+      }
   });
 }
 
