@@ -103,6 +103,17 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// f(A{}) for the activation dtype A that t names (float32, bfloat16 or float16); any other dtype fails with `error`.
+template <typename F>
+decltype(auto) with_activation_dtype(at::ScalarType t, const char* error, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, error);
+  }
+}
+
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -297,12 +308,8 @@ at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const c10::
   TORCH_CHECK(!residual || (residual->sizes() == at::IntArrayRef({x.size(0), w.size(0)}) &&
                             residual->scalar_type() == x.scalar_type() && residual->is_contiguous()),
               "small_linear: the residual must be a contiguous (M, N) tensor of x's dtype");
-  switch (x.scalar_type()) {
-    case at::kFloat: return linear_rows<float>(x, w, scale, bias, packed, residual);
-    case at::kBFloat16: return linear_rows<at::BFloat16>(x, w, scale, bias, packed, residual);
-    case at::kHalf: return linear_rows<at::Half>(x, w, scale, bias, packed, residual);
-    default: TORCH_CHECK(false, "small_linear: float32, bfloat16 or float16 activations expected");
-  }
+  return with_activation_dtype(x.scalar_type(), "small_linear: float32, bfloat16 or float16 activations expected",
+                               [&](auto a) { return linear_rows<decltype(a)>(x, w, scale, bias, packed, residual); });
 }
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
@@ -345,16 +352,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty_like(xc);
   const int64_t T = xc.size(0), D = xc.size(1);
-  switch (xc.scalar_type()) {
-    case at::kFloat: rms_norm_rows(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(), T, D, eps); break;
-    case at::kBFloat16:
-      rms_norm_rows(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), T, D, eps);
-      break;
-    case at::kHalf:
-      rms_norm_rows(xc.data_ptr<at::Half>(), wc.data_ptr<at::Half>(), y.data_ptr<at::Half>(), T, D, eps);
-      break;
-    default: TORCH_CHECK(false, "rms_norm: float32, bfloat16 or float16 expected");
-  }
+  with_activation_dtype(xc.scalar_type(), "rms_norm: float32, bfloat16 or float16 expected", [&](auto a) {
+    using A = decltype(a);
+    rms_norm_rows(xc.data_ptr<A>(), wc.data_ptr<A>(), y.data_ptr<A>(), T, D, eps);
+  });
   return y;
 }
 
@@ -390,18 +391,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const at::Tensor gu = gate_up.contiguous();
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
   at::Tensor out = at::empty({T, I}, gu.options());
-  // rows split over threads only for long blocks (prefill): a few rows are cheaper than the hand-off
-  auto rows = [&](const auto* g, auto* o) {
+  with_activation_dtype(gu.scalar_type(), "silu_mul: float32, bfloat16 or float16 expected", [&](auto a) {
+    using A = decltype(a);
+    const A* g = gu.data_ptr<A>();
+    A* o = out.data_ptr<A>();
+    // rows split over threads only for long blocks (prefill): a few rows are cheaper than the hand-off
     at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
       silu_mul_rows(g + t0 * 2 * I, o + t0 * I, t1 - t0, I);
     });
-  };
-  switch (gu.scalar_type()) {
-    case at::kFloat: rows(gu.data_ptr<float>(), out.data_ptr<float>()); break;
-    case at::kBFloat16: rows(gu.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>()); break;
-    case at::kHalf: rows(gu.data_ptr<at::Half>(), out.data_ptr<at::Half>()); break;
-    default: TORCH_CHECK(false, "silu_mul: float32, bfloat16 or float16 expected");
-  }
+  });
   return out;
 }
 
@@ -648,20 +646,11 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
               "rope_cache_attention: one dtype expected for qkv, rope tables and caches");
   const at::Tensor q = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous();
   at::Tensor out = at::empty({attend ? T : 0, n_heads * D}, q.options());
-  if (dt == at::kFloat) {
-    attention_impl<float>(q.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), kc.data_ptr<float>(),
-                          vc.data_ptr<float>(), out.data_ptr<float>(), T, start, n_heads, n_kv_heads, D, L, attend);
-  } else if (dt == at::kBFloat16) {
-    using B = at::BFloat16;
-    attention_impl<B>(q.data_ptr<B>(), c.data_ptr<B>(), s.data_ptr<B>(), kc.data_ptr<B>(), vc.data_ptr<B>(),
-                      out.data_ptr<B>(), T, start, n_heads, n_kv_heads, D, L, attend);
-  } else if (dt == at::kHalf) {
-    using F16 = at::Half;
-    attention_impl<F16>(q.data_ptr<F16>(), c.data_ptr<F16>(), s.data_ptr<F16>(), kc.data_ptr<F16>(),
-                        vc.data_ptr<F16>(), out.data_ptr<F16>(), T, start, n_heads, n_kv_heads, D, L, attend);
-  } else {
-    TORCH_CHECK(false, "rope_cache_attention: float32, bfloat16 or float16 expected");
-  }
+  with_activation_dtype(dt, "rope_cache_attention: float32, bfloat16 or float16 expected", [&](auto a) {
+    using A = decltype(a);
+    attention_impl<A>(q.data_ptr<A>(), c.data_ptr<A>(), s.data_ptr<A>(), kc.data_ptr<A>(), vc.data_ptr<A>(),
+                      out.data_ptr<A>(), T, start, n_heads, n_kv_heads, D, L, attend);
+  });
   return out;
 }
 
