@@ -139,8 +139,10 @@ inline void tile(const float* x, const W* w, const float* scale, const float* bi
   auto at = [&](int r, int64_t k) { return PACKED ? base + k * R + r * 8 : base + r * K + k; };
 #pragma GCC unroll 2
   for (int64_t k = 0; k < K8; k += 8) {
-    if (PACKED) {  // one stream: to L1 2 KiB ahead, and to L2 8 KiB ahead (5-position products ~13% faster on Zen 4)
-      if (((k * R * sizeof(W)) & 63) == 0) {
+    // Packed: one stream, prefetched to L1 2 KiB ahead and to L2 8 KiB ahead when there are several input rows
+    // (5-position products ~13% faster on Zen 4). One row: the hardware prefetcher alone (~10% faster on Zen 4).
+    if (PACKED) {
+      if (M > 1 && ((k * R * sizeof(W)) & 63) == 0) {
         _mm_prefetch(reinterpret_cast<const char*>(at(0, k)) + 2048, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(at(0, k)) + 8192, _MM_HINT_T1);
       }
