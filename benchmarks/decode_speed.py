@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -54,6 +55,8 @@ def main():
     p.add_argument("--hf_early_exit", default="8,24", help="E values for HF assistant_early_exit ('' to skip)")
     p.add_argument("--output_json", default=None)
     args = p.parse_args()
+    if args.output_json:  # made now: a missing folder must not lose the run at the end
+        os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
 
     loaded = load_model(args.model, dtype=args.dtype)
     hf, _ = load_hf(loaded.hf_path, loaded.dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 
 from skiplayer.bench.runner import measure, use_chat_template
@@ -53,6 +54,8 @@ def main():
     p.add_argument("--draft", default=None, help="calibrated draft artifact (skiplayer calibrate)")
     p.add_argument("--output_json", default=None)
     args = p.parse_args()
+    if args.output_json:  # made now: a missing folder must not lose the run at the end
+        os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
 
     loaded = load_model(args.model, dtype=args.dtype)
     draft = load_draft(args.draft, loaded) if args.draft else None

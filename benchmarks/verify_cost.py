@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import time
 
@@ -60,6 +61,21 @@ def load_avg() -> str:
         return open("/proc/loadavg").read().split()[0]
     except OSError:
         return "?"
+
+
+def cpu_name() -> str:
+    """The CPU the numbers come from: sessions here have run on different kinds (Zen 3 with AVX2 only, Zen 4 with
+    AVX-512), and prefetching and small-batch products behave differently on them."""
+    info = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or "unknown CPU"
+    family = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
+    return f"{name}{family}, torch capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def stream_gbps(repeats: int) -> float:
@@ -181,6 +197,8 @@ def main(argv=None):
     p.add_argument("--update_readme", default=None, metavar="README.md",
                    help="also write the printed tables, with this command, between the verify_cost markers there")
     args = p.parse_args(argv)
+    if args.output_json:  # made now: a missing folder must not lose the run at the end
+        os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -244,7 +262,7 @@ def main(argv=None):
         for k, m in models.items():
             rows[k]["quality"] = quality(ref, m, prompts_ids, text_ids, args.tokens)
 
-    out = []
+    out = [f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"]
     out.append(f"streaming read: {bw:.1f} GB/s (start), {bw_end:.1f} GB/s (end); load now {load_avg()}; "
           f"{args.tokens} new tokens x {len(PROMPTS)} prompts, {args.repeats} repeats, kernels={args.kernels}, "
           f"compile={args.compile}")
@@ -279,7 +297,7 @@ def main(argv=None):
         update_readme(args.update_readme, out)
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "stream_GBps": [bw, bw_end], "matmul_GFLOPs": gflops,
+            json.dump({"args": vars(args), "cpu": cpu_name(), "stream_GBps": [bw, bw_end], "matmul_GFLOPs": gflops,
                        "hf_tok_s": hf_tok_s, "configs": rows,
                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}, f, indent=1)
 
