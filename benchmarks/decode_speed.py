@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.errors import output_file
 from skiplayer.model.load import load_hf, load_model
 from skiplayer.policies import PolicyConfig
 
@@ -53,10 +53,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--speculative", default="8:4,16:4,24:3", help="E:k pairs for our self-speculative")
     p.add_argument("--hf_early_exit", default="8,24", help="E values for HF assistant_early_exit ('' to skip)")
-    p.add_argument("--output_json", default=None)
+    p.add_argument("--output_json", default=None, type=output_file)
     args = p.parse_args()
-    if args.output_json:  # made now: a missing folder must not lose the run at the end
-        os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
 
     loaded = load_model(args.model, dtype=args.dtype)
     hf, _ = load_hf(loaded.hf_path, loaded.dtype)

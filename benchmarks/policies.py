@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections import defaultdict
 
 from skiplayer.bench.runner import measure, use_chat_template
 from skiplayer.data.datasets import DATASETS, load_dataset
 from skiplayer.decoding.generate import GenerationConfig
 from skiplayer.draft_artifact import load_draft
+from skiplayer.errors import output_file
 from skiplayer.model.load import load_model
 from skiplayer.options import DEFAULT_DTYPE
 from skiplayer.policies import PolicyConfig
@@ -52,10 +52,8 @@ def main():
     p.add_argument("--only", default=None, help="comma-separated configuration names to run (autoregressive always "
                    "runs), e.g. --only adaptive")
     p.add_argument("--draft", default=None, help="calibrated draft artifact (skiplayer calibrate)")
-    p.add_argument("--output_json", default=None)
+    p.add_argument("--output_json", default=None, type=output_file)
     args = p.parse_args()
-    if args.output_json:  # made now: a missing folder must not lose the run at the end
-        os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
 
     loaded = load_model(args.model, dtype=args.dtype)
     draft = load_draft(args.draft, loaded) if args.draft else None

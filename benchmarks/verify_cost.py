@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from skiplayer.errors import output_file
 from skiplayer.model.load import load_hf, load_model
 from skiplayer.model.optimize import optimize_model, weight_bytes_per_token
 
@@ -193,12 +194,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--hf", action="store_true", help="also time HF generate (greedy, fp32) as the reference")
     p.add_argument("--quality", action="store_true", help="agreement with fp32 and T=1 vs T=5 argmax flips")
-    p.add_argument("--output_json", default=None)
+    p.add_argument("--output_json", default=None, type=output_file)
     p.add_argument("--update_readme", default=None, metavar="README.md",
                    help="also write the printed tables, with this command, between the verify_cost markers there")
     args = p.parse_args(argv)
-    if args.output_json:  # made now: a missing folder must not lose the run at the end
-        os.makedirs(os.path.dirname(args.output_json) or ".", exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -262,7 +261,8 @@ def main(argv=None):
         for k, m in models.items():
             rows[k]["quality"] = quality(ref, m, prompts_ids, text_ids, args.tokens)
 
-    out = [f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"]
+    cpu = cpu_name()
+    out = [f"CPU: {cpu}, {torch.get_num_threads()} threads"]
     out.append(f"streaming read: {bw:.1f} GB/s (start), {bw_end:.1f} GB/s (end); load now {load_avg()}; "
           f"{args.tokens} new tokens x {len(PROMPTS)} prompts, {args.repeats} repeats, kernels={args.kernels}, "
           f"compile={args.compile}")
@@ -297,7 +297,7 @@ def main(argv=None):
         update_readme(args.update_readme, out)
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "cpu": cpu_name(), "stream_GBps": [bw, bw_end], "matmul_GFLOPs": gflops,
+            json.dump({"args": vars(args), "cpu": cpu, "stream_GBps": [bw, bw_end], "matmul_GFLOPs": gflops,
                        "hf_tok_s": hf_tok_s, "configs": rows,
                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}, f, indent=1)
 

@@ -19,7 +19,7 @@ from skiplayer.bench.report import pareto_front
 from skiplayer.bench.runner import RowStore, append_row, first_difference, read_rows
 from skiplayer.bench.sweep import parse_list
 from skiplayer.cli import main
-from skiplayer.errors import UserError
+from skiplayer.errors import UserError, output_file
 from tests.conftest import tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,3 +334,19 @@ def test_small_helpers():
     fast_d = {**full, "new_tokens": 11, "wall_time": 1.5, "prefill_time": 0.5, "tokens_per_second": 11 / 1.5}
     slow_d = {**full, "new_tokens": 11, "wall_time": 2.5, "prefill_time": 0.5, "tokens_per_second": 11 / 2.5}
     assert runner.speedup([(fast_d, slow_d)])["decode"] == pytest.approx((10 / 1.0) / (10 / 2.0))
+
+
+def test_output_file_makes_its_folder_at_parse_time_and_refuses_bad_paths_in_one_line(tmp_path, capsys):
+    import argparse
+    p = argparse.ArgumentParser(prog="bench")
+    p.add_argument("--output_json", type=output_file)
+    target = tmp_path / "runs" / "deeper" / "out.json"
+    assert p.parse_args(["--output_json", str(target)]).output_json == str(target)
+    assert target.parent.is_dir() and not target.exists()  # the folder now, the file only when the run ends
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--output_json", str(blocker / "out.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bench: error: argument --output_json: cannot create the folder") and "Traceback" not in err
