@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"skiplayer {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be read or written (e.g. --output_dir under a file): one line too
+        where = f" {e.filename}" if e.filename else ""
+        print(f"skiplayer {args.command}: error: cannot use{where}: {e.strerror or e}; check the path and its "
+              f"permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

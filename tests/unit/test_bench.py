@@ -193,6 +193,11 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys):
     assert main(["sweep", "--model", str(tiny["model"]), "--datasets", "custom_jsonl", "--data_path",
                  str(tiny["data"]), "--exit_layers", "2:x", "--output_dir", str(tmp_path / "z")]) == 2
     assert "--exit_layers" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(bench_args(tiny, blocker / "out")) == 2   # an output folder that cannot be made
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(blocker) in err and "Traceback" not in err
 
 
 def test_multi_turn_and_autoregressive_only(tiny, tmp_path):
