@@ -14,6 +14,7 @@ from skiplayer.decoding.self_speculative import speculative_round
 from skiplayer.decoding.stats import Clock, GenerationStats
 from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.errors import check
+from skiplayer.model.cuda_graphs import decode_step
 from skiplayer.model.llama import Transformer
 from skiplayer.policies import PolicyConfig, build_policy
 
@@ -104,7 +105,10 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
             policy = build_policy(config.policy, model.n_layers, costs, draft.acceptance if draft else None)
 
     t0 = clock.now()
-    cache = model.new_cache(total, head.extra_layers if speculative else 0)
+    if speculative:
+        cache = model.new_cache(total, head.extra_layers)
+    else:  # one token per step: on CUDA a replayed CUDA graph (model/cuda_graphs.py), else model.forward
+        step, cache = decode_step(model, total)
     taps = head.taps(0, cache) if speculative else None  # attention adapters read the prompt's states
     h = model.forward_layers(model.embed(torch.tensor(prompt_ids, device=device)), 0, cache, 0, model.n_layers, taps)
     logits = model.logits(h[-1:])[-1]
@@ -117,7 +121,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
             new = speculative_round(model, cache, token, pos, budget, policy, head, config.sampling, generator,
                                     clock, stop_ids)
         else:
-            logits = model.forward(torch.tensor([token], device=device), pos, cache)[-1]
+            logits = step(token, pos)
             new = [_select(logits, config.sampling, generator)]
         pos += len(new)
         token = new[-1]

@@ -1,0 +1,137 @@
+"""The static-shape decode step (model/cuda_graphs.py): same logits as the eager forward, compilable as one graph,
+and the CUDA graph runner gives the same greedy tokens as eager decoding (skipped without CUDA)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.model import cuda_graphs
+from skiplayer.model.cuda_graphs import decode_step, static_decode_step
+from skiplayer.model.llama import Transformer
+from tests.conftest import tiny_hf_model
+from tests.helpers import predictable_model
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _prefill(model: Transformer, prompt: list[int], size: int):
+    cache = model.new_cache(size)
+    logits = model(torch.tensor(prompt), 0, cache)[-1]
+    return cache, int(logits.argmax())
+
+
+def _garbage_past(cache, start: int):
+    """Fill every position from `start` on with large values: the static step must mask them out."""
+    with torch.no_grad():
+        cache.k[:, :, start:].normal_(0, 50)
+        cache.v[:, :, start:].normal_(0, 50)
+
+
+def _compare(step_fn, model: Transformer, prompt: list[int], steps: int, size: int = 40):
+    """Feed the same varied tokens to the eager forward and to step_fn(k, v, token, pos) on a copy of its cache
+    (garbage past the prompt); return the largest logit difference and both argmax lists."""
+    eager_cache, _ = _prefill(model, prompt, size)
+    static_cache, _ = _prefill(model, prompt, size)
+    _garbage_past(static_cache, len(prompt))
+    eager_tokens, static_tokens, worst = [], [], 0.0
+    for i in range(steps):
+        pos, token = len(prompt) + i, (7 * i + 4) % model.args.vocab_size
+        expected = model(torch.tensor([token]), pos, eager_cache)[-1]
+        got = step_fn(static_cache.k, static_cache.v, torch.tensor([token]), torch.tensor([pos]))[0]
+        worst = max(worst, float((expected - got).abs().max()))
+        eager_tokens.append(int(expected.argmax()))
+        static_tokens.append(int(got.argmax()))
+    return worst, eager_tokens, static_tokens
+
+
+@pytest.mark.parametrize("tie,n_kv_heads", [(False, 2), (True, 4)])
+def test_static_step_matches_eager_forward(tie, n_kv_heads):
+    model = Transformer.from_hf(tiny_hf_model("llama", seed=3, n_layers=3, tie=tie, n_kv_heads=n_kv_heads))
+    with torch.inference_mode():
+        worst, eager, static = _compare(lambda k, v, t, p: static_decode_step(model, k, v, t, p), model,
+                                        [5, 9, 11, 7, 5, 9], steps=8)
+    assert worst < 1e-4, worst
+    assert eager == static
+    assert len(set(eager)) > 1  # the logits differed from step to step
+
+
+def test_static_step_writes_cache_at_position():
+    model = Transformer.from_hf(tiny_hf_model("llama", seed=1, n_layers=2))
+    with torch.inference_mode():
+        eager_cache, token = _prefill(model, [4, 5, 6], 16)
+        static_cache, _ = _prefill(model, [4, 5, 6], 16)
+        model(torch.tensor([token]), 3, eager_cache)
+        static_decode_step(model, static_cache.k, static_cache.v, torch.tensor([token]), torch.tensor([3]))
+    torch.testing.assert_close(static_cache.k[:, :, :4], eager_cache.k[:, :, :4], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static_cache.v[:, :, :4], eager_cache.v[:, :, :4], rtol=1e-5, atol=1e-6)
+    assert float(static_cache.k[:, :, 4:].abs().max()) == 0.0  # nothing written past the position
+
+
+def test_static_step_compiles_without_graph_breaks():
+    """One graph (fullgraph=True) with static shapes: what CUDA graph capture and inductor need. aot_eager traces
+    and functionalizes it (the in-place cache writes included) like inductor does, without inductor's code
+    generation (~57 s for this tiny model on the 2-core machine)."""
+    torch._dynamo.reset()
+    model = Transformer.from_hf(tiny_hf_model("llama", seed=2, n_layers=2))
+
+    def step(k, v, token, pos):
+        return static_decode_step(model, k, v, token, pos)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.no_grad():
+        worst, eager, static = _compare(compiled, model, [8, 3, 8, 3], steps=4, size=24)
+    assert worst < 1e-4, worst
+    assert eager == static
+
+
+def test_decode_step_is_eager_forward_off_cuda():
+    model = predictable_model(seed=1)
+    step, cache = decode_step(model, 20)
+    assert cache.max_len == 20 and not isinstance(step, cuda_graphs._Fallback)
+    with torch.inference_mode():
+        cache_ref, token = _prefill(model, [4, 5], 20)
+        model(torch.tensor([4, 5]), 0, cache)
+        torch.testing.assert_close(step(token, 2), model(torch.tensor([token]), 2, cache_ref)[-1])
+    assert cache.lengths == [3] * model.n_layers
+
+
+def test_fallback_decodes_eagerly_when_capture_fails():
+    model = predictable_model(seed=1)
+    cache = model.new_cache(16)
+
+    class Broken(cuda_graphs.GraphStep):
+        def capture(self):
+            raise RuntimeError("no graphs here")
+
+    fallback = cuda_graphs._Fallback(Broken(model, cache))
+    with torch.inference_mode():
+        model(torch.tensor([4, 5, 6]), 0, cache)
+        ref_cache, _ = _prefill(model, [4, 5, 6], 16)
+        with pytest.warns(UserWarning, match="capture failed"):
+            got = fallback(7, 3)
+        torch.testing.assert_close(got, model(torch.tensor([7]), 3, ref_cache)[-1])
+        torch.testing.assert_close(fallback(8, 4), model(torch.tensor([8]), 4, ref_cache)[-1])
+
+
+@needs_cuda
+def test_cuda_graph_decoding_matches_eager():
+    torch.manual_seed(0)
+    model = predictable_model(seed=4).cuda()
+    config = GenerationConfig(max_steps=24)
+    prompt = [5, 9, 11, 5, 9, 11, 5]
+    saved = cuda_graphs.ENABLED
+    try:
+        cuda_graphs.ENABLED = False
+        eager, _, _ = generate_ids(model, prompt, config)
+        cuda_graphs.ENABLED = True
+        graphed, _, _ = generate_ids(model, prompt, config)
+        again, _, _ = generate_ids(model, prompt[:4], config)  # the same graph, another prompt
+        cuda_graphs.ENABLED = False
+        eager_again, _, _ = generate_ids(model, prompt[:4], config)
+    finally:
+        cuda_graphs.ENABLED = saved
+    assert graphed == eager
+    assert again == eager_again
+    step = next(iter(model._decode_graphs.values()))
+    assert step.failed is None and step.step.graph is not None
