@@ -1,0 +1,662 @@
+// The native kernels for AVX2 + FMA + F16C (built with -mavx2 -mfma -mf16c): small-batch products (small_linear),
+// RMSNorm, silu * up, RoPE + KV-cache write + attention, and whole decoder layers. Why they exist and what they
+// guarantee (batch invariance, bit-identical to the Python model): skiplayer/model/optimize.py.
+#include "common.h"
+
+#include <immintrin.h>
+
+namespace skiplayer {
+namespace {
+
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::Half* p, __m256 v) {  // round to nearest even, as c10::Half does
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store8(at::BFloat16* p, __m256 v) {  // round to nearest even, NaN -> 0x7fc0, as c10::BFloat16 does
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                        _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1)));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, bias), 16);
+  b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+template <typename A>
+inline __m256 round8(__m256 v) {  // v rounded to A's precision, widened back
+  if constexpr (std::is_same_v<A, float>) {
+    return v;
+  } else {
+    alignas(32) A t[8];
+    store8(t, v);
+    return load8(t);
+  }
+}
+// e^x for x <= 0 (softmax scores minus their max): Cody-Waite reduction x = k ln2 + r and a degree-6 polynomial
+// (Cephes expf), within a few ulp of std::exp; below -87 it returns ~1e-38 instead of a denormal or 0.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[m, n] = scale[n] * sum_k x[m, k] w[n, k] + bias[n] for M input rows and R weight rows n0..n0+R-1.
+// Each output is one fp32 accumulator chain over k in steps of 8, then a fixed horizontal sum and the scalar tail:
+// the same operations in the same order for every M, R, layout and thread split (batch invariance).
+// PACKED: the weight is stored in pairs of rows interleaved every 8 columns ([n/2][k/8][2][8], an odd last row as
+// is), so a tile of R = 2 rows reads one sequential stream: the hardware prefetcher keeps up, and decoding reads
+// weights about 1.3x faster than from two rows K elements apart (benchmarks/kernels.py).
+template <int M, int R, bool PACKED, typename W>
+inline void tile(const float* x, const W* w, const float* scale, const float* bias, float* y,
+                 int64_t K, int64_t N, int64_t n0) {
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  const W* base = w + n0 * K;
+  // where element (row n0 + r, column k) lies: interleaved in the packed layout, row-major otherwise
+  auto at = [&](int r, int64_t k) { return PACKED ? base + k * R + r * 8 : base + r * K + k; };
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < K8; k += 8) {
+    // Packed: one stream, prefetched to L1 2 KiB ahead and to L2 8 KiB ahead when there are several input rows
+    // (5-position products 13-16% faster on Zen 4). One row: the hardware prefetcher alone (one-row products 6-10%
+    // faster on Zen 4). Neither is timed on Zen 3, where the L1 prefetch alone had been tuned.
+    if (PACKED) {
+      if (M > 1 && ((k * R * sizeof(W)) & 63) == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(at(0, k)) + 2048, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(at(0, k)) + 8192, _MM_HINT_T1);
+      }
+    } else if ((k & 31) == 0) {  // 512 bytes ahead on every weight row: more loads in flight
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(at(r, k)) + 512, _MM_HINT_T0);
+    }
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load8(at(r, k));
+    for (int m = 0; m < M; ++m) {
+      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const W* wr = w + (n0 + r) * K;  // the K % 8 tail is only ever unpacked (packing needs K % 8 == 0)
+    for (int m = 0; m < M; ++m) {
+      float s = hsum8(acc[r][m]);
+      for (int64_t k = K8; k < K; ++k) s += static_cast<float>(wr[k]) * x[m * K + k];
+      if (scale) s *= scale[n0 + r];
+      if (bias) s += bias[n0 + r];
+      y[m * N + n0 + r] = s;
+    }
+  }
+}
+
+template <int M, bool PACKED, typename W>
+void rows(const float* x, const W* w, const float* scale, const float* bias, float* y,
+          int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  // Packed: the pairs it was packed in. Unpacked: four rows for one or two input rows (more independent FMA chains).
+  constexpr int R = PACKED || M > 2 ? 2 : 4;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) tile<M, R, PACKED, W>(x, w, scale, bias, y, K, N, n);
+  for (; n < n1; ++n) tile<M, 1, PACKED, W>(x, w, scale, bias, y, K, N, n);  // an odd last row is stored as is
+}
+
+template <bool PACKED, typename W>
+void rows_any(int64_t M, const float* x, const W* w, const float* scale, const float* bias, float* y,
+              int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return rows<1, PACKED, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 2: return rows<2, PACKED, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 3: return rows<3, PACKED, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 4: return rows<4, PACKED, W>(x, w, scale, bias, y, K, N, n0, n1);
+    case 5: return rows<5, PACKED, W>(x, w, scale, bias, y, K, N, n0, n1);
+    default: return rows<6, PACKED, W>(x, w, scale, bias, y, K, N, n0, n1);
+  }
+}
+
+// Each thread starts on its own contiguous share of the blocks of weight rows (one sequential stream per thread) and,
+// once done, takes what is left of the other shares. Claims shrink from a quarter of what is left to one block.
+// A static split waited for the slower core: on this VM the two cores' speeds differ from minute to minute, and a
+// five-position pass spent ~5% waiting.
+// Which thread computes a row does not change its result (tile is batch- and split-invariant).
+struct alignas(64) NextBlock { std::atomic<int64_t> v; };
+
+template <bool PACKED, typename W>
+void run(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K, int64_t N) {
+  // More than 6 input rows (12 accumulators + 2 weights + 1 input fill the 16 AVX2 registers): even chunks of <= 6
+  // rows over the same block of weight rows, which is still in cache.
+  const int64_t chunks = (M + 5) / 6;
+  constexpr int64_t BLOCK = 16;  // weight rows per task (even: packed pairs stay whole)
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::vector<NextBlock> next(shares);
+  for (int64_t s = 0; s < shares; ++s) next[s].v.store(s * blocks / shares, std::memory_order_relaxed);
+  auto block = [&](int64_t b) {
+    const int64_t n = b * BLOCK, ne = std::min(N, n + BLOCK);
+    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+      const int64_t mc = (M - m0) / (chunks - c);
+      rows_any<PACKED, W>(mc, x + m0 * K, w, scale, bias, y + m0 * N, K, N, n, ne);
+      m0 += mc;
+    }
+  };
+  at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < shares; ++i) {  // its own share first, then the others'
+        const int64_t s = (t + i) % shares, end = (s + 1) * blocks / shares;
+        // one locked add per claim, not per block: it waits for the weight loads in flight (~2% of a 5-position pass)
+        for (int64_t seen; (seen = next[s].v.load(std::memory_order_relaxed)) < end;) {
+          const int64_t take = std::max<int64_t>(1, (end - seen) / 4);
+          const int64_t b0 = next[s].v.fetch_add(take, std::memory_order_relaxed);
+          for (int64_t b = b0; b < std::min(end, b0 + take); ++b) block(b);
+        }
+      }
+  });
+}
+
+template <typename W>
+void run_layout(bool packed, const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M,
+                int64_t K, int64_t N) {
+  if (packed) run<true, W>(x, w, scale, bias, y, M, K, N);
+  else run<false, W>(x, w, scale, bias, y, M, K, N);
+}
+
+// y (M, N) fp32 = x (M, K) fp32 @ w^T, times the int8 scales, plus the bias: the batch-invariant product.
+void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+             const c10::optional<at::Tensor>& bias, float* y, int64_t M, bool packed) {
+  TORCH_CHECK(w.is_contiguous(), "small_linear: contiguous weights expected");
+  TORCH_CHECK(!packed || w.size(1) % 8 == 0, "small_linear: a packed weight needs K % 8 == 0");
+  const int64_t K = w.size(1), N = w.size(0);
+  if (M == 0 || N == 0) return;
+  at::Tensor sc, bc;
+  const float* sp = nullptr;
+  const float* bp = nullptr;
+  if (scale.has_value() && scale->defined()) { sc = scale->to(at::kFloat).contiguous(); sp = sc.data_ptr<float>(); }
+  if (bias.has_value() && bias->defined()) { bc = bias->to(at::kFloat).contiguous(); bp = bc.data_ptr<float>(); }
+  switch (w.scalar_type()) {
+    case at::kFloat: return run_layout(packed, x, w.data_ptr<float>(), sp, bp, y, M, K, N);
+    case at::kBFloat16: return run_layout(packed, x, w.data_ptr<at::BFloat16>(), sp, bp, y, M, K, N);
+    case at::kHalf: return run_layout(packed, x, w.data_ptr<at::Half>(), sp, bp, y, M, K, N);
+    case at::kChar: return run_layout(packed, x, w.data_ptr<int8_t>(), sp, bp, y, M, K, N);
+    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16, float16 or int8");
+  }
+}
+
+// Scratch rows for the kernel, 64-byte aligned: it reads x 32 bytes at a time, and rows starting 16 bytes into a
+// cache line (malloc's alignment) split every other load over two lines (5-position products ~4% slower).
+struct FreeDeleter { void operator()(float* p) const { std::free(p); } };
+inline std::unique_ptr<float[], FreeDeleter> aligned_floats(int64_t n) {  // not zero-filled
+  void* p = std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(float) + 63) & ~size_t(63));
+  TORCH_CHECK(p || n == 0, "small_linear: out of memory");
+  return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
+}
+
+// The product of x (M, K) in dtype A and w, in A, plus `residual` (M, N) when given, rounded as the tensor ops it
+// replaces round (the product to A, then the sum in fp32 to A: at::add's rounding). In decoder_layers those ops
+// (x to fp32, y back to A, the residual add: ~20 dispatched ops per layer) ran on one thread while the other waited.
+template <typename A>
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& bias, bool packed, const at::Tensor* residual) {
+  constexpr bool F32 = std::is_same_v<A, float>;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), MN = M * N;
+  const A* xa = x.data_ptr<A>();
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (F32 && !residual) {  // nothing to convert or add: the product goes straight to the output
+    product(reinterpret_cast<const float*>(xa), w, scale, bias, reinterpret_cast<float*>(out.data_ptr<A>()), M, packed);
+    return out;
+  }
+  std::unique_ptr<float[], FreeDeleter> xbuf;
+  const float* xf = reinterpret_cast<const float*>(xa);
+  if constexpr (!F32) {
+    xbuf = aligned_floats(M * K);
+    int64_t i = 0;
+    for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(xbuf.get() + i, load8(xa + i));
+    for (; i < M * K; ++i) xbuf[i] = static_cast<float>(xa[i]);
+    xf = xbuf.get();
+  }
+  const auto ybuf = aligned_floats(MN);  // the kernel writes every element
+  product(xf, w, scale, bias, ybuf.get(), M, packed);
+  A* o = out.data_ptr<A>();
+  const A* r = residual ? residual->data_ptr<A>() : nullptr;
+  int64_t i = 0;
+  for (; i + 8 <= MN; i += 8) {
+    __m256 v = round8<A>(_mm256_loadu_ps(ybuf.get() + i));
+    if (r) v = _mm256_add_ps(load8(r + i), v);
+    store8(o + i, v);
+  }
+  for (; i < MN; ++i) {
+    const A v = static_cast<A>(ybuf[i]);
+    o[i] = r ? static_cast<A>(static_cast<float>(r[i]) + static_cast<float>(v)) : v;
+  }
+  return out;
+}
+
+// [residual +] x @ w^T in x's dtype (float32, bfloat16 or float16): linear_rows for that dtype.
+at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                           const c10::optional<at::Tensor>& bias, bool packed, const at::Tensor* residual) {
+  TORCH_CHECK(!residual || (residual->sizes() == at::IntArrayRef({x.size(0), w.size(0)}) &&
+                            residual->scalar_type() == x.scalar_type() && residual->is_contiguous()),
+              "small_linear: the residual must be a contiguous (M, N) tensor of x's dtype");
+  return with_activation_dtype(x.scalar_type(), "small_linear: float32, bfloat16 or float16 activations expected",
+                               [&](auto a) { return linear_rows<decltype(a)>(x, w, scale, bias, packed, residual); });
+}
+
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                        const c10::optional<at::Tensor>& bias, bool float_out, bool packed) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K), w (N, K) expected");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  if (!float_out || x.scalar_type() == at::kFloat) return linear_in_dtype(xc, wc, scale, bias, packed, nullptr);
+  const at::Tensor xf = xc.to(at::kFloat);
+  at::Tensor y = at::empty({xf.size(0), wc.size(0)}, xf.options());
+  product(xf.data_ptr<float>(), wc, scale, bias, y.data_ptr<float>(), xf.size(0), packed);
+  return y;
+}
+
+// ---- RMSNorm as HF Llama computes it: normalise in fp32, round to the model dtype, then scale by the weight. ----
+template <typename A>
+void rms_norm_rows(const A* x, const A* w, A* y, int64_t T, int64_t D, double eps) {
+  const int64_t D8 = D & ~int64_t(7);
+  for (int64_t t = 0; t < T; ++t) {
+    const A* xr = x + t * D;
+    A* yr = y + t * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) acc = _mm256_fmadd_ps(load8(xr + d), load8(xr + d), acc);
+    float ss = hsum8(acc);
+    for (int64_t d = D8; d < D; ++d) { const float v = static_cast<float>(xr[d]); ss += v * v; }
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+    const __m256 rv = _mm256_set1_ps(r);
+    for (int64_t d = 0; d < D8; d += 8)
+      store8(yr + d, _mm256_mul_ps(load8(w + d), round8<A>(_mm256_mul_ps(load8(xr + d), rv))));
+    for (int64_t d = D8; d < D; ++d) {
+      const A n = static_cast<A>(static_cast<float>(xr[d]) * r);
+      yr[d] = static_cast<A>(static_cast<float>(w[d]) * static_cast<float>(n));
+    }
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && x.scalar_type() == w.scalar_type(),
+              "rms_norm: x (T, D) and w (D) of one dtype expected");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t T = xc.size(0), D = xc.size(1);
+  with_activation_dtype(xc.scalar_type(), "rms_norm: float32, bfloat16 or float16 expected", [&](auto a) {
+    using A = decltype(a);
+    rms_norm_rows(xc.data_ptr<A>(), wc.data_ptr<A>(), y.data_ptr<A>(), T, D, eps);
+  });
+  return y;
+}
+
+// ---- silu(gate) * up of the fused gate/up projection: (T, 2I) -> (T, I), rounded as at::silu then at::mul round
+// (silu to A, the product to A). One pass instead of four dispatched ops (two narrows, silu, mul: ~15 us a layer
+// at one position, most of it dispatch). exp is exp8, not the one at::silu uses (the two can differ by an ulp), so
+// FeedForward uses this op too wherever the native kernels run: the per-op path and decoder_layers stay identical.
+template <typename A>
+void silu_mul_rows(const A* gu, A* out, int64_t T, int64_t I) {
+  const int64_t I8 = I & ~int64_t(7);
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f), cap = _mm256_set1_ps(88.f),
+               huge = _mm256_set1_ps(88.7228f);  // ln(FLT_MAX): e^-x overflows to inf above it
+  for (int64_t t = 0; t < T; ++t) {
+    const A* g = gu + t * 2 * I;
+    const A* u = g + I;
+    A* o = out + t * I;
+    for (int64_t d = 0; d < I8; d += 8) {
+      const __m256 x = load8(g + d), nx = _mm256_xor_ps(x, sign);
+      __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_min_ps(nx, cap))));  // exp8 has no overflow
+      s = _mm256_blendv_ps(s, _mm256_and_ps(x, sign), _mm256_cmp_ps(nx, huge, _CMP_GT_OQ));  // x / inf = -0
+      store8(o + d, _mm256_mul_ps(round8<A>(s), load8(u + d)));
+    }
+    for (int64_t d = I8; d < I; ++d) {
+      const float x = static_cast<float>(g[d]);
+      const A s = static_cast<A>(x / (1.f + std::exp(-x)));
+      o[d] = static_cast<A>(static_cast<float>(s) * static_cast<float>(u[d]));
+    }
+  }
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up (T, 2I) expected");
+  const at::Tensor gu = gate_up.contiguous();
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, gu.options());
+  with_activation_dtype(gu.scalar_type(), "silu_mul: float32, bfloat16 or float16 expected", [&](auto a) {
+    using A = decltype(a);
+    const A* g = gu.data_ptr<A>();
+    A* o = out.data_ptr<A>();
+    // rows split over threads only for long blocks (prefill): a few rows are cheaper than the hand-off
+    at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
+      silu_mul_rows(g + t0 * 2 * I, o + t0 * I, t1 - t0, I);
+    });
+  });
+  return out;
+}
+
+// ---- RoPE + KV-cache write + causal grouped-query attention for a block of T positions at `start`. ----
+// qkv (T, (H + 2G) * D) is the fused projection; cos/sin (T, D) the rope tables of positions start..start+T-1;
+// kc/vc (G, L, D) are one layer's cache buffers. Rotated K and V are written at [start, start+T); with `attend` the
+// result (T, H*D) of softmax(q k^T / sqrt(D)) v over keys 0..start+i for row i is returned. q stays fp32; scores,
+// softmax and the weighted sum are fp32 and run over the keys in order, one row at a time: a row's result does not
+// depend on T (batch invariance).
+template <typename A>
+void rope_row(const A* x, const A* cos, const A* sin, float* out, int64_t D) {
+  const int64_t h = D / 2;
+  if (h % 8 == 0) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 rot = d < h ? _mm256_xor_ps(load8(x + d + h), sign) : load8(x + d - h);
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(load8(x + d), load8(cos + d), _mm256_mul_ps(rot, load8(sin + d))));
+    }
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const float rot = d < h ? -static_cast<float>(x[d + h]) : static_cast<float>(x[d - h]);
+    out[d] = std::fma(static_cast<float>(x[d]), static_cast<float>(cos[d]), rot * static_cast<float>(sin[d]));
+  }
+}
+
+// The four sums of a0..a3, each as ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)).
+inline __m128 hsum8x4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// p[j] = scale * q . k[j] for keys j0 <= j < j1: one FMA chain over d in order per key and the same horizontal
+// sum, whichever path a key takes. Four keys at a time give four independent chains (one at a time waited on the
+// FMA latency).
+template <typename A>
+inline void key_scores(const float* q, const A* k, int64_t j0, int64_t j1, int64_t D, float scale, float* p) {
+  const __m128 sc = _mm_set1_ps(scale);
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const A* k0 = k + j * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qd = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qd, load8(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qd, load8(k0 + D + d), a1);
+      a2 = _mm256_fmadd_ps(qd, load8(k0 + 2 * D + d), a2);
+      a3 = _mm256_fmadd_ps(qd, load8(k0 + 3 * D + d), a3);
+    }
+    _mm_storeu_ps(p + j, _mm_mul_ps(hsum8x4(a0, a1, a2, a3), sc));
+  }
+  for (; j < j1; ++j) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + j * D + d), a);
+    const __m256 z = _mm256_setzero_ps();
+    p[j] = _mm_cvtss_f32(_mm_mul_ps(hsum8x4(a, z, z, z), sc));
+  }
+}
+
+// p[0, n) = exp(p - max p), in place; returns 1 / sum. exp eight at a time (a scalar std::exp per key took about
+// half of the attention time).
+inline float softmax_row(float* p, int64_t n) {
+  __m256 m8 = _mm256_set1_ps(-INFINITY);  // the max, eight lanes at a time (a scalar max waited on each compare)
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(p + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m8);
+  float m = *std::max_element(lanes, lanes + 8);
+  for (; i < n; ++i) m = std::max(m, p[i]);
+  const __m256 mx = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), mx));
+    _mm256_storeu_ps(p + j, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum8(sv);
+  for (; j < n; ++j) { p[j] = std::exp(p[j] - m); sum += p[j]; }
+  return 1.f / sum;
+}
+
+// acc[0, 8C) += sum_j p[j] v[j * D + (0, 8C)] over keys j0 <= j < j1 in order, keys in the outer loop: C independent
+// FMA chains. C is a compile-time constant so that the accumulators stay in registers (with a run-time count they
+// lived on the stack: half the attention time).
+template <int C, typename A>
+inline void weighted_sum(const float* p, const A* v, int64_t j0, int64_t j1, int64_t D, float* acc) {
+  __m256 a[C];
+  for (int i = 0; i < C; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
+  for (int64_t j = j0; j < j1; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int i = 0; i < C; ++i) a[i] = _mm256_fmadd_ps(pj, load8(v + j * D + 8 * i), a[i]);
+  }
+  for (int i = 0; i < C; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+template <typename A>
+inline void weighted_sum_any(const float* p, const A* v, int64_t j0, int64_t j1, int64_t D, float* acc) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    switch (std::min<int64_t>(8, (D - d0) / 8)) {
+      case 8: weighted_sum<8>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 7: weighted_sum<7>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 6: weighted_sum<6>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 5: weighted_sum<5>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 4: weighted_sum<4>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 3: weighted_sum<3>(p, v + d0, j0, j1, D, acc + d0); break;
+      case 2: weighted_sum<2>(p, v + d0, j0, j1, D, acc + d0); break;
+      default: weighted_sum<1>(p, v + d0, j0, j1, D, acc + d0); break;
+    }
+  }
+}
+
+// key_scores for NR rows of q (stride D) at once, KEYS keys at a time: each K vector is converted once for all NR
+// rows instead of once per row (5 rows after 600 float16 keys: 16% less time per call). Every key keeps its own
+// FMA chain over d in order and the same horizontal sum (hsum8x4 sums each of its four inputs on its own), so the
+// scores equal key_scores' bit for bit. p rows have stride S.
+template <int NR, typename A>
+inline void key_scores_rows(const float* q, const A* k, int64_t j0, int64_t j1, int64_t D, float scale, float* p,
+                            int64_t S) {
+  constexpr int KEYS = NR <= 2 ? 4 : 2, N = NR * KEYS;  // N <= 10 accumulators
+  const __m128 sc = _mm_set1_ps(scale);
+  const __m256 z = _mm256_setzero_ps();
+  int64_t j = j0;
+  for (; j + KEYS <= j1; j += KEYS) {
+    __m256 a[N + 3];  // [row][key], padded to a multiple of four for the sums
+    for (int i = 0; i < N + 3; ++i) a[i] = z;
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 kv[KEYS];
+      for (int c = 0; c < KEYS; ++c) kv[c] = load8(k + (j + c) * D + d);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 qd = _mm256_loadu_ps(q + r * D + d);
+        for (int c = 0; c < KEYS; ++c) a[r * KEYS + c] = _mm256_fmadd_ps(qd, kv[c], a[r * KEYS + c]);
+      }
+    }
+    for (int i = 0; i < N; i += 4) {
+      alignas(16) float t[4];
+      _mm_store_ps(t, _mm_mul_ps(hsum8x4(a[i], a[i + 1], a[i + 2], a[i + 3]), sc));
+      for (int l = 0; l < 4 && i + l < N; ++l) p[(i + l) / KEYS * S + j + (i + l) % KEYS] = t[l];
+    }
+  }
+  for (int r = 0; r < NR; ++r) key_scores(q + r * D, k, j, j1, D, scale, p + r * S);
+}
+
+// weighted_sum for NR rows at once over keys j0..j1-1, VC vectors of columns at a time: each V vector is converted
+// once for all rows. Per column the sum still runs over the keys in order, as in weighted_sum (bit-identical).
+template <int NR, typename A>
+inline void weighted_sum_rows(const float* p, int64_t S, const A* v, int64_t j0, int64_t j1, int64_t D, float* acc) {
+  constexpr int VC = NR <= 2 ? 4 : 2;  // NR * VC <= 10 accumulators
+  int64_t d0 = 0;
+  for (; d0 + 8 * VC <= D; d0 += 8 * VC) {
+    __m256 a[NR][VC];
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < VC; ++c) a[r][c] = _mm256_loadu_ps(acc + r * D + d0 + 8 * c);
+    for (int64_t j = j0; j < j1; ++j) {
+      __m256 vv[VC];
+      for (int c = 0; c < VC; ++c) vv[c] = load8(v + j * D + d0 + 8 * c);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 pj = _mm256_broadcast_ss(p + r * S + j);
+        for (int c = 0; c < VC; ++c) a[r][c] = _mm256_fmadd_ps(pj, vv[c], a[r][c]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < VC; ++c) _mm256_storeu_ps(acc + r * D + d0 + 8 * c, a[r][c]);
+  }
+  for (; d0 < D; d0 += 8)  // the last columns, 8 at a time, row by row
+    for (int r = 0; r < NR; ++r) weighted_sum<1>(p + r * S, v + d0, j0, j1, D, acc + r * D + d0);
+}
+
+// Rows 0..NR-1 of a group (row r sees keys 0..keys+r-1): scores, softmax and the weighted sum. The keys all rows see
+// go through the NR-row loops, each row's own last keys through the one-row ones (in order, so every chain is the
+// one-row chain); a single row keeps the one-row loops throughout (four keys at a time).
+template <int NR, typename A>
+void attend_rows(const float* q, const A* kh, const A* vh, int64_t keys, int64_t D, float scale, float* p, int64_t S,
+                 float* acc, float* inv) {
+  if constexpr (NR == 1) key_scores(q, kh, 0, keys, D, scale, p);
+  else key_scores_rows<NR>(q, kh, 0, keys, D, scale, p, S);
+  for (int r = 1; r < NR; ++r) key_scores(q + r * D, kh, keys, keys + r, D, scale, p + r * S);
+  for (int r = 0; r < NR; ++r) inv[r] = softmax_row(p + r * S, keys + r);
+  if constexpr (NR == 1) weighted_sum_any(p, vh, 0, keys, D, acc);
+  else weighted_sum_rows<NR>(p, S, vh, 0, keys, D, acc);
+  for (int r = 1; r < NR; ++r) weighted_sum_any(p + r * S, vh, keys, keys + r, D, acc + r * D);
+}
+
+template <typename A>
+void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
+                    int64_t H, int64_t G, int64_t D, int64_t L, bool attend) {
+  const int64_t row = (H + 2 * G) * D;
+  std::vector<float> tmp(D);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t g = 0; g < G; ++g) {
+      const A* k = qkv + t * row + (H + g) * D;
+      const A* v = qkv + t * row + (H + G + g) * D;
+      rope_row(k, cos + t * D, sin + t * D, tmp.data(), D);
+      A* kd = kc + (g * L + start + t) * D;
+      A* vd = vc + (g * L + start + t) * D;
+      for (int64_t d = 0; d < D; d += 8) store8(kd + d, _mm256_loadu_ps(tmp.data() + d));
+      std::copy(v, v + D, vd);
+    }
+  }
+  if (!attend) return;
+  const int64_t S = start + T, group = H / G;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
+  // Rows of a head are taken up to NR = 5 at a time (a verification block of k + 1 <= 5 positions in one go): each
+  // K and V vector is converted once for all of them. A single row keeps the one-row loops (four keys at a time).
+  constexpr int64_t ROWS = 16, NR = 5;
+  decltype(&attend_rows<1, A>) const group_rows[NR] = {attend_rows<1, A>, attend_rows<2, A>, attend_rows<3, A>,
+                                                        attend_rows<4, A>, attend_rows<5, A>};
+  at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
+    std::vector<float> q(ROWS * D), p(ROWS * S), acc(ROWS * D), inv(ROWS);
+    for (int64_t h = h0; h < h1; ++h) {
+      const A* kh = kc + (h / group) * L * D;
+      const A* vh = vc + (h / group) * L * D;
+      for (int64_t t0 = 0; t0 < T; t0 += ROWS) {
+        const int64_t R = std::min(ROWS, T - t0);  // row r sees keys 0..start+t0+r
+        for (int64_t r = 0; r < R; ++r)
+          rope_row(qkv + (t0 + r) * row + h * D, cos + (t0 + r) * D, sin + (t0 + r) * D, q.data() + r * D, D);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t g0 = 0; g0 < R; g0 += NR) {
+          const int64_t nr = std::min(NR, R - g0), keys = start + t0 + g0 + 1;  // keys all nr rows see
+          group_rows[nr - 1](q.data() + g0 * D, kh, vh, keys, D, scale, p.data() + g0 * S, S, acc.data() + g0 * D,
+                             inv.data() + g0);
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          A* o = out + (t0 + r) * H * D + h * D;
+          const __m256 iv = _mm256_set1_ps(inv[r]);
+          for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + r * D + d), iv));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kc,
+                                at::Tensor vc, int64_t start, int64_t n_heads, int64_t n_kv_heads, bool attend) {
+  const int64_t T = qkv.size(0), D = kc.size(2), L = kc.size(1);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (n_heads + 2 * n_kv_heads) * D && D % 8 == 0 && D % 2 == 0,
+              "rope_cache_attention: qkv (T, (H + 2G) * D) with D a multiple of 8 expected");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() && kc.size(0) == n_kv_heads,
+              "rope_cache_attention: contiguous (G, L, D) caches expected");
+  TORCH_CHECK(start + T <= L && cos.size(0) == T && cos.size(1) == D, "rope_cache_attention: bad positions");
+  const auto dt = qkv.scalar_type();
+  TORCH_CHECK(cos.scalar_type() == dt && sin.scalar_type() == dt && kc.scalar_type() == dt && vc.scalar_type() == dt,
+              "rope_cache_attention: one dtype expected for qkv, rope tables and caches");
+  const at::Tensor q = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous();
+  at::Tensor out = at::empty({attend ? T : 0, n_heads * D}, q.options());
+  with_activation_dtype(dt, "rope_cache_attention: float32, bfloat16 or float16 expected", [&](auto a) {
+    using A = decltype(a);
+    attention_impl<A>(q.data_ptr<A>(), c.data_ptr<A>(), s.data_ptr<A>(), kc.data_ptr<A>(), vc.data_ptr<A>(),
+                      out.data_ptr<A>(), T, start, n_heads, n_kv_heads, D, L, attend);
+  });
+  return out;
+}
+
+// ---- Decoder layers first..first+n-1, each x + attn(norm(x)) then h + mlp(norm(h)), as the Python Block computes
+// it (same ops, same roundings, bit-identical), in one call: a decode step is ~30 layers x 12 small ops, and their
+// Python and dispatch overhead was a quarter of a float16 step of the default model; one call per layer still cost
+// ~40 us of Python each (~10% of a step), hence one call for a whole range of layers. ----
+// Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
+// wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
+// Returns the states entering each layer listed in `keep` (ascending, first < n < first + layers), then the output.
+std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weights,
+                                       const c10::List<c10::optional<at::Tensor>>& scales,
+                                       const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
+                                       const at::Tensor& sin, at::Tensor k, at::Tensor v, int64_t first, int64_t start,
+                                       int64_t n_heads, int64_t n_kv_heads, double eps, bool packed,
+                                       at::IntArrayRef keep) {
+  const int64_t n = qkv_bias.size();
+  TORCH_CHECK(weights.size() == 6 * n && scales.size() == 4 * n, "decoder_layers: 6 weights and 4 scales per layer");
+  TORCH_CHECK(k.dim() == 4 && first >= 0 && first + n <= k.size(0), "decoder_layers: layers outside the cache");
+  const c10::optional<at::Tensor> none;
+  // [residual +] x @ w^T in the activation dtype, as the Python Block computes it
+  auto linear = [&](const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor* residual) {
+    return linear_in_dtype(a, w, scale, bias, packed, residual);
+  };
+  std::vector<at::Tensor> out;
+  auto next_keep = keep.begin();
+  at::Tensor x_ = x.contiguous();
+  for (int64_t l = 0; l < n; ++l) {
+    if (next_keep != keep.end() && *next_keep == first + l) {
+      out.push_back(x_);
+      ++next_keep;
+    }
+    const at::Tensor* w = weights.data() + 6 * l;
+    const at::Tensor qkv = linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), nullptr);
+    const at::Tensor att = rope_cache_attention(qkv, cos, sin, k.select(0, first + l), v.select(0, first + l), start,
+                                                n_heads, n_kv_heads, true);
+    const at::Tensor h = linear(att, w[2], scales.get(4 * l + 1), none, &x_);
+    const at::Tensor gate_up = linear(rms_norm(h, w[3], eps), w[4], scales.get(4 * l + 2), none, nullptr);
+    x_ = linear(silu_mul(gate_up), w[5], scales.get(4 * l + 3), none, &h);
+  }
+  TORCH_CHECK(next_keep == keep.end(), "decoder_layers: keep must list layers first < n < first + layers, ascending");
+  out.push_back(x_);
+  return out;
+}
+
+}  // namespace
+
+void register_cpu_kernels(torch::Library& m) {
+  m.impl("small_linear", &small_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_cache_attention", &rope_cache_attention);
+  m.impl("decoder_layers", &decoder_layers);
+}
+
+}  // namespace skiplayer

@@ -1,0 +1,15 @@
+// The skiplayer ops (torch.ops.skiplayer.*): their schemas, and the CPU implementations of the instruction-set file
+// that is compiled in (register_cpu_kernels, common.h). Shapes for meta tensors / torch.compile: optimize.py.
+#include "common.h"
+
+TORCH_LIBRARY(skiplayer, m) {
+  m.def("small_linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, bool float_out, bool packed=False) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kc, Tensor(b!) vc, int start, "
+        "int n_heads, int n_kv_heads, bool attend) -> Tensor");
+  m.def("decoder_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor?[] qkv_bias, Tensor cos, Tensor sin, "
+        "Tensor(a!) k, Tensor(b!) v, int first, int start, int n_heads, int n_kv_heads, float eps, bool packed, "
+        "int[] keep) -> Tensor[]");
+}
+TORCH_LIBRARY_IMPL(skiplayer, CPU, m) { skiplayer::register_cpu_kernels(m); }
