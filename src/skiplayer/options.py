@@ -17,7 +17,10 @@ DEFAULT_DTYPE = "float16"
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF model directory or hub id (local cache only), a .gguf file, or an alias (default {DEFAULT_MODEL})")
+                   help=f"HF model directory or hub id (downloaded by HF unless --offline), a .gguf file, or an alias "
+                        f"(default {DEFAULT_MODEL})")
+    g.add_argument("--offline", action="store_true",
+                   help="no downloads: hub models and datasets come from the local HF cache only (as HF_HUB_OFFLINE=1)")
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help="weight dtype (default %(default)s)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     g.add_argument("--quantize", default=None, choices=["int8"],
@@ -78,7 +81,7 @@ def load_from_args(args):
     """Load the model (and draft artifact) named on the command line."""
     from skiplayer.model.load import load_model
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
-                        compile=getattr(args, "compile", False))
+                        compile=getattr(args, "compile", False), offline=getattr(args, "offline", False))
     draft = None
     if getattr(args, "draft", None):
         from skiplayer.draft_artifact import load_draft

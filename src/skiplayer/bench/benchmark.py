@@ -70,7 +70,7 @@ def run(args) -> int:
     dist, device = distributed.init(args.device, args.threads)
     try:
         args.device = device
-        samples = load_samples(settings)
+        samples = load_samples(settings, args.offline)
         loaded, draft = load_from_args(args)
         if args.exit_layer is None:   # quick run: a depth where an untrained model's drafts get accepted at all
             args.exit_layer = max(1, round(QUICK_EXIT_FRACTION * loaded.model.n_layers)) if quick else 8

@@ -45,7 +45,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads or available_cores())
     names, quick = dataset_names(args)
     settings = dataset_settings(args, names[0], quick)
-    samples = load_samples(settings)
+    samples = load_samples(settings, args.offline)
     loaded, draft = load_from_args(args)
     config = generation_config(args, max_steps=settings["max_steps"], stop_words=settings["stop_words"])
     config.validate(loaded.model.n_layers)

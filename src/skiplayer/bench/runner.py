@@ -112,11 +112,13 @@ def dataset_settings(args, name: str, quick: bool) -> dict:
             "max_steps": max_steps, "stop_words": stop_words, "metric": spec.metric}
 
 
-def load_samples(settings: dict):
+def load_samples(settings: dict, offline: bool = False):
+    """The dataset's samples (`offline`: no downloads, see datasets.hf_rows), with ids made unique."""
     from skiplayer.data.datasets import load_dataset
     samples = load_dataset(settings["dataset"], settings["data_path"], settings["num_samples"], settings["n_shot"],
                            settings["seed"], settings["random_shuffle"], settings["template"],
-                           settings["prompt_field"], settings["response_field"], settings["all_turns"])
+                           settings["prompt_field"], settings["response_field"], settings["all_turns"],
+                           offline=offline)
     seen: dict[str, int] = {}
     for sample in samples:   # resume and merging key rows by id: make ids unique
         n = seen.get(sample.id, 0)

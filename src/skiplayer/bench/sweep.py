@@ -131,7 +131,7 @@ def run(args) -> int:
     dist, device = distributed.init(args.device, args.threads)
     try:
         args.device = device
-        samples = {name: load_samples(s) for name, s in settings.items()}
+        samples = {name: load_samples(s, args.offline) for name, s in settings.items()}
         loaded, draft = load_from_args(args)
         n_layers = loaded.model.n_layers
         bad = sorted({pt.exit_layer for pt in points if not 1 <= pt.exit_layer < n_layers})

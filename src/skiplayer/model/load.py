@@ -1,4 +1,4 @@
-"""Model loading: HF directory / hub id (local only), .gguf file, or the alias `smollm2-135m`.
+"""Model loading: HF directory, hub id (downloaded by HF unless offline), .gguf file, or the alias `smollm2-135m`.
 
 GGUF files are dequantised by `transformers` (slow, ~25 s for the default model); the result is cached as an HF
 directory (safetensors + config + tokenizer) under $SKIPLAYER_CACHE (default ~/.cache/skiplayer), so later loads
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from skiplayer.errors import UserError
+from skiplayer.hub import OFFLINE_HOW, is_offline, looks_like_local_path
 from skiplayer.model.llama import SUPPORTED_ARCHITECTURES, Transformer
 from skiplayer.model.optimize import QUANTIZE, optimize_model
 
@@ -126,22 +127,46 @@ class _quiet:
         self._w.__exit__(*exc)
 
 
-def load_hf(path: str, dtype: torch.dtype = torch.float32):
-    """Load an HF model + tokenizer from a local directory or the local HF cache (never the network)."""
+def _first_line(error: Exception, limit: int = 160) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _not_found(path: str, local: bool, offline: bool, error: Exception) -> str:
+    others = f"a local HF directory, .gguf file or alias ({', '.join(ALIASES)})"
+    if local:
+        return f"model '{path}' not found: not {others}; check the path given to --model"
+    if offline:
+        return (f"model '{path}' is not in the local HF cache and downloads are off ({OFFLINE_HOW}): connect and "
+                f"drop --offline / unset HF_HUB_OFFLINE, or pass {others} with --model")
+    return (f"model '{path}' could not be loaded from the HF hub ({_first_line(error)}): check the id and the "
+            f"connection, or pass {others} with --model")
+
+
+def load_hf(path: str, dtype: torch.dtype = torch.float32, offline: bool = False):
+    """Load an HF model + tokenizer from a local directory, or a hub id through HF's own download and cache.
+    With `offline` (or HF_HUB_OFFLINE=1) a hub id is read from the local HF cache only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    local = looks_like_local_path(path)
+    offline = is_offline(offline)
+    local_only = local or offline
     try:
         with _quiet():
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            config = AutoConfig.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as e:
-        raise UserError(f"model '{path}' not found: not a local HF directory, .gguf file, alias ({', '.join(ALIASES)}) "
-                        f"or hub id in the local HF cache (no network here); pass one of those with --model") from e
+        raise UserError(_not_found(path, local, offline, e)) from e
     if config.model_type not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"model '{path}' is a '{config.model_type}' model; skiplayer supports Llama-family decoders "
                         f"({', '.join(SUPPORTED_ARCHITECTURES)}): pick one of those")
-    with _quiet():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, dtype=dtype)
+    except OSError as e:   # config found, but weights or tokenizer missing (or the download broke off)
+        raise UserError(f"model '{path}': weights or tokenizer could not be loaded ({_first_line(e)}): "
+                        + ("connect and drop --offline, or pass a complete local directory with --model" if offline
+                           and not local else "check the directory or the connection")) from e
     return hf.eval(), tokenizer
 
 
@@ -179,8 +204,9 @@ def _release_freed_memory() -> None:
 
 
 def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               quantize: str | None = None, compile: bool | str = False) -> LoadedModel:
-    """Load a Llama-family model into our forward. `model`: HF directory / hub id (local), .gguf path or alias.
+               quantize: str | None = None, compile: bool | str = False, offline: bool = False) -> LoadedModel:
+    """Load a Llama-family model into our forward. `model`: HF directory, hub id, .gguf path or alias; a hub id is
+    downloaded through HF (and cached) unless `offline` or HF_HUB_OFFLINE=1, which keep to the local HF cache.
     `quantize` (None or "int8": weight-only) and `compile` go to model.optimize.optimize_model, which also turns on
     the native CPU kernels where they can be built."""
     if isinstance(dtype, str):
@@ -198,7 +224,7 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
         if not Path(path).exists():
             raise UserError(f"GGUF file '{path}' not found: check the path given to --model")
         path = str(_convert_gguf(Path(path)))
-    hf, tokenizer = load_hf(path, torch.float32 if dtype == torch.float32 else dtype)
+    hf, tokenizer = load_hf(path, torch.float32 if dtype == torch.float32 else dtype, offline=offline)
     ours = Transformer.from_hf(hf, dtype=dtype, device=device)
     eos = eos_ids(hf.config, tokenizer)
     del hf  # our model owns the weights now: no duplicate copy stays alive
