@@ -72,7 +72,7 @@ inline float hsum8(__m256 v) {
 // the same operations in the same order for every M, R, layout and thread split (batch invariance).
 // PACKED: the weight is stored in pairs of rows interleaved every 8 columns ([n/2][k/8][2][8], an odd last row as
 // is), so a tile of R = 2 rows reads one sequential stream: the hardware prefetcher keeps up, and decoding reads
-// weights about 1.3x faster than from two rows K elements apart (benchmarks/kernels.py).
+// weights about 1.3x faster than from two rows K elements apart (benchmarks/kernel_speed.py).
 template <int M, int R, bool PACKED, typename W>
 inline void tile(const float* x, const W* w, const float* scale, const float* bias, float* y,
                  int64_t K, int64_t N, int64_t n0) {

@@ -1,12 +1,12 @@
 """Matmul kernels for decode-size blocks (M = 1..9 rows) over the default model's layer matrices.
 
-    python benchmarks/kernels.py [--layers 30] [--repeats 7] [--rows 1,2,3,5,8,9] [--compile] [--threads N]
+    python benchmarks/kernel_speed.py [--layers 30] [--repeats 7] [--rows 1,2,3,5,8,9] [--compile] [--threads N]
 
 Streams the weights of `--layers` Llama layers of SmolLM2-135M shape (q/k/v 960x576, o 576x576, gate/up 3072x576,
 down 576x1536; random values) through each kernel, so no matrix is served from cache, and prints per kernel the time
 of one pass with M = 1 row, the effective GB/s (weight bytes / time) and v(M) = time(M rows) / time(1 row):
   F.linear fp32/bf16/fp16                          stock PyTorch (MKL / oneDNN)
-  small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/optimize.py), on row-major
+  small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/kernels/), on row-major
                                                    weights or on pair-packed ones (model/packing.py, the default)
   _weight_int8pack_mm (bf16 activations)            PyTorch's int8 weight-only op
   quantize_dynamic int8 (fp32 activations)          torch.ao dynamic quantization (fbgemm)
