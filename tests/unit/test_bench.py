@@ -76,8 +76,16 @@ def subprocess_env() -> dict:
 def test_benchmark_writes_summary_and_samples(tiny, capsys):
     out = tiny["root"] / "run"
     assert main(bench_args(tiny, out)) == 0
-    table = capsys.readouterr().out
-    assert "self_speculative" in table and "autoregressive" in table and "speedup" in table
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    # One headline speedup (with its decoding-only part), the plain figures, equality; the rest is in summary.json.
+    assert len([line for line in lines if "speedup" in line]) == 1
+    assert "mean of per-sample" not in printed and "per-sample mean" not in printed
+    for label in ("autoregressive", "self_speculative", "speedup", "acceptance", "tokens per pass",
+                  "outputs identical", "rougeL", "bleu"):
+        assert any(line.startswith(label + " ") for line in lines), label
+    assert any(line.startswith("outputs identical") and line.endswith(" 4/4") for line in lines)
+    assert "exact_match" not in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "benchmark" and summary["status"] == "complete" and summary["samples"] == 4
     assert {"configuration", "environment", "metrics", "speed", "speedup", "equality", "command"} <= set(summary)
@@ -198,6 +206,73 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys):
     assert main(bench_args(tiny, blocker / "out")) == 2   # an output folder that cannot be made
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(blocker) in err and "Traceback" not in err
+
+
+def render_summary(dataset="gsm8k", metric="gsm8k", execute_code=False, sample=False, metrics=None,
+                   strategies=("self_speculative", "autoregressive")) -> dict:
+    """A summary.json-shaped dict for benchmark.render: SS 60 tokens in 4 s, AR 60 tokens in 6 s."""
+    def speed(new_tokens, wall, accepted, drafted, rounds):
+        return {"samples": 2, "new_tokens": new_tokens, "tokens_per_second_total": new_tokens / wall,
+                "tokens_per_second_mean": 99.0, "time_per_token": wall / new_tokens, "accepted": accepted,
+                "drafted": drafted, "rounds": rounds, "acceptance_rate": accepted / drafted if drafted else None,
+                "tokens_per_round": new_tokens / rounds, "tokens_per_pass": 1 + accepted / rounds,
+                "mean_exit_layer": 3.0, "time_split_fraction": {"prefill": 0.1, "verify": 0.9}}
+    return {"configuration": {"dataset": dataset, "metric": metric, "model": "tiny", "n_layers": 6,
+                              "dtype": "float16", "max_steps": 32, "strategies": list(strategies),
+                              "execute_code": execute_code,
+                              "generation": {"sampling": {"sample": sample},
+                                             "policy": {"exit_layer": 3, "num_speculations": 3,
+                                                        "dynamic_early_exit_mode": "none",
+                                                        "layer_skip_proportion": 0.0}}},
+            "samples": 2, "skipped": [],
+            "speed": {"self_speculative": speed(60, 4.0, 30, 40, 28), "autoregressive": speed(60, 6.0, 0, 0, 60)},
+            "speedup": {"total": 1.5, "mean_of_rates": 1.7, "per_sample_mean": 1.8, "per_sample_median": 1.6,
+                        "decode": 1.6} if len(strategies) > 1 else None,
+            "equality": ({"compared": 0 if sample else 2, "identical": 0 if sample else 1,
+                          "mismatches": 0 if sample else 1, "mismatch_ids": [] if sample else ["gsm8k/1"]}
+                         if len(strategies) > 1 else None),
+            "metrics": {s: dict(metrics or {"accuracy": 0.5}) for s in strategies}}
+
+
+def test_render_plain_summary():
+    from skiplayer.bench.benchmark import render
+    text = render(render_summary())
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines[3:]] == ["autoregressive", "self_speculative", "speedup", "acceptance",
+                                                       "tokens", "outputs", "accuracy", "time"]
+    assert "10.0 tok/s (60 tokens, 100.0 ms/token)" in lines[3] and "15.0 tok/s" in lines[4]
+    assert lines[5].split(None, 1)[1] == "1.500x (decoding only 1.600x)"   # total only: not 1.7 / 1.8 / 1.6 median
+    assert "1.70" not in text and "1.80" not in text
+    assert lines[6].endswith("0.750") and lines[7].split(None, 3)[3].startswith("2.07 ")   # 30/40; 1 + 30/28
+    assert lines[8].endswith("1/2 (MISMATCH: gsm8k/1)")
+    assert lines[9].endswith("0.500 (self_speculative), 0.500 (autoregressive)")
+
+
+def test_render_task_metrics_fit_the_task():
+    from skiplayer.bench.benchmark import render
+    code_scores = {"rougeL": 0.4, "bleu": 0.2, "exact_match": 0.0}
+    off = render(render_summary("human_eval", "human_eval", metrics=code_scores))
+    assert "pass@1" in off and "off (--execute_code)" in off
+    assert not any(name in off for name in ("rougeL", "bleu", "exact_match"))
+    on = render(render_summary("human_eval", "human_eval", execute_code=True, metrics={**code_scores, "pass@1": 0.25}))
+    assert any(line.startswith("pass@1") and "0.250 (self_speculative)" in line for line in on.splitlines())
+    assert not any(name in on for name in ("rougeL", "bleu", "exact_match", "--execute_code"))
+    mbpp = render(render_summary("mbpp", "text", metrics=code_scores))
+    assert "pass@1" in mbpp and not any(name in mbpp for name in ("rougeL", "bleu", "exact_match"))
+    text = render(render_summary("xsum_summarization", "text", metrics=code_scores))
+    assert "rougeL" in text and "bleu" in text and "exact_match" not in text
+    nq = render(render_summary("nq_open", "nq_open", metrics={"exact_match": 0.5, "f1": 0.6}))
+    assert "exact_match" in nq and "f1" in nq
+
+
+def test_render_sampling_and_single_strategy():
+    from skiplayer.bench.benchmark import render
+    sampled = render(render_summary(sample=True))
+    assert "outputs identical  not compared (sampling)" in sampled and "| sampling" in sampled
+    alone = render(render_summary(strategies=("self_speculative",)))
+    assert "not measured (--no_compare_autoregressive)" in alone and "outputs identical" not in alone
+    ar = render(render_summary(strategies=("autoregressive",)))
+    assert "speedup" not in ar and "acceptance" not in ar and "tokens per pass" not in ar and "10.0 tok/s" in ar
 
 
 def test_multi_turn_and_autoregressive_only(tiny, tmp_path):

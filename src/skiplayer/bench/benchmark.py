@@ -15,7 +15,7 @@ from skiplayer.bench import distributed
 from skiplayer.bench.runner import (
     use_chat_template,
     RowStore, aggregate_speed, check_output_dir, check_run_args, command_line, config_dict, dataset_names,
-    dataset_settings, environment, first_difference, format_table, load_samples, measure, merge_histograms,
+    dataset_settings, environment, first_difference, load_samples, measure, merge_histograms,
     model_record, output_dir, primary_metric, score, speedup, warm_up, with_strategy, write_json,
 )
 from skiplayer.errors import UserError
@@ -212,50 +212,81 @@ def summarize(rows: list[dict], strategies: list[str]) -> dict:
     return out
 
 
+# Task metrics printed per metric kind (summary.json keeps every score). Code is judged by execution only.
+TASK_METRICS = {"gsm8k": ("accuracy",), "multiple_choice": ("accuracy",), "boolq": ("accuracy",),
+                "nq_open": ("exact_match", "f1"), "text": ("rougeL", "bleu"), "human_eval": ("pass@1",)}
+CODE_DATASETS = {"human_eval", "mbpp"}
+
+
+def task_metric_lines(summary: dict) -> list[tuple[str, str]]:
+    """(label, value) lines for the task metrics that fit the dataset: pass@1 for code (or why it is off), accuracy,
+    EM/F1 for short answers, ROUGE-L/BLEU for text; never text-overlap scores for code."""
+    conf = summary["configuration"]
+    if conf["dataset"] in CODE_DATASETS:
+        if conf["metric"] != "human_eval":
+            return [("pass@1", f"not measured for {conf['dataset']} (no test execution)")]
+        if not conf.get("execute_code"):
+            return [("pass@1", "off (--execute_code)")]
+    lines = []
+    for name in TASK_METRICS.get(conf["metric"], ()):
+        values = [(s, summary["metrics"].get(s, {}).get(name)) for s in conf["strategies"]]
+        if all(v is None for _, v in values):
+            continue
+        shown = [f"{v:.3f}" if v is not None else "-" for _, v in values]
+        if len(values) > 1:
+            shown = [f"{text} ({s})" for (s, _), text in zip(values, shown)]
+        lines.append((name, ", ".join(shown)))
+    return lines
+
+
 def render(summary: dict) -> str:
-    """The readable table printed at the end of a benchmark."""
+    """The plain summary printed at the end of a benchmark: tok/s per strategy, ONE speedup (total tokens / total
+    time) with its decoding-only part, acceptance, tokens per verify pass, output equality, task metrics."""
     conf = summary["configuration"]
     gen = conf["generation"]
     policy = gen["policy"]
+    greedy = not gen["sampling"]["sample"]
     lines = [f"benchmark {conf['dataset']} | model {conf['model']} ({conf['n_layers']} layers, {conf['dtype']}) | "
-             f"{summary['samples']} samples | max_steps {conf['max_steps']} | "
-             f"{'sampling' if gen['sampling']['sample'] else 'greedy'}"]
+             f"{summary['samples']} samples | max_steps {conf['max_steps']} | {'greedy' if greedy else 'sampling'}"]
     if SS in conf["strategies"]:
         lines.append(f"self_speculative: exit_layer {policy['exit_layer']}, num_speculations "
                      f"{policy['num_speculations']}, mode {policy['dynamic_early_exit_mode']}, "
                      f"layer_skip_proportion {policy['layer_skip_proportion']}")
-    headers = ["strategy", "tokens", "tok/s mean", "tok/s total", "ms/token", "accept", "tok/round",
-               "mean exit", "speedup"]
-    metric_names = sorted({k for m in summary["metrics"].values() for k in m})
-    shown = [n for n in ("pass@1", "accuracy", "f1", "exact_match", "rougeL", "bleu") if n in metric_names]
-    headers += shown or metric_names[:3]
-    rows = []
-    for name in conf["strategies"]:
-        sp = summary["speed"][name]
-        if not sp.get("samples"):
-            continue
-        compared = bool(summary.get("speedup"))
-        up = (summary["speedup"]["total"] if name != AR else 1.0) if compared else None
-        tpt = sp.get("time_per_token")
-        row = [name, sp["new_tokens"], sp["tokens_per_second_mean"], sp["tokens_per_second_total"],
-               1000 * tpt if tpt else None, sp.get("acceptance_rate"), sp.get("tokens_per_round"),
-               sp.get("mean_exit_layer"), up]
-        row += [summary["metrics"][name].get(m) for m in (shown or metric_names[:3])]
-        rows.append(row)
-    lines += ["", format_table(headers, rows)]
-    if summary.get("speedup") and summary["speedup"].get("total") is not None:
-        s = summary["speedup"]
-        decode = f", {s['decode']:.3f}x decoding only (prefill excluded)" if s.get("decode") else ""
-        lines.append(f"\nspeedup: {s['total']:.3f}x (total tokens / total time), {s['mean_of_rates']:.3f}x (mean of "
-                     f"per-sample rates), per-sample mean {s['per_sample_mean']:.3f}x{decode}")
     main = conf["strategies"][0]
-    split = summary["speed"].get(main, {}).get("time_split_fraction")
+    items: list[tuple[str, str]] = []
+    for name in sorted(conf["strategies"], key=lambda s: s != AR):   # autoregressive first
+        sp = summary["speed"].get(name, {})
+        if sp.get("samples"):
+            tpt = sp.get("time_per_token")
+            ms = f", {1000 * tpt:.1f} ms/token" if tpt else ""
+            items.append((name, f"{sp['tokens_per_second_total']:.1f} tok/s ({sp['new_tokens']} tokens{ms})"))
+    up = summary.get("speedup") or {}
+    if up.get("total") is not None:
+        decode = f" (decoding only {up['decode']:.3f}x)" if up.get("decode") is not None else ""
+        items.append(("speedup", f"{up['total']:.3f}x{decode}"))
+    elif main != AR and len(conf["strategies"]) == 1:
+        items.append(("speedup", "not measured (--no_compare_autoregressive)"))
+    sp = summary["speed"].get(main, {})
+    if main != AR and sp.get("samples"):
+        if sp.get("acceptance_rate") is not None:
+            items.append(("acceptance", f"{sp['acceptance_rate']:.3f}"))
+        if sp.get("tokens_per_pass") is not None:
+            items.append(("tokens per pass", f"{sp['tokens_per_pass']:.2f} (accepted drafts per verification + 1)"))
+        if policy["dynamic_early_exit_mode"] != "none" and sp.get("mean_exit_layer") is not None:
+            items.append(("mean exit layer", f"{sp['mean_exit_layer']:.2f}"))
+    e = summary.get("equality")
+    if e:
+        if e["compared"]:
+            mismatch = f" (MISMATCH: {', '.join(e['mismatch_ids'][:5])})" if e["mismatches"] else ""
+            items.append(("outputs identical", f"{e['identical']}/{e['compared']}{mismatch}"))
+        elif not greedy:
+            items.append(("outputs identical", "not compared (sampling)"))
+    items += task_metric_lines(summary)
+    width = max(len(label) for label, _ in items) + 2 if items else 0
+    lines += [""] + [f"{label:<{width}}{value}" for label, value in items]
+    split = sp.get("time_split_fraction")
     if split and main != AR:
         lines.append(f"time split ({main}): " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in split.items()))
-    if summary.get("equality"):
-        e = summary["equality"]
-        lines.append(f"greedy outputs identical to autoregressive: {e['identical']}/{e['compared']}"
-                     + (f" (MISMATCH: {', '.join(e['mismatch_ids'][:5])})" if e["mismatches"] else ""))
     if summary.get("skipped"):
         lines.append(f"skipped {len(summary['skipped'])} samples: {summary['skipped'][0]['reason']}")
     return "\n".join(lines)

@@ -203,6 +203,8 @@ def derive(d: dict) -> dict:
     """Add rates and means that follow from the summed fields."""
     d["acceptance_rate"] = d["accepted"] / d["drafted"] if d["drafted"] else None
     d["tokens_per_round"] = d["new_tokens"] / d["rounds"] if d["rounds"] else None
+    # Tokens each verification pass yields: the accepted drafts + the verified one (the prefill's token excluded).
+    d["tokens_per_pass"] = 1 + d["accepted"] / d["rounds"] if d["rounds"] else None
     d["tokens_per_second"] = d["new_tokens"] / d["wall_time"] if d["wall_time"] else 0.0
     d["time_per_token"] = d["wall_time"] / d["new_tokens"] if d["new_tokens"] else None
     hist = d.get("exit_layer_histogram") or {}

@@ -12,7 +12,7 @@ import torch
 from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
 from skiplayer.decoding.stats import Clock
 from skiplayer.model.kv_cache import KVCache
-from skiplayer.model.llama import Transformer
+from skiplayer.model.llama import Transformer, TreeMask
 from skiplayer.model.packing import pack_pairs
 from skiplayer.policies.base import DraftPolicy, DraftStep
 
@@ -48,12 +48,12 @@ class DraftHead:
             h = adapter(h)
         return self.model.logits(h, self.weight, self.packed)[-1]
 
-    def write_kv(self, depth: int, h: torch.Tensor, start: int, cache: KVCache) -> None:
-        self.adapters[depth].write_kv(h, *self.model.rope(start, h.shape[0]), cache, self.slots[depth], start)
+    def write_kv(self, depth: int, h: torch.Tensor, start: int, cache: KVCache, tree: TreeMask | None = None) -> None:
+        self.adapters[depth].write_kv(h, *self.model.rope(start, h.shape[0], tree), cache, self.slots[depth], start)
 
-    def taps(self, start: int, cache: KVCache) -> dict:
+    def taps(self, start: int, cache: KVCache, tree: TreeMask | None = None) -> dict:
         """forward_layers taps that store the K/V the attention adapters read from a block's exact states."""
-        return {n: lambda h, n=n: self.write_kv(n, h, start, cache) for n in self.slots}
+        return {n: lambda h, n=n: self.write_kv(n, h, start, cache, tree) for n in self.slots}
 
     def to_full(self, index: int) -> int:
         return index if self.vocab_ids is None else int(self.vocab_ids[index])

@@ -10,7 +10,8 @@ import torch
 from skiplayer.decoding.costs import profile_costs
 from skiplayer.decoding.draft import DraftHead
 from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
-from skiplayer.decoding.self_speculative import speculative_round
+from skiplayer.decoding.self_speculative import RoundState, speculative_round
+from skiplayer.drafts.ngram import NGramLookup
 from skiplayer.decoding.stats import Clock, GenerationStats
 from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.errors import check
@@ -85,8 +86,9 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     calibrated draft (`skiplayer calibrate`): adapters per exit layer, a reduced vocabulary, measured acceptance."""
     config.validate(model.n_layers)
     speculative = config.generation_strategy == "self_speculative"
-    k = config.policy.num_speculations if speculative else 0
-    total = positions_needed(model, len(prompt_ids), config.max_steps, k + 1)
+    p = config.policy
+    nodes = (p.num_speculations * p.self_draft + p.ngram_tokens * p.ngram) if speculative else 0
+    total = positions_needed(model, len(prompt_ids), config.max_steps, nodes + 1)
     stop_ids = set(eos_token_ids) | set(config.stop_token_ids)
     stop = StopCriteria(config.max_steps, stop_ids, config.stop_words, tokenizer)
     stats = GenerationStats(strategy=config.generation_strategy, prompt_tokens=len(prompt_ids))
@@ -115,11 +117,17 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     token, pos = _select(logits, config.sampling, generator), len(prompt_ids)
     stats.prefill_time = clock.now() - t0
     emit(stop.extend([token]))
+    if speculative:
+        ngram = NGramLookup(p.ngram_max, 1, p.ngram_tokens) if p.ngram else None
+        if ngram:
+            ngram.extend(prompt_ids + [token])
+        state = RoundState(model, cache, head, policy, config.sampling, generator, clock, stop_ids, ngram,
+                           p.self_draft)
     while not stop.done:
         if speculative:
-            budget = min(policy.round_length(), config.max_steps - len(stop.tokens) - 1)
-            new = speculative_round(model, cache, token, pos, budget, policy, head, config.sampling, generator,
-                                    clock, stop_ids)
+            room = config.max_steps - len(stop.tokens) - 1  # tokens a round may accept besides its verified one
+            budget = min(policy.round_length(), room) if p.self_draft else 0
+            new = speculative_round(state, token, pos, budget, room)
         else:
             logits = step(token, pos)
             new = [_select(logits, config.sampling, generator)]

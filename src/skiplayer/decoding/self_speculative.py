@@ -1,63 +1,120 @@
-"""Self-speculative decoding: draft with the shallow layers, verify with the rest, accept.
+"""Self-speculative decoding: draft with the shallow layers (and n-gram lookup), verify with the rest, accept.
 
-Each round: the pending token (the last accepted one, whose K/V is not yet in the cache) and the drafts form a
-block. Drafting ran the block's tokens through shallow layers; verification starts at the shallowest layer any
-draft did not run exactly (the exit layer E in the static case), feeds each token its stored hidden state there,
-recomputes every deeper layer (overwriting the drafts' K/V) and scores all positions with the full head.
+Each round the pending token (the last accepted one, whose K/V is not yet in the cache) is the root of a token
+tree: the self-draft chain below it, n-gram candidates merged in (drafts/tree.py); a plain chain when only the
+self-draft runs. Drafting ran the chain's tokens through shallow layers; verification starts at the shallowest
+layer any draft did not run exactly (the exit layer E in the static case), brings the other nodes there, feeds each
+node its state at that layer, recomputes every deeper layer (overwriting the drafts' K/V) and scores all nodes with
+the full head. The accepted path's K/V then move to consecutive positions.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from skiplayer.decoding.draft import DraftHead, draft_round
-from skiplayer.decoding.sampling import accept_greedy, accept_sampling, probabilities
+from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.decoding.stats import Clock
+from skiplayer.drafts.ngram import NGramLookup
+from skiplayer.drafts.tree import NGRAM, SELF, TokenTree, accept_tree_greedy, accept_tree_sampling
 from skiplayer.model.kv_cache import KVCache
-from skiplayer.model.llama import Transformer
+from skiplayer.model.llama import Transformer, TreeMask
 from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult
 
 
-def verify(model: Transformer, cache: KVCache, tokens: list[int], steps: list[DraftStep], start: int,
-           head: DraftHead) -> torch.Tensor:
-    """Full-model logits for the block `tokens` = [pending, *drafts] at positions start.. (len(steps)+1 rows)."""
-    layer = min((s.exact_until for s in steps), default=0)
-    # The last draft was never run through the model: bring it to `layer` exactly, then join the stored states.
-    last = [model.embed(torch.tensor(tokens[-1:], device=cache.k.device))]
-    h = model.forward_layers(last[0], start + len(steps), cache, 0, layer, {n: last.append for n in range(1, layer)})
-    states = [s.hiddens for s in steps] + [last + [h]]  # states[j][l]: exact input of layer l <= `layer`, position j
+@dataclass
+class RoundState:
+    """What every speculative round of one generation shares."""
+    model: Transformer
+    cache: KVCache
+    head: DraftHead
+    policy: DraftPolicy
+    sampling: SamplingConfig
+    generator: torch.Generator
+    clock: Clock
+    stop_ids: set
+    ngram: NGramLookup | None = None  # n-gram candidates beside (or instead of) the self-draft
+    self_draft: bool = True
+
+
+def tree_mask(tree: TokenTree, start: int, first: int = 0) -> TreeMask | None:
+    """Attention of nodes first.. (None when the tree is a chain: plain causal attention)."""
+    if tree.is_chain():
+        return None
+    positions = torch.tensor(tree.positions(start)[first:])
+    return TreeMask(tree.attention_paths(start, first), positions)
+
+
+def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep], start: int) -> torch.Tensor:
+    """Full-model logits (len(tree), vocab) for every node of `tree`; node i is written at cache slot start + i.
+    Nodes 0..len(steps)-1 (the root and the chain's drafts but the last) ran the draft layers while drafting."""
+    model, cache, head = s.model, s.cache, s.head
+    layer, k = min((st.exact_until for st in steps), default=0), len(steps)
+    # The other nodes never ran through the model: bring them to `layer` exactly, as one block.
+    rest = {0: model.embed(torch.tensor(tree.tokens[k:], device=cache.k.device))}
+    taps = {n: (lambda h, n=n: rest.__setitem__(n, h)) for n in range(1, layer)}
+    rest[layer] = model.forward_layers(rest[0], start + k, cache, 0, layer, taps, tree_mask(tree, start, k))
+
+    def states(n: int) -> torch.Tensor:  # exact input of layer n <= `layer` for every node
+        return torch.cat([st.hiddens[n] for st in steps] + [rest[n]])
+
+    mask = tree_mask(tree, start)
     for e in head.slots:  # attention adapters read exact states of every kept position (deeper ones: taps)
         if e <= layer:
-            head.write_kv(e, torch.cat([st[e] for st in states]), start, cache)
-    h = torch.cat([st[layer] for st in states])
-    return model.logits(model.forward_layers(h, start, cache, layer, model.n_layers, head.taps(start, cache)))
+            head.write_kv(e, states(e), start, cache, mask)
+    h = model.forward_layers(states(layer), start, cache, layer, model.n_layers, head.taps(start, cache, mask), mask)
+    return model.logits(h)
 
 
-def speculative_round(model, cache, pending, start, budget, policy: DraftPolicy, head: DraftHead, sampling,
-                      generator, clock: Clock, stop_ids) -> list[int]:
-    """One draft → verify → accept round. Returns the new tokens (accepted drafts + one verified token)."""
-    stats = clock.stats
-    steps = draft_round(model, cache, pending, start, budget, policy, head, sampling, generator, clock, stop_ids)
-    drafts = [s.token for s in steps]
-    t = clock.now()
-    logits = verify(model, cache, [pending, *drafts], steps, start, head)
-    if sampling.sample:
-        n, nxt = accept_sampling(drafts, [s.probs for s in steps], probabilities(logits, sampling), generator)
+def build_tree(s: RoundState, pending: int, steps: list[DraftStep], room: int) -> TokenTree:
+    """The self-draft chain, then the n-gram run (at most `room` tokens, cut after a stop token) merged in."""
+    tree = TokenTree.chain(pending, [st.token for st in steps], [st.probs for st in steps])
+    if s.ngram is not None:
+        run = s.ngram.propose(room)
+        cut = next((i + 1 for i, t in enumerate(run) if t in s.stop_ids), len(run))
+        tree.add_path(0, run[:cut], NGRAM)
+    return tree
+
+
+def speculative_round(s: RoundState, pending: int, start: int, budget: int, room: int) -> list[int]:
+    """One draft → verify → accept round: up to `budget` self-drafts, n-gram candidates, at most `room` tokens
+    beyond the pending one accepted. Returns the new tokens (accepted candidates + one verified token)."""
+    stats = s.clock.stats
+    steps = draft_round(s.model, s.cache, pending, start, budget, s.policy, s.head, s.sampling, s.generator,
+                        s.clock, s.stop_ids) if s.self_draft else []
+    tree = build_tree(s, pending, steps, room)
+    t = s.clock.now()
+    logits = verify(s, tree, steps, start)
+    if s.sampling.sample:
+        path, nxt = accept_tree_sampling(tree, probabilities(logits, s.sampling), s.generator)
     else:
-        n, nxt = accept_greedy(drafts, logits)
-    cache.rollback(start + n + 1)  # keep the pending token and the accepted drafts
-    verify_seconds = clock.now() - t
+        path, nxt = accept_tree_greedy(tree, logits)
+    s.cache.keep(start, [start + node for node in path])  # the pending token and the accepted candidates
+    verify_seconds = s.clock.now() - t
     stats.time_verify += verify_seconds
-    new = drafts[:n] + [nxt]
-    policy.update(RoundResult(steps, n, new, verify_seconds))
-    stats.rounds += 1
-    stats.drafted += len(steps)
-    stats.accepted += n
-    stats.draft_lengths.append(len(steps))
-    stats.accepted_per_round.append(n)
-    stats.verify_start_layers.append(min((s.exact_until for s in steps), default=0))
-    for i, s in enumerate(steps):
-        stats.exit_layers.append(s.exit_layer)
-        stats.skipped_layers.append(list(s.skipped))
-        stats.exit_confidences.append(s.confidence)
-        stats.accepted_flags.append(i < n)
+    new = [tree.tokens[node] for node in path[1:]] + [nxt]
+    on_chain = min(len(steps), next((i for i, node in enumerate(path) if node != i), len(path)) - 1)  # self-drafts
+    s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds))
+    record(stats, tree, path, steps, on_chain)
+    if s.ngram is not None:
+        s.ngram.extend(new)
     return new
+
+
+def record(stats, tree: TokenTree, path: list[int], steps: list[DraftStep], on_chain: int) -> None:
+    stats.rounds += 1
+    stats.drafted += len(tree) - 1
+    stats.accepted += len(path) - 1
+    stats.draft_lengths.append(len(tree) - 1)
+    stats.accepted_per_round.append(len(path) - 1)
+    stats.verify_start_layers.append(min((s.exact_until for s in steps), default=0))
+    for source in (SELF, NGRAM):
+        stats.candidates[source] = stats.candidates.get(source, 0) + tree.sources.count(source)
+        stats.accepted_from[source] = stats.accepted_from.get(source, 0) + sum(tree.sources[n] == source
+                                                                               for n in path)
+    for i, step in enumerate(steps):
+        stats.exit_layers.append(step.exit_layer)
+        stats.skipped_layers.append(list(step.skipped))
+        stats.exit_confidences.append(step.confidence)
+        stats.accepted_flags.append(i < on_chain)

@@ -29,6 +29,10 @@ class GenerationStats:
     accepted_per_round: list[int] = field(default_factory=list)
     verify_start_layers: list[int] = field(default_factory=list)
     accepted_flags: list[bool] = field(default_factory=list)  # per drafted token: was it accepted
+    # Token trees: candidate nodes and accepted ones per source ("self": the self-draft chain, "ngram": lookup).
+    # drafted / accepted / draft_lengths / accepted_per_round count tree nodes of every source.
+    candidates: dict = field(default_factory=dict)
+    accepted_from: dict = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -37,6 +41,11 @@ class GenerationStats:
     @property
     def tokens_per_round(self) -> float:
         return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """New tokens per verification pass (accepted candidates + the verified token), prefill's token excluded."""
+        return (self.new_tokens - 1) / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -63,7 +72,8 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for name in ("acceptance_rate", "tokens_per_round", "tokens_per_second", "time_per_token", "time_overhead"):
+        for name in ("acceptance_rate", "tokens_per_round", "tokens_per_pass", "tokens_per_second", "time_per_token",
+                     "time_overhead"):
             d[name] = getattr(self, name)
         d["exit_layer_histogram"] = {str(k): v for k, v in self.exit_layer_histogram().items()}
         d["acceptance_by_exit_layer"] = {str(k): v for k, v in self.acceptance_by_exit_layer().items()}

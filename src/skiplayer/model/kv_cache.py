@@ -41,5 +41,14 @@ class KVCache:
         """Forget every position >= length in every layer (O(layers), no copies)."""
         self.lengths = [min(n, length) for n in self.lengths]
 
+    def keep(self, start: int, slots: list[int]) -> None:
+        """Keep the entries at `slots` (ascending, the first == start) as positions start, start+1, ... in every
+        layer and forget the rest: a token tree's accepted path (O(accepted) copies; none for a chain prefix)."""
+        if slots != list(range(start, start + len(slots))):
+            index = torch.tensor(slots, device=self.k.device)
+            self.k[:, :, start:start + len(slots)] = self.k[:, :, index]
+            self.v[:, :, start:start + len(slots)] = self.v[:, :, index]
+        self.rollback(start + len(slots))
+
     def reset(self) -> None:
         self.lengths = [0] * len(self.lengths)

@@ -20,6 +20,21 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 @dataclass
+class TreeMask:
+    """Tree attention for a block of T rows written at cache slots start..start+T-1: row r sits at RoPE position
+    positions[r] and attends to slots [0, paths[r, 0]) and to paths[r] (its ancestors and itself, root first, -1
+    padded; drafts/tree.py). Without a TreeMask a block is a causal chain."""
+    paths: torch.Tensor      # (T, W) int64 cache slots
+    positions: torch.Tensor  # (T,) int64
+
+    def allowed(self, S: int) -> torch.Tensor:
+        """(T, S) bool: which of the first S cache slots each row attends to."""
+        paths = torch.where(self.paths >= 0, self.paths, self.paths[:, :1])  # padding repeats the root slot
+        allowed = torch.arange(S, device=paths.device)[None, :] < paths[:, :1]
+        return allowed.scatter(1, paths, True)
+
+
+@dataclass
 class ModelArgs:
     vocab_size: int
     dim: int
@@ -132,10 +147,12 @@ class Attention(nn.Module):
         k = apply_rope(k.unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2), cos, sin)
         return q, k, v.unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)
 
-    def _native(self, qkv, cos, sin, cache: KVCache, layer: int, start: int, attend: bool) -> torch.Tensor:
+    def _native(self, qkv, cos, sin, cache: KVCache, layer: int, start: int, attend: bool,
+                tree: TreeMask | None = None) -> torch.Tensor:
         cache.claim(layer, start, qkv.shape[0])
-        return torch.ops.skiplayer.rope_cache_attention(qkv, cos, sin, cache.k[layer], cache.v[layer],
-                                                        start, self.n_heads, self.n_kv_heads, attend)
+        return torch.ops.skiplayer.rope_cache_attention(qkv, cos, sin, cache.k[layer], cache.v[layer], start,
+                                                        self.n_heads, self.n_kv_heads, attend,
+                                                        None if tree is None else tree.paths)
 
     def write_kv(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> None:
         """Only store this block's K/V (for positions that skip the layer): see Transformer.fill_kv."""
@@ -145,13 +162,14 @@ class Attention(nn.Module):
         _, k, v = self.split(self.wqkv(x), cos, sin)
         cache.write(layer, start, k, v)
 
-    def attend(self, qkv: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-        """One sequence's block of T positions from its fused q/k/v rows: RoPE, cache write, causal attention over
-        the cache; (T, n_heads * head_dim), before wo. Separate from forward() so that a batch of sequences can
-        share the q/k/v and wo products (decoding/batched.py)."""
+    def attend(self, qkv: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int,
+               tree: TreeMask | None = None) -> torch.Tensor:
+        """One sequence's block of T positions from its fused q/k/v rows: RoPE, cache write, causal (or tree)
+        attention over the cache; (T, n_heads * head_dim), before wo. Separate from forward() so that a batch of
+        sequences can share the q/k/v and wo products (decoding/batched.py)."""
         T = qkv.shape[0]
         if self.native:
-            return self._native(qkv, cos, sin, cache, layer, start, attend=True)
+            return self._native(qkv, cos, sin, cache, layer, start, attend=True, tree=tree)
         q, k, v = self.split(qkv, cos, sin)
         q = apply_rope(q, cos, sin)
         keys, values = cache.write(layer, start, k, v)
@@ -160,7 +178,9 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         q = q.reshape(self.n_kv_heads, group * T, self.head_dim)
         mask = None
-        if T > 1:
+        if tree is not None:
+            mask = tree.allowed(keys.shape[1]).repeat(group, 1)
+        elif T > 1:
             S = keys.shape[1]
             rows = start + torch.arange(T, device=qkv.device)
             allowed = torch.arange(S, device=qkv.device)[None, :] <= rows[:, None]
@@ -168,8 +188,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return out.reshape(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-        return self.wo(self.attend(self.wqkv(x), cos, sin, cache, layer, start))
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, start: int, tree: TreeMask | None = None):
+        return self.wo(self.attend(self.wqkv(x), cos, sin, cache, layer, start, tree))
 
 
 class FeedForward(nn.Module):
@@ -196,7 +216,8 @@ def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:
 
 
 def native_layers(block: "Block", weights: list, scales: list, biases: list, h: torch.Tensor, cos, sin,
-                  cache: KVCache, first: int, start: int, keep: list[int] = ()) -> list[torch.Tensor]:
+                  cache: KVCache, first: int, start: int, keep: list[int] = (),
+                  tree: TreeMask | None = None) -> list[torch.Tensor]:
     """Layers first..first+len(biases)-1 in one native call (torch.ops.skiplayer.decoder_layers: the same ops as
     Block.forward without their Python overhead); weights/scales/biases: 6/4/1 per layer, as in Block.native_args.
     `block`: any of them (shapes and options are the same for all). Returns the states entering each layer in
@@ -206,7 +227,7 @@ def native_layers(block: "Block", weights: list, scales: list, biases: list, h: 
     a = block.attention
     return torch.ops.skiplayer.decoder_layers(h, weights, scales, biases, cos, sin, cache.k, cache.v, first, start,
                                               a.n_heads, a.n_kv_heads, block.attention_norm.eps, a.wqkv.packed,
-                                              list(keep))
+                                              list(keep), None if tree is None else tree.paths)
 
 
 class Block(nn.Module):
@@ -226,10 +247,10 @@ class Block(nn.Module):
         a = self.attention
         return self.native_args is not None and runs_native(T, a.wqkv.native_rows, a.wqkv.packed)
 
-    def forward(self, x, cos, sin, cache, layer, start):
+    def forward(self, x, cos, sin, cache, layer, start, tree: TreeMask | None = None):
         if self.runs_native(x.shape[0]):
-            return native_layers(self, *self.native_args, x, cos, sin, cache, layer, start)[0]
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start)
+            return native_layers(self, *self.native_args, x, cos, sin, cache, layer, start, tree=tree)[0]
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, tree)
         return self.mlp(self, h)
 
 
@@ -281,26 +302,30 @@ class Transformer(nn.Module):
             return packed_rows(self.tok_embeddings.weight, tokens)
         return self.tok_embeddings(tokens)
 
-    def rope(self, start: int, T: int):
+    def rope(self, start: int, T: int, tree: TreeMask | None = None):
+        if tree is not None:
+            return self.rope_cos[tree.positions], self.rope_sin[tree.positions]
         return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
 
     def forward_layers(self, h: torch.Tensor, start: int, cache: KVCache, first: int, last: int,
-                       taps: dict[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
-        """Run layers [first, last) on a block of T positions starting at `start`; `taps[n](h)` gets the states
-        entering layer n, for first < n < last, in layer order (after the whole range where it runs natively)."""
-        cos, sin = self.rope(start, h.shape[0])
+                       taps: dict[int, Callable[[torch.Tensor], None]] | None = None,
+                       tree: TreeMask | None = None) -> torch.Tensor:
+        """Run layers [first, last) on a block of T positions written at cache slots start..start+T-1 (a causal
+        chain, or a token tree); `taps[n](h)` gets the states entering layer n, for first < n < last, in layer
+        order (after the whole range where it runs natively). h: (T, dim)."""
+        cos, sin = self.rope(start, h.shape[0], tree)
         keep = sorted(n for n in taps or () if first < n < last)
         if first < last and self.native_stack is not None and self.layers[first].runs_native(h.shape[0]):
             weights, scales, biases = self.native_stack  # the whole range in one call
             *states, h = native_layers(self.layers[first], weights[6 * first:6 * last], scales[4 * first:4 * last],
-                                       biases[first:last], h, cos, sin, cache, first, start, keep)
+                                       biases[first:last], h, cos, sin, cache, first, start, keep, tree)
             for n, state in zip(keep, states):
                 taps[n](state)
             return h
         for i in range(first, last):
             if i in keep:
                 taps[i](h)
-            h = self.layers[i](h, cos, sin, cache, i, start)
+            h = self.layers[i](h, cos, sin, cache, i, start, tree)
         return h
 
     def fill_kv(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> None:

@@ -140,11 +140,12 @@ def _register_fake() -> None:
         return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
     @torch.library.register_fake("skiplayer::decoder_layers")
-    def _(x, weights, scales, qkv_bias, cos, sin, k, v, first, start, n_heads, n_kv_heads, eps, packed, keep):
+    def _(x, weights, scales, qkv_bias, cos, sin, k, v, first, start, n_heads, n_kv_heads, eps, packed, keep,
+          tree=None):
         return [torch.empty_like(x) for _ in range(len(keep) + 1)]
 
     @torch.library.register_fake("skiplayer::rope_cache_attention")
-    def _(qkv, cos, sin, kc, vc, start, n_heads, n_kv_heads, attend):
+    def _(qkv, cos, sin, kc, vc, start, n_heads, n_kv_heads, attend, tree=None):
         return qkv.new_empty((qkv.shape[0] if attend else 0, n_heads * kc.shape[2]))
 
 

@@ -16,6 +16,8 @@ from skiplayer.policies.logits_current import LogitsCurrent
 from skiplayer.policies.logits_future import LogitsFuture
 from skiplayer.policies.random_exit import RandomExit
 
+DRAFT_SOURCES = ("self", "ngram", "both")
+
 MODES: dict[str, type] = {"none": DraftPolicy, "consistent_tokens": ConsistentTokens, "random": RandomExit,
                           "logits_current": LogitsCurrent, "logits_future": LogitsFuture, "adaptive": Adaptive}
 
@@ -34,6 +36,19 @@ class PolicyConfig:
     stop_threshold: float | None = None
     future_ema: float = 0.5
     seed: int = 0
+    # Where candidates come from: the model's shallow layers ("self", LayerSkip), n-gram lookup in prompt + output
+    # ("ngram", prompt-lookup decoding: no draft layers at all), or both merged into one token tree.
+    draft_source: str = "self"
+    ngram_tokens: int = 4   # longest n-gram run per round
+    ngram_max: int = 3      # longest suffix matched (then shorter ones, down to 1 token)
+
+    @property
+    def self_draft(self) -> bool:
+        return self.draft_source in ("self", "both")
+
+    @property
+    def ngram(self) -> bool:
+        return self.draft_source in ("ngram", "both")
 
     def validate(self, n_layers: int) -> "PolicyConfig":
         check(1 <= self.exit_layer < n_layers,
@@ -52,6 +67,10 @@ class PolicyConfig:
         check(self.stop_threshold is None or 0.0 < self.stop_threshold <= 1.0,
               f"--stop_threshold must be in (0, 1] (got {self.stop_threshold})")
         check(0.0 < self.future_ema <= 1.0, f"--future_ema must be in (0, 1] (got {self.future_ema})")
+        check(self.draft_source in DRAFT_SOURCES,
+              f"unknown --draft_source '{self.draft_source}': use one of {', '.join(DRAFT_SOURCES)}")
+        check(self.ngram_tokens >= 1, f"--ngram_tokens must be >= 1 (got {self.ngram_tokens})")
+        check(1 <= self.ngram_max <= 8, f"--ngram_max must be in [1, 8] (got {self.ngram_max})")
         low, high = self.random_exit_range()
         check(1 <= low <= high <= self.exit_layer,
               f"--random_exit_low/--random_exit_high must satisfy 1 <= low <= high <= --exit_layer "
@@ -83,4 +102,4 @@ def build_policy(config: PolicyConfig, n_layers: int, costs: CostModel | None = 
     return policy
 
 
-__all__ = ["DraftPolicy", "DraftStep", "RoundResult", "TokenPlan", "PolicyConfig", "build_policy", "MODES", "CostModel"]
+__all__ = ["DRAFT_SOURCES", "DraftPolicy", "DraftStep", "RoundResult", "TokenPlan", "PolicyConfig", "build_policy", "MODES", "CostModel"]

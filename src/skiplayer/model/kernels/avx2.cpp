@@ -535,9 +535,46 @@ void attend_rows(const float* q, const A* kh, const A* vh, int64_t keys, int64_t
   for (int r = 1; r < NR; ++r) weighted_sum_any(p + r * S, vh, keys, keys + r, D, acc + r * D);
 }
 
+// Token-tree attention (decoding/self_speculative.py): row t attends to keys [0, path[0]) and to the slots of
+// path = paths[t * W ..] (its ancestors and itself, ascending, -1 padded). The scores of those keys are laid out
+// contiguously, as a chain holding the same keys would hold them, and every key goes through the one-row loops in
+// the same order: a node's result is bit-identical to the same tokens decoded one at a time.
+template <typename A>
+void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
+                    int64_t S, int64_t H, int64_t G, int64_t D, int64_t L, const int64_t* paths, int64_t W) {
+  const int64_t row = (H + 2 * G) * D, group = H / G;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, H, T * S * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> q(D), p(S), acc(D);
+    for (int64_t h = h0; h < h1; ++h) {
+      const A* kh = kc + (h / group) * L * D;
+      const A* vh = vc + (h / group) * L * D;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t* path = paths + t * W;
+        const int64_t prefix = path[0];
+        int64_t n = 0;
+        while (n < W && path[n] >= 0) ++n;
+        rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data(), D);
+        // key j = prefix + m of the chain is slot path[m]: offset the base pointer so the one-row loops read it
+        key_scores(q.data(), kh, 0, prefix, D, scale, p.data());
+        for (int64_t m = 0; m < n; ++m)
+          key_scores(q.data(), kh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, scale, p.data());
+        const float inv = softmax_row(p.data(), prefix + n);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        weighted_sum_any(p.data(), vh, 0, prefix, D, acc.data());
+        for (int64_t m = 0; m < n; ++m)
+          weighted_sum_any(p.data(), vh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, acc.data());
+        A* o = out + t * H * D + h * D;
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + d), iv));
+      }
+    }
+  });
+}
+
 template <typename A>
 void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
-                    int64_t H, int64_t G, int64_t D, int64_t L, bool attend) {
+                    int64_t H, int64_t G, int64_t D, int64_t L, bool attend, const int64_t* paths, int64_t W) {
   const int64_t row = (H + 2 * G) * D;
   std::vector<float> tmp(D);
   for (int64_t t = 0; t < T; ++t) {
@@ -552,6 +589,7 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
     }
   }
   if (!attend) return;
+  if (paths != nullptr) return tree_attention(qkv, cos, sin, kc, vc, out, T, start + T, H, G, D, L, paths, W);
   const int64_t S = start + T, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
@@ -585,8 +623,31 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   });
 }
 
+// Checks a tree's paths (T, W) for a block at slots start..start+T-1: row t's path is ascending, starts at or before
+// `start` and ends with its own slot (keys outside the cache would be read otherwise).
+at::Tensor checked_paths(const c10::optional<at::Tensor>& tree, int64_t T, int64_t start) {
+  if (!tree.has_value()) return at::Tensor();
+  const at::Tensor paths = tree->contiguous();
+  TORCH_CHECK(paths.scalar_type() == at::kLong && paths.dim() == 2 && paths.size(0) == T && paths.size(1) >= 1,
+              "rope_cache_attention: tree paths (T, W) int64 expected");
+  const int64_t W = paths.size(1);
+  const int64_t* p = paths.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t n = 1;
+    TORCH_CHECK(p[t * W] >= 0 && p[t * W] <= start, "rope_cache_attention: a tree path must start at or before the block");
+    while (n < W && p[t * W + n] >= 0) {
+      TORCH_CHECK(p[t * W + n] > p[t * W + n - 1], "rope_cache_attention: tree paths must be ascending");
+      ++n;
+    }
+    TORCH_CHECK(p[t * W + n - 1] == start + t && p[t * W] + n - 1 <= start + t,
+                "rope_cache_attention: a tree path must end at its own row's slot");
+  }
+  return paths;
+}
+
 at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kc,
-                                at::Tensor vc, int64_t start, int64_t n_heads, int64_t n_kv_heads, bool attend) {
+                                at::Tensor vc, int64_t start, int64_t n_heads, int64_t n_kv_heads, bool attend,
+                                const c10::optional<at::Tensor>& tree) {
   const int64_t T = qkv.size(0), D = kc.size(2), L = kc.size(1);
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (n_heads + 2 * n_kv_heads) * D && D % 8 == 0 && D % 2 == 0,
               "rope_cache_attention: qkv (T, (H + 2G) * D) with D a multiple of 8 expected");
@@ -597,11 +658,13 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
   TORCH_CHECK(cos.scalar_type() == dt && sin.scalar_type() == dt && kc.scalar_type() == dt && vc.scalar_type() == dt,
               "rope_cache_attention: one dtype expected for qkv, rope tables and caches");
   const at::Tensor q = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous();
+  const at::Tensor paths = checked_paths(tree, T, start);
   at::Tensor out = at::empty({attend ? T : 0, n_heads * D}, q.options());
   with_activation_dtype(dt, "rope_cache_attention: float32, bfloat16 or float16 expected", [&](auto a) {
     using A = decltype(a);
     attention_impl<A>(q.data_ptr<A>(), c.data_ptr<A>(), s.data_ptr<A>(), kc.data_ptr<A>(), vc.data_ptr<A>(),
-                      out.data_ptr<A>(), T, start, n_heads, n_kv_heads, D, L, attend);
+                      out.data_ptr<A>(), T, start, n_heads, n_kv_heads, D, L, attend,
+                      paths.defined() ? paths.data_ptr<int64_t>() : nullptr, paths.defined() ? paths.size(1) : 0);
   });
   return out;
 }
@@ -618,7 +681,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
                                        const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
                                        const at::Tensor& sin, at::Tensor k, at::Tensor v, int64_t first, int64_t start,
                                        int64_t n_heads, int64_t n_kv_heads, double eps, bool packed,
-                                       at::IntArrayRef keep) {
+                                       at::IntArrayRef keep, const c10::optional<at::Tensor>& tree) {
   const int64_t n = qkv_bias.size();
   TORCH_CHECK(weights.size() == 6 * n && scales.size() == 4 * n, "decoder_layers: 6 weights and 4 scales per layer");
   TORCH_CHECK(k.dim() == 4 && first >= 0 && first + n <= k.size(0), "decoder_layers: layers outside the cache");
@@ -639,7 +702,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
     const at::Tensor* w = weights.data() + 6 * l;
     const at::Tensor qkv = linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), nullptr);
     const at::Tensor att = rope_cache_attention(qkv, cos, sin, k.select(0, first + l), v.select(0, first + l), start,
-                                                n_heads, n_kv_heads, true);
+                                                n_heads, n_kv_heads, true, tree);
     const at::Tensor h = linear(att, w[2], scales.get(4 * l + 1), none, &x_);
     const at::Tensor gate_up = linear(rms_norm(h, w[3], eps), w[4], scales.get(4 * l + 2), none, nullptr);
     x_ = linear(silu_mul(gate_up), w[5], scales.get(4 * l + 3), none, &h);

@@ -1,0 +1,247 @@
+"""Token trees and n-gram drafting: lookup, tree attention against brute force, the KV cache after acceptance,
+greedy identity and the sampling distribution of multi-candidate acceptance."""
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.decoding.sampling import SamplingConfig, probabilities
+from skiplayer.decoding.self_speculative import tree_mask
+from skiplayer.drafts.ngram import NGramLookup
+from skiplayer.drafts.tree import NGRAM, SELF, TokenTree, accept_tree_greedy, accept_tree_sampling
+from skiplayer.errors import UserError
+from skiplayer.model.llama import Transformer
+from skiplayer.policies import PolicyConfig
+from tests.helpers import FakeTokenizer, chi_square_pvalue, exact_sequence_distribution, predictable_model
+
+# Prompts with repeated spans, so that lookup finds matches (the tiny models also fall into loops of their own).
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4, 3, 4, 3], [11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+def test_ngram_lookup_prefers_longest_and_most_recent_match():
+    lookup = NGramLookup(max_ngram=3, num_tokens=3)
+    lookup.extend([1, 2, 3, 9, 2, 3, 8, 7, 1, 2, 3])
+    assert lookup.propose() == [9, 2, 3]        # 3-gram "1 2 3" matched at the start, not "2 3" (more recent)
+    lookup.extend([4])
+    assert lookup.propose() == []                # "3 4", "4" never seen before
+    lookup.extend([2, 3])
+    assert lookup.propose() == [4, 2, 3]         # "4 2 3"? no; "2 3" most recently ended before the 4
+    assert lookup.propose(max_tokens=1) == [4]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=2, max_size=40), st.integers(1, 4), st.integers(1, 5))
+def test_ngram_lookup_matches_brute_force(tokens, max_ngram, num_tokens):
+    lookup = NGramLookup(max_ngram=max_ngram, num_tokens=num_tokens)
+    expected = []
+    for i in range(len(tokens)):  # incremental updates give the same answers as a fresh scan at every length
+        lookup.extend(tokens[i:i + 1])
+        ctx, expected = tokens[:i + 1], []
+        for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
+            ends = [e for e in range(n - 1, len(ctx) - 1) if ctx[e + 1 - n:e + 1] == ctx[len(ctx) - n:]]
+            if ends:
+                expected = ctx[ends[-1] + 1:ends[-1] + 1 + num_tokens]
+                break
+        assert lookup.propose() == expected
+
+
+def test_tree_merges_shared_prefixes_and_lays_out_paths():
+    tree = TokenTree.chain(10, [11, 12, 13])
+    nodes = tree.add_path(0, [11, 12, 20, 21], NGRAM)
+    assert nodes == [1, 2, 4, 5] and len(tree) == 6
+    assert tree.sources == ["root", SELF, SELF, SELF, NGRAM, NGRAM]
+    assert tree.add_path(0, [30], NGRAM) == [6]
+    assert [tree.depth(n) for n in range(len(tree))] == [0, 1, 2, 3, 3, 4, 1]
+    paths = tree.attention_paths(100).tolist()
+    assert paths[5] == [100, 101, 102, 104, 105] and paths[6] == [100, 106, -1, -1, -1]
+    assert tree.positions(100) == [100, 101, 102, 103, 103, 104, 101]
+    assert not tree.is_chain() and TokenTree.chain(1, [2, 3]).is_chain()
+    logits = torch.full((len(tree), 50), -1.0)
+    for node, target in enumerate([11, 12, 20, 0, 21, 7, 0]):
+        logits[node, target] = 1.0
+    assert accept_tree_greedy(tree, logits) == ([0, 1, 2, 4, 5], 7)
+
+
+def random_tree(seed: int, vocab: int) -> TokenTree:
+    g = torch.Generator().manual_seed(seed)
+    tree = TokenTree.chain(int(torch.randint(vocab, (1,), generator=g)),
+                           torch.randint(vocab, (3,), generator=g).tolist())
+    for _ in range(3):
+        below = int(torch.randint(len(tree), (1,), generator=g))
+        tree.add_path(below, torch.randint(vocab, (2,), generator=g).tolist(), NGRAM)
+    return tree
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_attention_equals_each_path_run_alone(seed):
+    model = predictable_model(seed=seed)
+    prompt = [5, 6, 7, 8, 9, 10]
+    tree = random_tree(seed, model.args.vocab_size)
+    start = len(prompt)
+    cache = model.new_cache(64)
+    model(torch.tensor(prompt), 0, cache)
+    logits = model(torch.tensor(tree.tokens), start, cache) if tree.is_chain() else model.logits(
+        model.forward_layers(model.embed(torch.tensor(tree.tokens)), start, cache, 0, model.n_layers, None,
+                             tree_mask(tree, start)))
+    for node in range(len(tree)):
+        path = [tree.tokens[n] for n in tree.path(node)]
+        alone = model(torch.tensor(prompt + path), 0, model.new_cache(64))[-1]
+        torch.testing.assert_close(logits[node], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_after_acceptance_equals_plain_decoding_of_the_path():
+    model = predictable_model(seed=3)
+    prompt, start = [5, 6, 7, 8, 9, 10], 6
+    tree = random_tree(7, model.args.vocab_size)
+    cache = model.new_cache(64)
+    model(torch.tensor(prompt), 0, cache)
+    model.forward_layers(model.embed(torch.tensor(tree.tokens)), start, cache, 0, model.n_layers, None,
+                         tree_mask(tree, start))
+    path = max((tree.path(n) for n in range(len(tree))), key=len)
+    assert path != list(range(len(path))), "the longest path should leave the chain: copies are exercised"
+    cache.keep(start, [start + n for n in path])
+    plain = model.new_cache(64)
+    model(torch.tensor(prompt + [tree.tokens[n] for n in path]), 0, plain)
+    end = start + len(path)
+    assert cache.lengths == [end] * model.n_layers == plain.lengths
+    torch.testing.assert_close(cache.k[:, :, :end], plain.k[:, :, :end], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.v[:, :, :end], plain.v[:, :, :end], atol=1e-5, rtol=1e-5)
+
+
+def run(model, prompt, strategy="autoregressive", max_steps=30, **policy):
+    config = GenerationConfig(max_steps=max_steps, generation_strategy=strategy, policy=PolicyConfig(**policy))
+    ids, _, stats = generate_ids(model, prompt, config, tokenizer=FakeTokenizer())
+    return ids, stats
+
+
+@pytest.fixture(scope="module", params=[0, 1])
+def model(request):
+    return predictable_model(seed=request.param)
+
+
+def test_greedy_identity_with_ngram_and_trees(model):
+    accepted = Counter()
+    for prompt in PROMPTS:
+        ar, _ = run(model, prompt)
+        for source in ("ngram", "both"):
+            for E in range(1, model.n_layers, 2):
+                for k, n in ((1, 4), (3, 2), (2, 6)):
+                    ss, stats = run(model, prompt, "self_speculative", exit_layer=E, num_speculations=k,
+                                    draft_source=source, ngram_tokens=n)
+                    assert ss == ar, (prompt, source, E, k, n)
+                    assert stats.accepted <= stats.drafted
+                    accepted.update(stats.accepted_from)
+    assert accepted[NGRAM] > 0 and accepted[SELF] > 0, accepted
+
+
+def test_greedy_identity_trees_with_dynamic_modes(model):
+    prompt = PROMPTS[0]
+    ar, _ = run(model, prompt)
+    for mode in ("adaptive", "logits_current", "consistent_tokens"):
+        ss, _ = run(model, prompt, "self_speculative", exit_layer=4, num_speculations=3, draft_source="both",
+                    dynamic_early_exit_mode=mode, min_exit_layer=1, confidence_threshold=0.5)
+        assert ss == ar, mode
+    ss, _ = run(model, prompt, "self_speculative", exit_layer=4, num_speculations=3, draft_source="both",
+                layer_skip_proportion=0.5)
+    assert ss == ar
+
+
+def sampled_outcomes(draws: int, rule=accept_tree_sampling) -> tuple[Counter, dict]:
+    """First two tokens emitted by one tree round (+ one plain draw when the round emits one), over `draws` trials,
+    against their exact distribution. The tree: a sampled self-draft child of the root (its own child sampled too)
+    beside two deterministic n-gram children, each with a deterministic child of its own."""
+    V = 6
+    g = torch.Generator().manual_seed(0)
+    target = {(): torch.softmax(torch.randn(V, generator=g) * 1.5, -1)}
+    for a in range(V):
+        target[(a,)] = torch.softmax(torch.randn(V, generator=g) * 1.5, -1)
+    q_root, q_child = torch.softmax(torch.randn(V, generator=g), -1), torch.softmax(torch.randn(V, generator=g), -1)
+    exact = {(a, b): float(target[()][a] * target[(a,)][b]) for a in range(V) for b in range(V)}
+    counts, rng = Counter(), torch.Generator().manual_seed(1)
+    for _ in range(draws):
+        x = int(torch.multinomial(q_root, 1, generator=rng))
+        y = int(torch.multinomial(q_child, 1, generator=rng))
+        tree = TokenTree.chain(0, [x, y], [q_root, q_child])
+        tree.add_path(0, [1, 2], NGRAM)
+        tree.add_path(0, [3, 4], NGRAM)
+        probs = torch.stack([target[tuple(tree.tokens[n] for n in tree.path(node)[1:])[:1]]
+                             for node in range(len(tree))])
+        path, nxt = rule(tree, probs, rng)
+        out = [tree.tokens[n] for n in path[1:]] + [nxt]
+        if len(out) == 1:
+            out.append(int(torch.multinomial(target[(out[0],)], 1, generator=rng)))
+        counts[tuple(out[:2])] += 1
+    return counts, exact
+
+
+def test_tree_sampling_keeps_the_target_distribution():
+    counts, exact = sampled_outcomes(20000)
+    assert chi_square_pvalue(counts, exact, 20000) > 1e-3
+
+
+def test_tree_sampling_test_catches_a_broken_rule():
+    # Forget the residual update after a rejection: rejected candidates stay likely, so the test must fail.
+    def broken(tree, target_probs, generator):
+        path = [0]
+        while True:
+            p = target_probs[path[-1]]
+            for c in tree.children(path[-1]):
+                x, q = tree.tokens[c], tree.probs[c]
+                if float(torch.rand((), generator=generator)) * (1.0 if q is None else float(q[x])) < float(p[x]):
+                    path.append(c)
+                    break
+            else:
+                return path, int(torch.multinomial(p, 1, generator=generator))
+
+    counts, exact = sampled_outcomes(20000, broken)
+    assert chi_square_pvalue(counts, exact, 20000) < 1e-6
+
+
+@pytest.mark.parametrize("source", ["ngram", "both"])
+def test_sampling_with_trees_matches_autoregressive(source):
+    model = predictable_model(seed=2, n_layers=4, vocab_size=8, deep_scale=0.5)
+    prompt = [1, 2, 3, 1, 2]
+    sampling = SamplingConfig(True, 1.0)
+    exact = exact_sequence_distribution(model, prompt, 3, lambda logits: probabilities(logits, sampling))
+    draws, counts = 3000, Counter()
+    for seed in range(draws):
+        config = GenerationConfig(max_steps=3, generation_strategy="self_speculative", sampling=sampling, seed=seed,
+                                  policy=PolicyConfig(exit_layer=1 + seed % 3, num_speculations=1 + seed % 2,
+                                                      draft_source=source, ngram_tokens=2))
+        ids, _, _ = generate_ids(model, prompt, config)
+        counts[tuple(ids)] += 1
+    assert chi_square_pvalue(counts, exact, draws) > 1e-3
+
+
+def test_bad_tree_flags_are_user_errors(model):
+    for bad, match in (({"draft_source": "tree"}, "--draft_source"), ({"ngram_tokens": 0}, "--ngram_tokens"),
+                       ({"ngram_max": 0}, "--ngram_max")):
+        with pytest.raises(UserError, match=match):
+            run(model, [1, 2], "self_speculative", exit_layer=2, **bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_tree_attention_is_bit_identical_to_decoding_each_path(dtype):
+    from skiplayer.model.optimize import native_kernels_available, optimize_model
+    from tests.conftest import tiny_hf_model
+    if not native_kernels_available():
+        pytest.skip("native CPU kernels cannot be built here")
+    model = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=4, n_layers=4), dtype=dtype),
+                           kernels="native")
+    prompt, start = [5, 6, 7, 8, 9, 10, 11], 7
+    for seed in range(3):
+        tree = random_tree(seed, model.args.vocab_size)
+        with torch.inference_mode():
+            cache = model.new_cache(64)
+            model(torch.tensor(prompt), 0, cache)
+            logits = model.logits(model.forward_layers(model.embed(torch.tensor(tree.tokens)), start, cache, 0,
+                                                       model.n_layers, None, tree_mask(tree, start)))
+            for node in range(len(tree)):
+                plain = model.new_cache(64)
+                model(torch.tensor(prompt), 0, plain)
+                path = [tree.tokens[n] for n in tree.path(node)]
+                for i, token in enumerate(path):  # one token per step, as autoregressive decoding runs
+                    step = model(torch.tensor([token]), start + i, plain)[-1]
+                assert torch.equal(logits[node], step), (dtype, seed, node)
