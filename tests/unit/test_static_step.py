@@ -114,6 +114,45 @@ def test_fallback_decodes_eagerly_when_capture_fails():
         torch.testing.assert_close(fallback(8, 4), model(torch.tensor([8]), 4, ref_cache)[-1])
 
 
+def test_graph_step_bookkeeping_with_a_stand_in_graph():
+    """GraphStep's host side (inputs filled per call, cache lengths, capture once, one output buffer) on the CPU: the
+    stand-in 'graph' reruns the static step into the captured output, as a replay would."""
+    model = predictable_model(seed=2)
+
+    class Replay:
+        def __init__(self, step):
+            self.step, self.captures = step, 0
+
+        def replay(self):
+            self.step.logits.copy_(self.step._run())
+
+    class CPUGraphStep(cuda_graphs.GraphStep):
+        def capture(self):
+            self.logits = self._run()
+            self.graph = Replay(self)
+            self.captures = getattr(self, "captures", 0) + 1
+
+    prompt = [5, 9, 11, 5, 9]
+    with torch.inference_mode():
+        step = CPUGraphStep(model, model.new_cache(64))
+        for _ in range(2):  # the second generation reuses the captured step on the reset cache
+            step.cache.reset()
+            ref_cache, token = _prefill(model, prompt, 64)
+            model(torch.tensor(prompt), 0, step.cache)
+            out = None
+            for pos in range(len(prompt), len(prompt) + 6):
+                expected = model(torch.tensor([token]), pos, ref_cache)[-1]
+                got = step(token, pos)
+                assert out is None or got is out  # always the same buffer
+                out = got
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+                assert step.cache.lengths == [pos + 1] * model.n_layers
+                token = int(expected.argmax())
+    assert step.captures == 1
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        step(token, 64)
+
+
 @needs_cuda
 def test_cuda_graph_decoding_matches_eager():
     torch.manual_seed(0)
