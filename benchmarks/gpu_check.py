@@ -506,7 +506,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="layers of the first model (default: its own)")
     p.add_argument("--llama1b_layers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init_std", type=float, default=0.05)
+    p.add_argument("--init_std", type=float, default=None, help="weight init std (default 0.05; tiny: 0.15)")
     p.add_argument("--deep_scale", type=float, default=0.06)
     p.add_argument("--deep_from", type=int, default=None, help="first scaled layer (default: the exit layer)")
     p.add_argument("--k", type=int, default=4, help="num_speculations")
@@ -526,6 +526,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("float16" if cuda else "float32")
+    args.init_std = args.init_std or (0.15 if args.tiny else 0.05)
     if args.models is None:
         args.models = "tiny" if args.tiny else ("smollm2,llama1b" if cuda else "smollm2")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
