@@ -7,10 +7,10 @@ Sections, each recorded in the JSON even when it fails (its error is kept and th
   hf_equality  our logits vs transformers' LlamaForCausalLM on the same random weights (float32 and --dtype)
   identity     greedy self-speculative (static exit, adaptive, n-gram/tree when available) and CUDA-graph decoding
                vs plain autoregressive decoding: identical token lists, first divergence, acceptance
-  speed        autoregressive tok/s: ours eager, ours with the CUDA-graph step, HF generate (dynamic cache), HF
-               generate(cache_implementation="static") in a child process under a time cap (compiles)
+  speed        autoregressive tok/s: ours eager, ours with the CUDA-graph step, HF generate (dynamic cache)
   verify_cost  v(n) = time of our forward over n positions / one position
   launches     kernel launches (cudaLaunchKernel, cudaGraphLaunch) and aten ops per decode step, GPU busy share
+  hf_static    HF generate(cache_implementation="static") tok/s (it compiles: a child process under a time cap)
 
 Models: "smollm2" (SmolLM2-135M's shape: hidden 576, 30 layers, 9/3 heads, vocab 49152, tied) and "llama1b"
 (Llama-3.2-1B's shape with --llama1b_layers layers). Layers from the exit layer (8 of 30) on get their output
@@ -26,8 +26,10 @@ import json
 import os
 import platform
 import statistics
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -208,6 +210,26 @@ def graph_active(model) -> bool:
     return any(s.failed is None and s.step.graph is not None for s in steps.values())
 
 
+@torch.inference_mode()
+def step_vs_forward(model, ids: list[int], follow: list[int], device) -> dict:
+    """Logits of the decode step autoregressive decoding uses (the CUDA graph on CUDA) vs model.forward, both fed
+    the tokens `follow` after the prompt `ids`: how far apart the two are, whatever the tokens do."""
+    step, cache = cuda_graphs.decode_step(model, len(ids) + len(follow) + 1)
+    ref_cache = model.new_cache(len(ids) + len(follow) + 1)
+    prompt = torch.tensor(ids, device=device)
+    model(prompt, 0, cache)
+    model(prompt, 0, ref_cache)
+    worst, agree = 0.0, 0
+    for i, token in enumerate(follow):
+        pos = len(ids) + i
+        expected = model(torch.tensor([token], device=device), pos, ref_cache)[-1]
+        got = step(token, pos)
+        worst = max(worst, float((expected - got).abs().max()))
+        agree += int(expected.argmax()) == int(got.argmax())
+    return {"max_abs_diff": worst, "argmax_agreement": agree / max(1, len(follow)), "steps": len(follow),
+            "graph_active": graph_active(model)}
+
+
 def section_identity(args, device, deadline) -> dict:
     shape = args.models[0]
     hf = build_hf(args, shape, args.layers, device)
@@ -225,6 +247,14 @@ def section_identity(args, device, deadline) -> dict:
         for ids in prompts(args, hf.config.vocab_size):
             refs.append(run_ours(model, ids, args.identity_steps, graphs=False)[0])
         res["reference_distinct_tokens"] = [len(set(r)) for r in refs]  # varied outputs, not one token repeated
+        try:
+            r = res["step_vs_forward"] = step_vs_forward(model, prompts(args, hf.config.vocab_size)[0], refs[0],
+                                                         device)
+            log(f"[identity] {name} decode step vs forward logits: max|diff| {r['max_abs_diff']:.3g}, argmax "
+                f"agreement {r['argmax_agreement']:.3f} over {r['steps']} steps, graph active {r['graph_active']}")
+        except Exception as e:  # noqa: BLE001
+            res["step_vs_forward"] = error(e)
+            log(f"[identity] {name} decode step vs forward: ERROR {res['step_vs_forward']['error']}")
         runs = {"cuda_graph_ar": dict(graphs=True)} | {n: dict(graphs=False, **c) for n, c in configs.items()}
         for run_name, kw in runs.items():
             if deadline.left() < 0:
@@ -317,20 +347,21 @@ def section_speed(args, device, deadline) -> dict:
             except Exception as e:  # noqa: BLE001
                 res[name] = error(e)
                 log(f"[speed] {shape} {name}: ERROR {res[name]['error']}")
-        res["hf_static"] = hf_static(args, shape, device, deadline) if shape == args.models[0] else {
-            "skipped": "only run for the first model (compile time)"}
         del hf, model
         free(device)
     return out
 
 
-def hf_static(args, shape: str, device: torch.device, deadline) -> dict:
-    """HF generate with a static cache (torch.compile + CUDA graphs) in a child process, killed after the cap."""
+def section_hf_static(args, device: torch.device, deadline) -> dict:
+    """HF generate with a static cache (torch.compile + CUDA graphs) on the first model, in a child process killed
+    (with its compile workers: its own process group) after the cap. Last, so its compile cannot starve the rest."""
+    shape = args.models[0]
     if device.type != "cuda" and not args.hf_static_on_cpu:
-        log("[speed] hf_static: skipped on CPU")
+        log("[hf_static] skipped on CPU")
         return {"skipped": "not run on CPU (compile time)"}
-    cap = min(args.hf_static_cap, deadline.left() - 20)
+    cap = min(args.hf_static_cap, deadline.left() + args.hf_static_extra)
     if cap < 30:
+        log(f"[hf_static] skipped: {cap:.0f} s left for it")
         return {"skipped": f"time budget spent ({cap:.0f} s left for it)"}
     cmd = [sys.executable, os.path.abspath(__file__), "--hf_static_child", shape, "--device", str(device),
            "--dtype", args.dtype, "--seed", str(args.seed), "--init_std", str(args.init_std),
@@ -339,18 +370,33 @@ def hf_static(args, shape: str, device: torch.device, deadline) -> dict:
     if args.deep_from is not None:
         cmd += ["--deep_from", str(args.deep_from)]
     t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap)
-    except subprocess.TimeoutExpired:
-        log(f"[speed] hf_static: not finished within {cap:.0f} s (compile), skipped")
-        return {"skipped": f"not finished within {cap:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("HF_STATIC ")]
-    if proc.returncode != 0 or not lines:
-        log(f"[speed] hf_static: child failed (rc {proc.returncode})")
-        return {"error": f"rc {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
-    r = json.loads(lines[-1][len("HF_STATIC "):])
-    r["child_seconds"] = time.perf_counter() - t
-    log(f"[speed] {shape} hf_static: {r['tok_s']:.1f} tok/s after a {r['first_call_seconds']:.1f} s first call")
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        # files, not pipes: compile workers that outlive a killed child would keep pipes open
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=cap)
+        except subprocess.TimeoutExpired:
+            rc = None
+        try:  # the child's process group: it and any compile workers it started
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    base = {"model": shape, "dtype": args.dtype, "new_tokens": args.speed_steps, "cap_seconds": cap,
+            "child_seconds": time.perf_counter() - t}
+    if rc is None:
+        log(f"[hf_static] {shape}: not finished within {cap:.0f} s (compile), skipped")
+        return base | {"skipped": f"not finished within {cap:.0f} s", "stderr_tail": err[-2000:]}
+    lines = [line for line in out.splitlines() if line.startswith("HF_STATIC ")]
+    if rc != 0 or not lines:
+        log(f"[hf_static] {shape}: child failed (rc {rc}): {err.strip().splitlines()[-1:] or ''}")
+        return base | {"error": f"rc {rc}", "stderr_tail": err[-3000:]}
+    r = base | json.loads(lines[-1][len("HF_STATIC "):])
+    log(f"[hf_static] {shape} {args.dtype}: {r['tok_s']:.1f} tok/s ({args.speed_steps} tokens) after a "
+        f"{r['first_call_seconds']:.1f} s first call (compile)")
     return r
 
 
@@ -491,7 +537,7 @@ def meta(args, device) -> dict:
 
 
 SECTIONS = {"hf_equality": section_hf_equality, "identity": section_identity, "speed": section_speed,
-            "verify_cost": section_verify_cost, "launches": section_launches}
+            "verify_cost": section_verify_cost, "launches": section_launches, "hf_static": section_hf_static}
 
 
 def parse_args(argv=None):
@@ -519,6 +565,8 @@ def parse_args(argv=None):
     p.add_argument("--verify_ns", default="1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,32,64")
     p.add_argument("--profile_steps", type=int, default=8)
     p.add_argument("--hf_static_cap", type=float, default=200.0, help="seconds for HF's static-cache run (compiles)")
+    p.add_argument("--hf_static_extra", type=float, default=60.0,
+                   help="seconds HF's static run may go past --budget_s")
     p.add_argument("--hf_static_on_cpu", action="store_true")
     p.add_argument("--budget_s", type=float, default=450.0, help="later sections are skipped past this")
     p.add_argument("--output_json", default=None, type=output_file)

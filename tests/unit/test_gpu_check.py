@@ -19,7 +19,7 @@ def test_gpu_check_quick_on_cpu(tmp_path):
                           capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    for section in ("meta", "hf_equality", "identity", "speed", "verify_cost", "launches"):
+    for section in ("meta", "hf_equality", "identity", "speed", "verify_cost", "launches", "hf_static"):
         assert section in report, section
         assert "error" not in report[section], report[section]
 
@@ -29,6 +29,8 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     identity = report["identity"]["float32"]
     assert {"cuda_graph_ar", "static", "adaptive"} <= set(identity)
     assert min(identity.pop("reference_distinct_tokens")) > 1
+    step = identity.pop("step_vs_forward")
+    assert step["max_abs_diff"] == 0.0 and step["argmax_agreement"] == 1.0  # off CUDA the step is model.forward
     for name, run in identity.items():
         assert "error" not in run, (name, run)
         assert run["total"] == 2 and run["identical"] == run["total"], (name, run)
@@ -37,7 +39,7 @@ def test_gpu_check_quick_on_cpu(tmp_path):
 
     speed = report["speed"]["tiny"]
     assert speed["ours_eager"]["tok_s"] > 0 and speed["hf_eager"]["tok_s"] > 0
-    assert "skipped" in speed["hf_static"]
+    assert "skipped" in report["hf_static"]
     assert set(report["verify_cost"]["v"]) == {"1", "2", "4"} and report["verify_cost"]["v"]["1"] == 1.0
     assert report["launches"]["eager"]["aten_ops_per_step"] > 0
     assert "[identity] float32 static: 2/2 identical" in proc.stdout
