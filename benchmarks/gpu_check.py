@@ -106,10 +106,12 @@ def _build_hf(args, shape: str, layers: int | None, device: torch.device):
     try:
         with torch.device(device):
             hf = transformers.LlamaForCausalLM(config)
+        if any(t.device.type == "meta" for t in (*hf.parameters(), *hf.buffers())):
+            raise RuntimeError("built on the meta device")
     except Exception:  # noqa: BLE001 - older torch/transformers: build on the CPU, then move
         torch.manual_seed(args.seed)
-        hf = transformers.LlamaForCausalLM(config).to(device)
-    hf = hf.float().eval().requires_grad_(False)
+        hf = transformers.LlamaForCausalLM(config)
+    hf = hf.to(device).float().eval().requires_grad_(False)
     n = config.num_hidden_layers
     deep_from = min(exit_layer(n) if args.deep_from is None else args.deep_from, n)
     with torch.no_grad():
@@ -568,7 +570,8 @@ def parse_args(argv=None):
     p.add_argument("--hf_static_extra", type=float, default=60.0,
                    help="seconds HF's static run may go past --budget_s")
     p.add_argument("--hf_static_on_cpu", action="store_true")
-    p.add_argument("--budget_s", type=float, default=450.0, help="later sections are skipped past this")
+    p.add_argument("--budget_s", type=float, default=380.0,
+                   help="sections are skipped past this many seconds (hf_static may use --hf_static_extra more)")
     p.add_argument("--output_json", default=None, type=output_file)
     p.add_argument("--hf_static_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
