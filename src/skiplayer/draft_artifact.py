@@ -286,3 +286,33 @@ def load_draft(path: str | Path, loaded) -> Draft:
     except (TypeError, ValueError, AttributeError):
         raise UserError(f"draft {path}: bad acceptance in {META_FILE}; recalibrate with skiplayer calibrate") from None
     return Draft(vocab_ids, adapters, acceptance, exit_layers, meta)
+
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "drafts_builtin"
+
+
+def builtin_draft_path(model_name: str) -> Path | None:
+    """The draft shipped in the package for a model alias (e.g. smollm2-135m), if there is one."""
+    path = BUILTIN_DIR / model_name
+    return path if (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file() else None
+
+
+def resolve_draft(spec: str | None, loaded, say=None) -> Draft | None:
+    """`--draft`: a calibrated artifact directory; "none" for no draft; unset: the built-in draft of the model when
+    the package ships one for these exact weights (said in one line on stderr, via `say`)."""
+    import sys
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    if spec is not None:
+        return None if spec == "none" else load_draft(spec, loaded)
+    path = builtin_draft_path(loaded.name)
+    if path is None:
+        return None
+    if _read_meta(path).get("fingerprint") != loaded.fingerprint:
+        say(f"[skiplayer] the built-in draft for {loaded.name} fits other weights ({_read_meta(path).get('dtype')});"
+            f" not used (pass --draft DIR to use a draft of yours)")
+        return None
+    draft = load_draft(path, loaded)
+    say(f"[skiplayer] using the built-in draft for {loaded.name} (exit layers {draft.exit_layers}; --draft none "
+        f"turns it off)")
+    return draft

@@ -7,7 +7,7 @@ import argparse
 from skiplayer.decoding.generate import STRATEGIES, GenerationConfig
 from skiplayer.decoding.sampling import SamplingConfig
 from skiplayer.model.load import DEFAULT_MODEL, DTYPES
-from skiplayer.policies import MODES, PolicyConfig
+from skiplayer.policies import DRAFT_SOURCES, MODES, PolicyConfig
 
 # float16 weights (fp32 accumulation in the native kernels): on the 2-core AVX2 machine 1.3x the tok/s of float32
 # with the same greedy output on the measured prompts (benchmarks/verify_cost.py --quality); see README, Performance.
@@ -26,7 +26,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default=None, choices=["int8"],
                    help="int8 weight-only quantisation (per output channel; activations stay in --dtype)")
     g.add_argument("--compile", action="store_true", help="torch.compile the cache-free half of each block")
-    g.add_argument("--draft", default=None, help="calibrated draft artifact from `skiplayer calibrate`")
+    g.add_argument("--draft", default=None, help="calibrated draft artifact from `skiplayer calibrate`; 'none' for "
+                   "no draft (default: the built-in draft of the default model, when the package ships one)")
     g.add_argument("--no_chat_template", action="store_true", help="feed prompts as plain text even for chat models")
 
 
@@ -43,6 +44,13 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop_words", nargs="*", default=None, help="stop when the text contains one of these")
     g.add_argument("--stop_token_ids", nargs="*", type=int, default=[], help="extra token ids that end generation")
+    t = p.add_argument_group("draft sources (token trees)")
+    t.add_argument("--draft_source", default="self", choices=DRAFT_SOURCES,
+                   help="self: the model's first E layers (LayerSkip); ngram: prompt lookup in prompt + output (no "
+                        "draft layers); both: merged into one token tree verified in one pass (default %(default)s)")
+    t.add_argument("--ngram_tokens", type=int, default=4, help="longest n-gram run drafted per round (default 4)")
+    t.add_argument("--ngram_max", type=int, default=3,
+                   help="longest suffix matched in the context, then shorter ones down to 1 token (default 3)")
     d = p.add_argument_group("dynamic early exit")
     d.add_argument("--dynamic_early_exit_mode", default="none", help=f"one of: {', '.join(MODES)}")
     d.add_argument("--layer_skip_proportion", type=float, default=0.0,
@@ -63,7 +71,8 @@ def policy_config(args) -> PolicyConfig:
         min_exit_layer=args.min_exit_layer, consistent_tokens_count=args.consistent_tokens_count,
         random_exit_low=args.random_exit_low, random_exit_high=args.random_exit_high,
         confidence_threshold=args.confidence_threshold, stop_threshold=args.stop_threshold,
-        future_ema=args.future_ema, seed=args.seed)
+        future_ema=args.future_ema, seed=args.seed, draft_source=args.draft_source, ngram_tokens=args.ngram_tokens,
+        ngram_max=args.ngram_max)
 
 
 def generation_config(args, **overrides) -> GenerationConfig:
@@ -83,7 +92,7 @@ def load_from_args(args):
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
                         compile=getattr(args, "compile", False), offline=getattr(args, "offline", False))
     draft = None
-    if getattr(args, "draft", None):
-        from skiplayer.draft_artifact import load_draft
-        draft = load_draft(args.draft, loaded)
+    if getattr(args, "generation_strategy", "self_speculative") == "self_speculative" or getattr(args, "draft", None):
+        from skiplayer.draft_artifact import resolve_draft
+        draft = resolve_draft(getattr(args, "draft", None), loaded)  # unset: the built-in draft, if any
     return loaded, draft

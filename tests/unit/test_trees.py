@@ -245,3 +245,17 @@ def test_native_tree_attention_is_bit_identical_to_decoding_each_path(dtype):
                 for i, token in enumerate(path):  # one token per step, as autoregressive decoding runs
                     step = model(torch.tensor([token]), start + i, plain)[-1]
                 assert torch.equal(logits[node], step), (dtype, seed, node)
+
+
+def test_adaptive_sizes_the_ngram_run_from_learned_acceptance_and_cost():
+    from skiplayer.policies.adaptive import Adaptive, CostModel
+    from skiplayer.policies.base import RoundResult
+    costs = CostModel.nominal(8, max_n=12, slope=0.15)
+    good, bad = Adaptive(PolicyConfig(exit_layer=4), 8, costs), Adaptive(PolicyConfig(exit_layer=4), 8, costs)
+    for _ in range(30):  # order-3 runs: right all the way; order-1 runs: wrong at once
+        good.update(RoundResult([], 0, [9], 0.0, [1, 2, 3, 4], 3, [1, 2, 3, 4, 9], 5))
+        bad.update(RoundResult([], 0, [9], 0.0, [1, 2, 3, 4], 1, [7], 5))
+    assert good.ngram_tokens(0, 3, 4) == 4
+    assert bad.ngram_tokens(0, 1, 4) == 0
+    assert good.ngram_tokens(0, 1, 4) in (1, 2, 3, 4)  # an unseen order keeps the prior's guess
+    assert good.ngram_posterior[(3, 4)][0] > 30 and bad.ngram_posterior[(1, 1)][1] > 30

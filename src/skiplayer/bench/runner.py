@@ -23,7 +23,8 @@ QUICK_DATASET = "human_eval"
 
 # Fields of GenerationStats summed over turns / samples.
 _SUMMED = ("prompt_tokens", "new_tokens", "drafted", "accepted", "rounds", "probe_heads", "wall_time",
-           "prefill_time", "time_draft_layers", "time_draft_heads", "time_verify", "time_overhead")
+           "prefill_time", "time_draft_layers", "time_draft_heads", "time_verify", "time_overhead",
+           "self_candidates", "self_accepted", "ngram_candidates", "ngram_accepted")
 TIME_SPLIT = {"prefill": "prefill_time", "draft_layers": "time_draft_layers", "draft_heads": "time_draft_heads",
               "verify": "time_verify", "other": "time_overhead"}
 
@@ -222,7 +223,7 @@ def merge_histograms(hists: Iterable[dict]) -> dict:
 
 
 def sum_speed(speeds: list[dict]) -> dict:
-    d = {name: sum(s[name] for s in speeds) for name in _SUMMED}
+    d = {name: sum(s.get(name, 0) for s in speeds) for name in _SUMMED}  # rows of older runs lack newer fields
     d["exit_layer_histogram"] = merge_histograms(s.get("exit_layer_histogram") for s in speeds)
     return derive(d)
 

@@ -102,8 +102,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
         if policy is None:
             costs = None
             if config.policy.dynamic_early_exit_mode == "adaptive":
-                costs = profile_costs(model, config.policy.num_speculations + 1, head.weight,
-                                      head_packed=head.packed)
+                costs = profile_costs(model, nodes + 1, head.weight, head_packed=head.packed)
             policy = build_policy(config.policy, model.n_layers, costs, draft.acceptance if draft else None)
 
     t0 = clock.now()

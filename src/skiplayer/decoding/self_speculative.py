@@ -67,13 +67,19 @@ def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep], start: int) -
     return model.logits(h)
 
 
-def build_tree(s: RoundState, pending: int, steps: list[DraftStep], room: int) -> TokenTree:
-    """The self-draft chain, then the n-gram run (at most `room` tokens, cut after a stop token) merged in."""
+def ngram_run(s: RoundState, drafts: int, room: int) -> list[int]:
+    """The n-gram candidates: at most `room` tokens, cut after a stop token, as many as the policy wants."""
+    if s.ngram is None:
+        return []
+    run = s.ngram.propose(room)
+    run = run[:next((i + 1 for i, t in enumerate(run) if t in s.stop_ids), len(run))]
+    return run[:s.policy.ngram_tokens(drafts, s.ngram.order, len(run))]
+
+
+def build_tree(pending: int, steps: list[DraftStep], run: list[int]) -> TokenTree:
+    """The self-draft chain, then the n-gram run merged in (shared prefixes once)."""
     tree = TokenTree.chain(pending, [st.token for st in steps], [st.probs for st in steps])
-    if s.ngram is not None:
-        run = s.ngram.propose(room)
-        cut = next((i + 1 for i, t in enumerate(run) if t in s.stop_ids), len(run))
-        tree.add_path(0, run[:cut], NGRAM)
+    tree.add_path(0, run, NGRAM)
     return tree
 
 
@@ -83,7 +89,8 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     stats = s.clock.stats
     steps = draft_round(s.model, s.cache, pending, start, budget, s.policy, s.head, s.sampling, s.generator,
                         s.clock, s.stop_ids) if s.self_draft else []
-    tree = build_tree(s, pending, steps, room)
+    run = ngram_run(s, len(steps), room)
+    tree = build_tree(pending, steps, run)
     t = s.clock.now()
     logits = verify(s, tree, steps, start)
     if s.sampling.sample:
@@ -95,7 +102,8 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     stats.time_verify += verify_seconds
     new = [tree.tokens[node] for node in path[1:]] + [nxt]
     on_chain = min(len(steps), next((i for i, node in enumerate(path) if node != i), len(path)) - 1)  # self-drafts
-    s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds))
+    s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds, run,
+                                s.ngram.order if s.ngram else 0, new, len(tree)))
     record(stats, tree, path, steps, on_chain)
     if s.ngram is not None:
         s.ngram.extend(new)

@@ -43,6 +43,22 @@ class GenerationStats:
         return self.new_tokens / self.rounds if self.rounds else 0.0
 
     @property
+    def self_candidates(self) -> int:
+        return self.candidates.get("self", 0)
+
+    @property
+    def self_accepted(self) -> int:
+        return self.accepted_from.get("self", 0)
+
+    @property
+    def ngram_candidates(self) -> int:
+        return self.candidates.get("ngram", 0)
+
+    @property
+    def ngram_accepted(self) -> int:
+        return self.accepted_from.get("ngram", 0)
+
+    @property
     def tokens_per_pass(self) -> float:
         """New tokens per verification pass (accepted candidates + the verified token), prefill's token excluded."""
         return (self.new_tokens - 1) / self.rounds if self.rounds else 0.0

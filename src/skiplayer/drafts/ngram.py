@@ -17,7 +17,7 @@ class NGramLookup:
         self.tokens: list[int] = []
         self.last_end: list[dict[tuple, int]] = [{} for _ in range(max_ngram + 1)]  # n -> n-gram -> end index
         self.indexed = 0  # n-grams ending before this index are in last_end
-        self.proposed = self.accepted = 0
+        self.order = 0    # length of the suffix the last proposal matched (0: none)
 
     def extend(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
@@ -32,16 +32,13 @@ class NGramLookup:
     def propose(self, max_tokens: int | None = None) -> list[int]:
         """Continuation of the longest suffix (max_ngram down to min_ngram tokens) seen earlier in the context."""
         max_tokens = self.num_tokens if max_tokens is None else min(max_tokens, self.num_tokens)
-        L = len(self.tokens)
+        L, self.order = len(self.tokens), 0
         if max_tokens <= 0 or L < 2:
             return []
         self._index(L - 1)  # occurrences ending before the last token: the suffix itself is not a match
         for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
             end = self.last_end[n].get(tuple(self.tokens[L - n:]))
             if end is not None:
+                self.order = n
                 return self.tokens[end + 1:end + 1 + max_tokens]
         return []
-
-    def update(self, proposed: int, accepted: int) -> None:
-        self.proposed += proposed
-        self.accepted += accepted

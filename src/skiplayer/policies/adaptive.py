@@ -85,6 +85,9 @@ class Adaptive(DraftPolicy):
         self.backoff, self.ar_left = 4, 0
         self.exit, self.k = E, 0
         self._round = []
+        # n-gram branch of a token tree: acceptance of a run's d-th token given the ones before it were right, per
+        # length of the suffix it matched (longer matches are right more often); prior Beta(2, 2)
+        self.ngram_posterior: dict[tuple[int, int], list[float]] = {}
 
     def posterior_means(self) -> dict[int, float]:
         return {e: a / (a + b) for e, (a, b) in self.posterior.items()}
@@ -138,6 +141,28 @@ class Adaptive(DraftPolicy):
         extra = self.costs.draft(self.exit) + self.costs.verify_from(self.exit, j + 2) - self.costs.verify_from(self.exit, j + 1)
         return gain / extra >= expected / cost
 
+    def ngram_tokens(self, drafts: int, order: int, available: int) -> int:
+        """The n-gram run length (of `available`) that maximises expected tokens per unit cost of this round,
+        beside `drafts` self-drafts: each extra candidate must add more expected tokens than its share of the
+        wider verification pass costs (profiled v(n))."""
+        a, b = self.posterior.get(self.exit, (1.0, 3.0))
+        alpha = a / (a + b)
+        expected = 1.0 + sum(alpha ** j for j in range(1, drafts + 1))
+        spent = drafts * self.costs.draft(self.exit)
+        best, best_rate, reach = 0, 0.0, 1.0
+        for d in range(available + 1):
+            if d:
+                reach *= self._ngram_alpha(order, d)
+                expected += reach
+            rate = expected / (spent + self.costs.verify_from(self.exit if drafts else 0, 1 + drafts + d))
+            if rate > best_rate:
+                best, best_rate = d, rate
+        return best
+
+    def _ngram_alpha(self, order: int, depth: int) -> float:
+        a, b = self.ngram_posterior.get((order, depth), (2.0, 2.0))
+        return a / (a + b)
+
     # Learning --------------------------------------------------------------------------------------------------
     def update(self, result: RoundResult) -> None:
         observed = result.steps[:result.accepted + 1]
@@ -150,5 +175,10 @@ class Adaptive(DraftPolicy):
         # Probe less and less often until the posterior means (not one lucky acceptance) say drafting pays.
         if self.best_setting(self.posterior_means())[1] > 0:
             self.backoff = 4
-        if result.verify_seconds and result.steps:
-            self.costs.observe_verify(len(result.steps) + 1, result.verify_seconds)
+        if result.ngram_run:  # how far the run matched what the model produced (merging does not matter)
+            right = next((j for j, (c, t) in enumerate(zip(result.ngram_run, result.output)) if c != t),
+                         min(len(result.ngram_run), len(result.output)))
+            for d in range(1, min(right + 1, len(result.ngram_run)) + 1):
+                self.ngram_posterior.setdefault((result.ngram_order, d), [2.0, 2.0])[0 if d <= right else 1] += 1
+        if result.verify_seconds and (result.steps or result.ngram_run):
+            self.costs.observe_verify(result.nodes or len(result.steps) + 1, result.verify_seconds)

@@ -43,6 +43,10 @@ class RoundResult:
     accepted: int            # drafts accepted
     targets: list[int]       # targets[i] = the verified token that follows step i's input (len = accepted + 1)
     verify_seconds: float = 0.0
+    ngram_run: list = field(default_factory=list)  # the n-gram candidates of the round (token tree branch)
+    ngram_order: int = 0                           # length of the suffix they matched
+    output: list = field(default_factory=list)     # every token the round produced (accepted + verified)
+    nodes: int = 0                                 # tree nodes verified (the pending token included)
 
 
 class DraftPolicy:
@@ -64,6 +68,11 @@ class DraftPolicy:
 
     def keep_drafting(self, step: DraftStep) -> bool:
         return True
+
+    def ngram_tokens(self, drafts: int, order: int, available: int) -> int:
+        """How many of `available` n-gram candidates (matched on a suffix of `order` tokens) join this round's
+        tree beside `drafts` self-drafts: all of them (--ngram_tokens caps the run)."""
+        return available
 
     def update(self, result: RoundResult) -> None:
         pass
