@@ -185,6 +185,8 @@ def speculative_configs(args, n_layers: int) -> dict[str, dict]:
     if "draft_source" in fields:
         configs["ngram"] = dict(exit_layer=E, num_speculations=k, draft_source="ngram")
         configs["tree_self_ngram"] = dict(exit_layer=E, num_speculations=k, draft_source="both")
+        configs["adaptive_tree"] = dict(exit_layer=E, num_speculations=k, draft_source="both",
+                                        dynamic_early_exit_mode="adaptive")
     return configs
 
 
