@@ -38,12 +38,12 @@ class RoundState:
     self_draft: bool = True
 
 
-def tree_mask(tree: TokenTree, start: int, first: int = 0) -> TreeMask | None:
+def tree_mask(tree: TokenTree, start: int, first: int = 0, device="cpu") -> TreeMask | None:
     """Attention of nodes first.. (None when the tree is a chain: plain causal attention)."""
     if tree.is_chain():
         return None
-    positions = torch.tensor(tree.positions(start)[first:])
-    return TreeMask(tree.attention_paths(start, first), positions)
+    positions = torch.tensor(tree.positions(start)[first:], device=device)
+    return TreeMask(tree.attention_paths(start, first).to(device), positions)
 
 
 def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep], start: int) -> torch.Tensor:
@@ -54,12 +54,13 @@ def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep], start: int) -
     # The other nodes never ran through the model: bring them to `layer` exactly, as one block.
     rest = {0: model.embed(torch.tensor(tree.tokens[k:], device=cache.k.device))}
     taps = {n: (lambda h, n=n: rest.__setitem__(n, h)) for n in range(1, layer)}
-    rest[layer] = model.forward_layers(rest[0], start + k, cache, 0, layer, taps, tree_mask(tree, start, k))
+    rest[layer] = model.forward_layers(rest[0], start + k, cache, 0, layer, taps,
+                                         tree_mask(tree, start, k, cache.k.device))
 
     def states(n: int) -> torch.Tensor:  # exact input of layer n <= `layer` for every node
         return torch.cat([st.hiddens[n] for st in steps] + [rest[n]])
 
-    mask = tree_mask(tree, start)
+    mask = tree_mask(tree, start, device=cache.k.device)
     for e in head.slots:  # attention adapters read exact states of every kept position (deeper ones: taps)
         if e <= layer:
             head.write_kv(e, states(e), start, cache, mask)

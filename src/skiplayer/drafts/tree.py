@@ -104,7 +104,7 @@ def accept_tree_sampling(tree: TokenTree, target_probs: torch.Tensor, generator)
             if float(torch.rand((), generator=generator)) * qx < float(p[x]):
                 accepted = c
                 break
-            residual = (p - q).clamp_min(0) if q is not None else p.clone().index_fill_(0, torch.tensor([x]), 0.0)
+            residual = (p - q).clamp_min(0) if q is not None else p.clone().index_fill_(0, torch.tensor([x], device=p.device), 0.0)
             total = residual.sum()
             if total <= 0:  # p was q (or one-hot on x): the rejection had probability zero; keep p
                 continue
