@@ -293,6 +293,8 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "drafts_builtin"
 
 def builtin_draft_path(model_name: str) -> Path | None:
     """The draft shipped in the package for a model alias (e.g. smollm2-135m), if there is one."""
+    if not model_name or Path(model_name).name != model_name:  # an alias, not a path or hub id
+        return None
     path = BUILTIN_DIR / model_name
     return path if (path / META_FILE).is_file() and (path / WEIGHTS_FILE).is_file() else None
 
