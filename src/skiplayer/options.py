@@ -35,7 +35,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
     g = p.add_argument_group("generation")
     g.add_argument("--generation_strategy", default="autoregressive", choices=STRATEGIES)
     g.add_argument("--max_steps", type=int, default=max_steps, help="maximum new tokens (default %(default)s)")
-    g.add_argument("--exit_layer", type=int, default=8, help="draft exit layer E (max depth for dynamic modes)")
+    g.add_argument("--exit_layer", type=int, default=None,
+                   help="draft exit layer E, max depth for dynamic modes (default: the draft's exit layer, else 8)")
     g.add_argument("--num_speculations", type=int, default=4, help="(maximum) draft tokens per round k")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -66,7 +67,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
 
 def policy_config(args) -> PolicyConfig:
     return PolicyConfig(
-        exit_layer=args.exit_layer, num_speculations=args.num_speculations,
+        exit_layer=8 if args.exit_layer is None else args.exit_layer, num_speculations=args.num_speculations,
         dynamic_early_exit_mode=args.dynamic_early_exit_mode, layer_skip_proportion=args.layer_skip_proportion,
         min_exit_layer=args.min_exit_layer, consistent_tokens_count=args.consistent_tokens_count,
         random_exit_low=args.random_exit_low, random_exit_high=args.random_exit_high,
@@ -95,4 +96,6 @@ def load_from_args(args):
     if getattr(args, "generation_strategy", "self_speculative") == "self_speculative" or getattr(args, "draft", None):
         from skiplayer.draft_artifact import resolve_draft
         draft = resolve_draft(getattr(args, "draft", None), loaded)  # unset: the built-in draft, if any
+        if draft is not None and getattr(args, "exit_layer", 0) is None:
+            args.exit_layer = draft.exit_layers[0]  # draft where the draft was calibrated
     return loaded, draft

@@ -21,7 +21,11 @@ from skiplayer.bench.runner import (
 from skiplayer.errors import UserError
 
 AR, SS = "autoregressive", "self_speculative"
-QUICK_EXIT_FRACTION = 0.8   # quick run without --exit_layer: E = 80% of the model's depth (24 of 30 layers)
+QUICK_EXIT_FRACTION = 0.8   # no draft and no --exit_layer: E = 80% of the model's depth (24 of 30 layers)
+# Flags left unset take the configuration measured best on the default model (docs/trees.md, benchmarks/trees.py):
+# n-gram candidates beside the self-draft chain in one token tree, sized by `adaptive` from measured costs.
+BEST = {"draft_source": "both", "dynamic_early_exit_mode": "adaptive", "num_speculations": 2}
+LAYERSKIP = {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 4}
 
 
 EPILOG = """outputs (DIR = --output_dir):
@@ -52,7 +56,20 @@ def add_arguments(p) -> None:
     p.epilog = EPILOG
     set_help(p, "exit_layer", "draft exit layer E, max depth for dynamic modes (default 8; in the quick run "
                               "80%% of the model's depth)")
-    p.set_defaults(generation_strategy=SS, max_steps=None, exit_layer=None)
+    p.set_defaults(generation_strategy=SS, max_steps=None, exit_layer=None, **{k: None for k in BEST})
+
+
+def fill_unset(args, draft, n_layers: int, quick: bool) -> None:
+    """Flags the user left unset: the best measured configuration in the quick run (E = the draft's exit layer),
+    LayerSkip's defaults otherwise."""
+    for key, value in (BEST if quick else LAYERSKIP).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.exit_layer is None:
+        if draft is not None:
+            args.exit_layer = draft.exit_layers[0]
+        else:   # a depth where an untrained model's drafts get accepted at all
+            args.exit_layer = max(1, round(QUICK_EXIT_FRACTION * n_layers)) if quick else 8
 
 
 def strategies_for(args, config) -> list[str]:
@@ -72,8 +89,7 @@ def run(args) -> int:
         args.device = device
         samples = load_samples(settings, args.offline)
         loaded, draft = load_from_args(args)
-        if args.exit_layer is None:   # quick run: a depth where an untrained model's drafts get accepted at all
-            args.exit_layer = max(1, round(QUICK_EXIT_FRACTION * loaded.model.n_layers)) if quick else 8
+        fill_unset(args, draft, loaded.model.n_layers, quick)
         config = generation_config(args, max_steps=settings["max_steps"], stop_words=settings["stop_words"])
         config.validate(loaded.model.n_layers)
         strategies = strategies_for(args, config)
