@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
 from skiplayer.errors import output_file
+from skiplayer.bench.stamp import cpu_description
 from skiplayer.model.load import load_hf, load_model
 from skiplayer.model.optimize import optimize_model, weight_bytes_per_token
 
@@ -66,18 +66,7 @@ def load_avg() -> str:
 
 
 def cpu_name() -> str:
-    """The CPU the numbers come from: sessions here have run on different kinds (Zen 3 with AVX2 only, Zen 4 with
-    AVX-512), and prefetching and small-batch products behave differently on them."""
-    info = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = info.get("model name") or platform.processor() or "unknown CPU"
-    family = f", family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
-    return f"{name}{family}, torch capability {torch.backends.cpu.get_cpu_capability()}"
+    return cpu_description()
 
 
 def stream_gbps(repeats: int) -> float:
