@@ -71,11 +71,11 @@ def test_report_plots_and_markdown(runs, tmp_path):
     text = md.read_text()
     assert text.startswith("# Results")
     assert "![Acceptance rate vs throughput](results_figures/acceptance_vs_speed.png)" in text
-    assert ("| run | dataset | strategy / mode | E | k | p | samples | acceptance | tok/s | speedup | task metric |"
-            in text)
-    assert ("| bench-a | human_eval | self_speculative / none | 8 | 4 | 0.00 | 4 | 0.600 | 26.0 | 1.300x | "
-            "rougeL 0.250 |" in text)
-    assert "| bench-b | cnn_dm_summarization | self_speculative / confidence | 12 |" in text
+    assert ("| run | dataset | strategy / mode / drafts | E | k | p | samples | acceptance | tokens/pass | "
+            "accepted self / ngram | tok/s | speedup | task metric |" in text)
+    assert ("| bench-a | human_eval | self_speculative / none / self | 8 | 4 | 0.00 | 4 | 0.600 | - | - | 26.0 | "
+            "1.300x | rougeL 0.250 |" in text)
+    assert "| bench-b | cnn_dm_summarization | self_speculative / confidence / self | 12 |" in text
     assert text.count("| sweep-c | gsm8k |") == 5   # baseline + 4 grid points
     assert "skiplayer benchmark --dataset human_eval --exit_layer 8" in text
     assert "skiplayer sweep --datasets gsm8k --exit_layers 2:4:2" in text

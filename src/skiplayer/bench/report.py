@@ -83,6 +83,9 @@ def rows_of(summary: dict) -> list[dict]:
                          "E": policy["exit_layer"] if ss else None, "k": policy["num_speculations"] if ss else None,
                          "p": policy["layer_skip_proportion"] if ss else None,
                          "acceptance": speed.get("acceptance_rate"), "tps": speed.get("tokens_per_second_total"),
+                         "source": policy.get("draft_source", "self") if ss else None,
+                         "per_pass": speed.get("tokens_per_pass") if ss else None,
+                         "from_self": speed.get("self_accepted"), "from_ngram": speed.get("ngram_accepted"),
                          "speedup": up, "metric": metric, "metric_value": value, "samples": speed.get("samples"),
                          "histogram": speed.get("exit_layer_histogram") or {}, "command": command})
     else:
@@ -261,14 +264,17 @@ def markdown(title: str, rows: list[dict], summaries: list[dict], figures: list[
         rel = Path(os.path.relpath(path, md_path.parent)).as_posix()
         lines += [f"![{caption}]({rel})", ""]
     lines += ["## Runs", "",
-              "| run | dataset | strategy / mode | E | k | p | samples | acceptance | tok/s | speedup | task metric |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| run | dataset | strategy / mode / drafts | E | k | p | samples | acceptance | tokens/pass | "
+              "accepted self / ngram | tok/s | speedup | task metric |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        strategy = AR if r["strategy"] == AR else f"self_speculative / {r['mode']}"
+        strategy = AR if r["strategy"] == AR else f"self_speculative / {r['mode']} / {r.get('source') or 'self'}"
+        sources = "-" if r.get("from_self") is None else f"{r['from_self']} / {r.get('from_ngram') or 0}"
         metric = "-" if r["metric"] is None else f"{r['metric']} {_fmt(r['metric_value'])}"
         speedup = "-" if r["speedup"] is None else f"{_fmt(r['speedup'])}x"
         lines.append(f"| {_fmt(r['run'])} | {_fmt(r['dataset'])} | {strategy} | {_fmt(r['E'])} | {_fmt(r['k'])} | "
-                     f"{_fmt(r['p'], 2)} | {_fmt(r['samples'])} | {_fmt(r['acceptance'])} | {_fmt(r['tps'], 1)} | "
+                     f"{_fmt(r['p'], 2)} | {_fmt(r['samples'])} | {_fmt(r['acceptance'])} | "
+                     f"{_fmt(r.get('per_pass'), 2)} | {sources} | {_fmt(r['tps'], 1)} | "
                      f"{speedup} | {metric} |")
     lines += ["", "## Environment and commands", ""]
     for s in summaries:
