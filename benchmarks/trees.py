@@ -118,6 +118,7 @@ def main():
     p.add_argument("--hf_samples", type=int, default=0, help="HF generate reference rows on this many samples")
     p.add_argument("--output_json", default=None, type=output_file)
     p.add_argument("--update_doc", default=None, help="write the tables between the trees markers of this file")
+    p.add_argument("--doc_marker", default="trees", help="marker name for --update_doc (default %(default)s)")
     p.add_argument("--update_readme", default=None, help="write the overall table between the results markers")
     args = p.parse_args()
 
@@ -185,7 +186,7 @@ def main():
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1)
     if args.update_doc:
-        write_between_markers(args.update_doc, "trees", lines)
+        write_between_markers(args.update_doc, args.doc_marker, lines)
     if args.update_readme:
         write_between_markers(args.update_readme, "results", [header, ""] + markdown(
             f"{', '.join(args.datasets)}: {args.num_samples} samples each, {args.max_steps} new tokens", overall, None))

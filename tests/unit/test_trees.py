@@ -259,3 +259,16 @@ def test_adaptive_sizes_the_ngram_run_from_learned_acceptance_and_cost():
     assert bad.ngram_tokens(0, 1, 4) == 0
     assert good.ngram_tokens(0, 1, 4) in (1, 2, 3, 4)  # an unseen order keeps the prior's guess
     assert good.ngram_posterior[(3, 4)][0] > 30 and bad.ngram_posterior[(1, 1)][1] > 30
+
+
+def test_adaptive_drops_self_drafts_beside_a_reliable_ngram_run():
+    from skiplayer.policies.adaptive import Adaptive, CostModel
+    from skiplayer.policies.base import RoundResult
+    costs = CostModel(30, 0.03, 0.02, [0.0] + [1 + 0.05 * (n - 1) for n in range(1, 13)])  # cheap draft, v(n)
+    policy = Adaptive(PolicyConfig(exit_layer=4, num_speculations=2), 30, costs, calibrated={4: 0.6})
+    for _ in range(30):
+        policy.update(RoundResult([], 0, [9], 0.0, [1, 2, 3, 4], 3, [1, 2, 3, 4, 9], 5))
+    policy.k = 2
+    assert policy.drafts_beside(3, 4) == 0          # the run alone: more tokens per unit cost than run + drafts
+    assert policy.drafts_beside(1, 4) >= 1          # an unseen order keeps the prior: a good draft still helps
+    assert policy.ngram_tokens(0, 3, 4) == 4

@@ -68,13 +68,12 @@ def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep], start: int) -
     return model.logits(h)
 
 
-def ngram_run(s: RoundState, drafts: int, room: int) -> list[int]:
-    """The n-gram candidates: at most `room` tokens, cut after a stop token, as many as the policy wants."""
+def ngram_run(s: RoundState, room: int) -> list[int]:
+    """The n-gram candidates: at most `room` tokens, cut after a stop token."""
     if s.ngram is None:
         return []
     run = s.ngram.propose(room)
-    run = run[:next((i + 1 for i, t in enumerate(run) if t in s.stop_ids), len(run))]
-    return run[:s.policy.ngram_tokens(drafts, s.ngram.order, len(run))]
+    return run[:next((i + 1 for i, t in enumerate(run) if t in s.stop_ids), len(run))]
 
 
 def build_tree(pending: int, steps: list[DraftStep], run: list[int]) -> TokenTree:
@@ -88,9 +87,12 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     """One draft → verify → accept round: up to `budget` self-drafts, n-gram candidates, at most `room` tokens
     beyond the pending one accepted. Returns the new tokens (accepted candidates + one verified token)."""
     stats = s.clock.stats
+    run, order = ngram_run(s, room), s.ngram.order if s.ngram else 0
+    if run:  # the policy shapes the tree: self-drafts beside the run, then how much of the run to keep
+        budget = min(budget, s.policy.drafts_beside(order, len(run)))
     steps = draft_round(s.model, s.cache, pending, start, budget, s.policy, s.head, s.sampling, s.generator,
-                        s.clock, s.stop_ids) if s.self_draft else []
-    run = ngram_run(s, len(steps), room)
+                        s.clock, s.stop_ids) if s.self_draft and budget > 0 else []
+    run = run[:s.policy.ngram_tokens(len(steps), order, len(run))]
     tree = build_tree(pending, steps, run)
     t = s.clock.now()
     logits = verify(s, tree, steps, start)
@@ -103,8 +105,7 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     stats.time_verify += verify_seconds
     new = [tree.tokens[node] for node in path[1:]] + [nxt]
     on_chain = min(len(steps), next((i for i, node in enumerate(path) if node != i), len(path)) - 1)  # self-drafts
-    s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds, run,
-                                s.ngram.order if s.ngram else 0, new, len(tree)))
+    s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds, run, order, new, len(tree)))
     record(stats, tree, path, steps, on_chain)
     if s.ngram is not None:
         s.ngram.extend(new)

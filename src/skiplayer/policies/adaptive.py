@@ -141,10 +141,11 @@ class Adaptive(DraftPolicy):
         extra = self.costs.draft(self.exit) + self.costs.verify_from(self.exit, j + 2) - self.costs.verify_from(self.exit, j + 1)
         return gain / extra >= expected / cost
 
-    def ngram_tokens(self, drafts: int, order: int, available: int) -> int:
-        """The n-gram run length (of `available`) that maximises expected tokens per unit cost of this round,
-        beside `drafts` self-drafts: each extra candidate must add more expected tokens than its share of the
-        wider verification pass costs (profiled v(n))."""
+    def tree_plan(self, drafts: int, order: int, available: int) -> tuple[int, float]:
+        """(n-gram run length, expected tokens per unit cost) of the best tree with `drafts` self-drafts and up to
+        `available` n-gram candidates matched on `order` tokens. The branches are alternatives for the first
+        token, so their expected accepted tokens add up; each extra candidate must add more expected tokens than
+        its share of the wider verification pass costs (v(n), profiled)."""
         a, b = self.posterior.get(self.exit, (1.0, 3.0))
         alpha = a / (a + b)
         expected = 1.0 + sum(alpha ** j for j in range(1, drafts + 1))
@@ -157,7 +158,15 @@ class Adaptive(DraftPolicy):
             rate = expected / (spent + self.costs.verify_from(self.exit if drafts else 0, 1 + drafts + d))
             if rate > best_rate:
                 best, best_rate = d, rate
-        return best
+        return best, best_rate
+
+    def drafts_beside(self, order: int, available: int) -> int:
+        """Self-drafts (up to this round's k) worth drafting next to an n-gram run: none when the run alone
+        promises more tokens per unit cost."""
+        return max(range(self.k + 1), key=lambda k: self.tree_plan(k, order, available)[1])
+
+    def ngram_tokens(self, drafts: int, order: int, available: int) -> int:
+        return self.tree_plan(drafts, order, available)[0]
 
     def _ngram_alpha(self, order: int, depth: int) -> float:
         a, b = self.ngram_posterior.get((order, depth), (2.0, 2.0))

@@ -69,6 +69,11 @@ class DraftPolicy:
     def keep_drafting(self, step: DraftStep) -> bool:
         return True
 
+    def drafts_beside(self, order: int, available: int) -> int:
+        """How many self-drafts this round may draft next to `available` n-gram candidates (matched on a suffix of
+        `order` tokens): as many as round_length() said."""
+        return self.num_speculations
+
     def ngram_tokens(self, drafts: int, order: int, available: int) -> int:
         """How many of `available` n-gram candidates (matched on a suffix of `order` tokens) join this round's
         tree beside `drafts` self-drafts: all of them (--ngram_tokens caps the run)."""
