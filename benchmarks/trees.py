@@ -181,7 +181,7 @@ def main():
                    sum(mismatches[d][n] for d in args.datasets)) for n in names]
     report["tables"]["overall"] = {"rows": overall}
     lines += markdown(f"all datasets ({', '.join(args.datasets)})", overall, None)
-    print("\n".join(lines[-len(overall) - 4:]))
+    print("\n".join(lines[-len(overall) - 5:]))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1)

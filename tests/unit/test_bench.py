@@ -333,7 +333,7 @@ def test_sweep_grid_resume_and_outputs(tiny, capsys):
         assert main(bench_args(tiny, tiny["root"] / "run")) == 0
     md, pngs = build_report([str(tiny["root"] / "run"), str(out)], str(tiny["root"] / "docs" / "results.md"))
     text = md.read_text()
-    assert "| run | dataset |" in text and "| sweep | custom_jsonl | self_speculative / none | 5 |" in text
+    assert "| run | dataset |" in text and "| sweep | custom_jsonl | self_speculative / none / self | 5 |" in text
     assert "](results_figures/acceptance_vs_speed.png)" in text and "skiplayer benchmark" in text
     for png in pngs:
         assert image.imread(png).shape[:2] == (500, 800)

@@ -265,8 +265,11 @@ def render(summary: dict) -> str:
     lines = [f"benchmark {conf['dataset']} | model {conf['model']} ({conf['n_layers']} layers, {conf['dtype']}) | "
              f"{summary['samples']} samples | max_steps {conf['max_steps']} | {'greedy' if greedy else 'sampling'}"]
     if SS in conf["strategies"]:
-        lines.append(f"self_speculative: exit_layer {policy['exit_layer']}, num_speculations "
-                     f"{policy['num_speculations']}, mode {policy['dynamic_early_exit_mode']}, "
+        drafts = {"self": "early exit", "ngram": "n-gram lookup",
+                  "both": "token trees of early exit + n-gram lookup"}.get(policy.get("draft_source", "self"))
+        draft = f", draft {conf['draft']}" if conf.get("draft") else ""
+        lines.append(f"self_speculative: drafts from {drafts}{draft} | exit_layer {policy['exit_layer']}, "
+                     f"num_speculations {policy['num_speculations']}, mode {policy['dynamic_early_exit_mode']}, "
                      f"layer_skip_proportion {policy['layer_skip_proportion']}")
     main = conf["strategies"][0]
     items: list[tuple[str, str]] = []
