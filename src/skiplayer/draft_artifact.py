@@ -307,7 +307,7 @@ def resolve_draft(spec: str | None, loaded, say=None) -> Draft | None:
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if spec is not None:
         return None if spec == "none" else load_draft(spec, loaded)
-    path = builtin_draft_path(loaded.name)
+    path = builtin_draft_path(getattr(loaded, "name", ""))
     if path is None:
         return None
     if _read_meta(path).get("fingerprint") != loaded.fingerprint:
