@@ -60,8 +60,8 @@ class GenerationStats:
 
     @property
     def tokens_per_pass(self) -> float:
-        """New tokens per verification pass (accepted candidates + the verified token), prefill's token excluded."""
-        return (self.new_tokens - 1) / self.rounds if self.rounds else 0.0
+        """Tokens per verification pass: accepted candidates + the verified token (as bench/runner.derive)."""
+        return 1 + self.accepted / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
