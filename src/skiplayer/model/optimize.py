@@ -42,8 +42,8 @@ QUANTIZE = (None, "int8")
 # The kernels' C++ sources (kernels/): shared parts (common.h, ops.cpp: the op schemas) and one file per
 # instruction-set family, compiled with that family's flags (today only AVX2 + FMA + F16C: avx2.cpp).
 _KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-_KERNEL_SOURCES = ("ops.cpp", "avx2.cpp")  # compiled, in this order
-_KERNEL_HEADERS = ("common.h",)  # included: part of the build key, not compiled on their own
+_KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp")  # compiled, in this order
+_KERNEL_HEADERS = ("common.h", "qblocks.h")  # included: part of the build key, not compiled on their own
 _KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 _KERNEL_LDFLAGS = ("-fopenmp",)
 
@@ -207,12 +207,14 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
         if isinstance(mod, Linear):
             _set_packed(mod, False)
     _set_head_packed(model, False)
+    if kernels == "torch" and any(isinstance(m, Linear) and m.weight.dtype == torch.uint8 for m in model.modules()):
+        raise ValueError("GGUF block weights need the native kernels: use kernels='auto' or 'native'")
     if quantize == "int8":
         if model.lm_head is None:  # the head gets its own quantised copy; head_weight (and the embedding) stay float
             model.lm_head = Linear(model.args.dim, model.args.vocab_size, bias=False, device="meta")
             model.lm_head.weight = nn.Parameter(model.head_weight.detach(), requires_grad=False)
         for mod in model.modules():  # model.output (untied head) stays float as head_weight; lm_head replaces it
-            if isinstance(mod, Linear) and mod is not model.output and mod.weight.dtype != torch.int8:
+            if isinstance(mod, Linear) and mod is not model.output and mod.weight.is_floating_point():
                 _quantize_linear(mod)
     on_cpu = model.head_weight.device.type == "cpu"
     use_native = kernels != "torch" and on_cpu and native_kernels_available()
@@ -227,8 +229,9 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
     for mod in model.modules():
         if isinstance(mod, Linear):
             mod.native_rows = rows
-            # model.output is head_weight, packed below with the tied case.
-            _set_packed(mod, pack and mod is not model.output and mod.in_features % 8 == 0)
+            # model.output is head_weight, packed below with the tied case; GGUF blocks keep the file's layout.
+            _set_packed(mod, pack and mod is not model.output and mod.in_features % 8 == 0
+                        and mod.weight.dtype != torch.uint8)
         elif isinstance(mod, (RMSNorm, FeedForward)):
             mod.native = use_native
         elif isinstance(mod, Attention):

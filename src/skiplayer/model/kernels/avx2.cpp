@@ -2,6 +2,7 @@
 // RMSNorm, silu * up, RoPE + KV-cache write + attention, and whole decoder layers. Why they exist and what they
 // guarantee (batch invariance, bit-identical to the Python model): skiplayer/model/optimize.py.
 #include "common.h"
+#include "qblocks.h"
 
 #include <immintrin.h>
 
@@ -145,24 +146,14 @@ void rows_any(int64_t M, const float* x, const W* w, const float* scale, const f
 // Which thread computes a row does not change its result (tile is batch- and split-invariant).
 struct alignas(64) NextBlock { std::atomic<int64_t> v; };
 
-template <bool PACKED, typename W>
-void run(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K, int64_t N) {
-  // More than 6 input rows (12 accumulators + 2 weights + 1 input fill the 16 AVX2 registers): even chunks of <= 6
-  // rows over the same block of weight rows, which is still in cache.
-  const int64_t chunks = (M + 5) / 6;
+// Calls block(n, ne) for blocks of BLOCK weight rows [n, ne) covering [0, N), on all threads.
+template <typename Block>
+void run_blocks(int64_t N, const Block& block) {
   constexpr int64_t BLOCK = 16;  // weight rows per task (even: packed pairs stay whole)
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<NextBlock> next(shares);
   for (int64_t s = 0; s < shares; ++s) next[s].v.store(s * blocks / shares, std::memory_order_relaxed);
-  auto block = [&](int64_t b) {
-    const int64_t n = b * BLOCK, ne = std::min(N, n + BLOCK);
-    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-      const int64_t mc = (M - m0) / (chunks - c);
-      rows_any<PACKED, W>(mc, x + m0 * K, w, scale, bias, y + m0 * N, K, N, n, ne);
-      m0 += mc;
-    }
-  };
   at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t i = 0; i < shares; ++i) {  // its own share first, then the others'
@@ -171,9 +162,149 @@ void run(const float* x, const W* w, const float* scale, const float* bias, floa
         for (int64_t seen; (seen = next[s].v.load(std::memory_order_relaxed)) < end;) {
           const int64_t take = std::max<int64_t>(1, (end - seen) / 4);
           const int64_t b0 = next[s].v.fetch_add(take, std::memory_order_relaxed);
-          for (int64_t b = b0; b < std::min(end, b0 + take); ++b) block(b);
+          for (int64_t b = b0; b < std::min(end, b0 + take); ++b) block(b * BLOCK, std::min(N, (b + 1) * BLOCK));
         }
       }
+  });
+}
+
+// rows(m0, mc, n, ne) over even chunks of at most `most` of the M input rows, for every block of weight rows (which
+// stays in cache from one chunk to the next).
+template <typename Rows>
+void run_chunks(int64_t M, int64_t N, int64_t most, const Rows& rows) {
+  const int64_t chunks = (M + most - 1) / most;
+  run_blocks(N, [&](int64_t n, int64_t ne) {
+    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+      const int64_t mc = (M - m0) / (chunks - c);
+      rows(m0, mc, n, ne);
+      m0 += mc;
+    }
+  });
+}
+
+template <bool PACKED, typename W>
+void run(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K, int64_t N) {
+  // At most 6 input rows at a time (12 accumulators + 2 weights + 1 input fill the 16 AVX2 registers).
+  run_chunks(M, N, 6, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
+    rows_any<PACKED, W>(mc, x + m0 * K, w, scale, bias, y + m0 * N, K, N, n, ne);
+  });
+}
+
+// ---- GGUF block-quantized weights (qblocks.h): the AVX2 path, 8 lanes; avx512.cpp has the 16-lane one. ----
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// The 32 weights of one block as four fp32 vectors of 8 (elements 0..7, 8..15, 16..23, 24..31).
+template <int FMT>
+inline void block_weights(const uint8_t* blk, __m256 wv[4]) {
+  const float d = half_at(blk);
+  const __m256 dv = _mm256_set1_ps(d);
+  if constexpr (FMT == kQ8_0) {
+    for (int i = 0; i < 4; ++i)
+      wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 2 + 8 * i)))), dv);
+  } else {
+    const __m256 mv = _mm256_set1_ps(FMT == kQ4_1 ? half_at(blk + 2) : -8.f * d);  // Q4_0: d * q - 8d, exact
+    const __m128i q = _mm_loadu_si128((const __m128i*)(blk + (FMT == kQ4_1 ? 4 : 2))), mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; ++i) wv[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), dv, mv);
+  }
+}
+
+// M input rows against R weight rows from n0: one accumulator per output, four FMAs per block in a fixed order.
+template <int FMT, int M, int R>
+inline void quant_tile(const float* x, const uint8_t* w, const float* bias, float* y, int64_t K, int64_t N,
+                       int64_t n0) {
+  const int64_t nb = K / 32, row_bytes = nb * FMT;
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 wv[R][4];
+    for (int r = 0; r < R; ++r) block_weights<FMT>(w + (n0 + r) * row_bytes + b * FMT, wv[r]);
+    for (int m = 0; m < M; ++m)
+      for (int i = 0; i < 4; ++i) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + 32 * b + 8 * i);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r][i], xv, acc[r][m]);
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s = hsum8(acc[r][m]);
+      if (bias) s += bias[n0 + r];
+      y[m * N + n0 + r] = s;
+    }
+}
+
+template <int FMT, int M>
+void quant_rows(const float* x, const uint8_t* w, const float* bias, float* y, int64_t K, int64_t N, int64_t n0,
+                int64_t n1) {
+  constexpr int R = M == 1 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) quant_tile<FMT, M, R>(x, w, bias, y, K, N, n);
+  for (; n < n1; ++n) quant_tile<FMT, M, 1>(x, w, bias, y, K, N, n);
+}
+
+template <int FMT>
+void quant_rows_fmt(int M, const float* x, const uint8_t* w, const float* bias, float* y, int64_t K, int64_t N,
+                    int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return quant_rows<FMT, 1>(x, w, bias, y, K, N, n0, n1);
+    case 2: return quant_rows<FMT, 2>(x, w, bias, y, K, N, n0, n1);
+    case 3: return quant_rows<FMT, 3>(x, w, bias, y, K, N, n0, n1);
+    default: return quant_rows<FMT, 4>(x, w, bias, y, K, N, n0, n1);
+  }
+}
+
+constexpr int kQuantRowsAvx2 = 4;
+void quant_rows_avx2(int M, const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t K,
+                     int64_t N, int64_t n0, int64_t n1) {
+  switch (format) {
+    case kQ4_0: return quant_rows_fmt<kQ4_0>(M, x, w, bias, y, K, N, n0, n1);
+    case kQ4_1: return quant_rows_fmt<kQ4_1>(M, x, w, bias, y, K, N, n0, n1);
+    default: return quant_rows_fmt<kQ8_0>(M, x, w, bias, y, K, N, n0, n1);
+  }
+}
+
+// Which instruction set the block-quantized products use: AVX-512 where the CPU has it, else AVX2; kernel_isa()
+// switches it (tests run both paths on one machine). Each path is batch invariant on its own; the two differ in
+// the order of their sums, so one run must not switch between them.
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+std::atomic<bool> use_avx512{cpu_has_avx512()};
+
+std::string kernel_isa(c10::string_view isa) {
+  if (isa == "avx512") {
+    TORCH_CHECK(cpu_has_avx512(), "kernel_isa: this CPU has no AVX-512 (F, BW, VL, DQ)");
+    use_avx512 = true;
+  } else if (isa == "avx2") {
+    use_avx512 = false;
+  } else {
+    TORCH_CHECK(isa.empty(), "kernel_isa: 'avx512', 'avx2' or '' (query) expected");
+  }
+  return use_avx512 ? "avx512" : "avx2";
+}
+
+// The block format of a uint8 weight (N, bytes) for K input columns, from its bytes per block (qblocks.h).
+int block_format(const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(K % 32 == 0, "small_linear: block-quantized weights need K % 32 == 0");
+  for (int f : {kQ4_0, kQ4_1, kQ8_0})
+    if (w.size(1) == K / 32 * f) return f;
+  TORCH_CHECK(false, "small_linear: a uint8 weight must hold Q4_0, Q4_1 or Q8_0 blocks (18, 20 or 34 bytes per 32 "
+                     "columns of x)");
+}
+
+void quant_product(const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t M, int64_t K,
+                   int64_t N) {
+  const bool wide = use_avx512;
+  const QuantRowsFn rows = wide ? quant_rows_avx512 : quant_rows_avx2;
+  run_chunks(M, N, wide ? kQuantRowsAvx512 : kQuantRowsAvx2, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
+    rows(static_cast<int>(mc), x + m0 * K, w, format, bias, y + m0 * N, K, N, n, ne);
   });
 }
 
@@ -186,10 +317,14 @@ void run_layout(bool packed, const float* x, const W* w, const float* scale, con
 
 // y (M, N) fp32 = x (M, K) fp32 @ w^T, times the int8 scales, plus the bias: the batch-invariant product.
 void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
-             const c10::optional<at::Tensor>& bias, float* y, int64_t M, bool packed) {
+             const c10::optional<at::Tensor>& bias, float* y, int64_t M, int64_t K, bool packed) {
   TORCH_CHECK(w.is_contiguous(), "small_linear: contiguous weights expected");
   TORCH_CHECK(!packed || w.size(1) % 8 == 0, "small_linear: a packed weight needs K % 8 == 0");
-  const int64_t K = w.size(1), N = w.size(0);
+  const bool blocks = w.scalar_type() == at::kByte;
+  TORCH_CHECK(blocks || w.size(1) == K, "small_linear: x (M, K), w (N, K) expected");
+  TORCH_CHECK(!blocks || (!packed && !(scale.has_value() && scale->defined())),
+              "small_linear: block-quantized weights carry their own scales and are never packed");
+  const int64_t N = w.size(0);
   if (M == 0 || N == 0) return;
   at::Tensor sc, bc;
   const float* sp = nullptr;
@@ -201,7 +336,8 @@ void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor
     case at::kBFloat16: return run_layout(packed, x, w.data_ptr<at::BFloat16>(), sp, bp, y, M, K, N);
     case at::kHalf: return run_layout(packed, x, w.data_ptr<at::Half>(), sp, bp, y, M, K, N);
     case at::kChar: return run_layout(packed, x, w.data_ptr<int8_t>(), sp, bp, y, M, K, N);
-    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16, float16 or int8");
+    case at::kByte: return quant_product(x, w.data_ptr<uint8_t>(), block_format(w, K), bp, y, M, K, N);
+    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16, float16, int8 or uint8 (GGUF blocks)");
   }
 }
 
@@ -225,7 +361,8 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const A* xa = x.data_ptr<A>();
   at::Tensor out = at::empty({M, N}, x.options());
   if (F32 && !residual) {  // nothing to convert or add: the product goes straight to the output
-    product(reinterpret_cast<const float*>(xa), w, scale, bias, reinterpret_cast<float*>(out.data_ptr<A>()), M, packed);
+    product(reinterpret_cast<const float*>(xa), w, scale, bias, reinterpret_cast<float*>(out.data_ptr<A>()), M, K,
+            packed);
     return out;
   }
   std::unique_ptr<float[], FreeDeleter> xbuf;
@@ -238,7 +375,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::opti
     xf = xbuf.get();
   }
   const auto ybuf = aligned_floats(MN);  // the kernel writes every element
-  product(xf, w, scale, bias, ybuf.get(), M, packed);
+  product(xf, w, scale, bias, ybuf.get(), M, K, packed);
   A* o = out.data_ptr<A>();
   const A* r = residual ? residual->data_ptr<A>() : nullptr;
   int64_t i = 0;
@@ -266,13 +403,13 @@ at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const c10::
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                         const c10::optional<at::Tensor>& bias, bool float_out, bool packed) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K), w (N, K) expected");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "small_linear: x (M, K), w (N, K) expected");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "small_linear: CPU tensors only");
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   if (!float_out || x.scalar_type() == at::kFloat) return linear_in_dtype(xc, wc, scale, bias, packed, nullptr);
   const at::Tensor xf = xc.to(at::kFloat);
   at::Tensor y = at::empty({xf.size(0), wc.size(0)}, xf.options());
-  product(xf.data_ptr<float>(), wc, scale, bias, y.data_ptr<float>(), xf.size(0), packed);
+  product(xf.data_ptr<float>(), wc, scale, bias, y.data_ptr<float>(), xf.size(0), xf.size(1), packed);
   return y;
 }
 
@@ -721,5 +858,7 @@ void register_cpu_kernels(torch::Library& m) {
   m.impl("rope_cache_attention", &rope_cache_attention);
   m.impl("decoder_layers", &decoder_layers);
 }
+
+void register_kernel_isa(torch::Library& m) { m.def("kernel_isa(str isa='') -> str", &kernel_isa); }
 
 }  // namespace skiplayer

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -28,7 +29,9 @@ decltype(auto) with_activation_dtype(at::ScalarType t, const char* error, F&& f)
 }
 
 // Registers the CPU implementations of the ops that ops.cpp declares; defined once, by the instruction-set file
-// that is compiled in (today avx2.cpp: AVX2 + FMA + F16C).
+// that is compiled in (avx2.cpp: AVX2 + FMA + F16C, which calls avx512.cpp's kernels where the CPU has AVX-512).
 void register_cpu_kernels(torch::Library& m);
+// Defines skiplayer::kernel_isa (which instruction set the block-quantized products use; avx2.cpp).
+void register_kernel_isa(torch::Library& m);
 
 }  // namespace skiplayer

@@ -11,5 +11,6 @@ TORCH_LIBRARY(skiplayer, m) {
   m.def("decoder_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor?[] qkv_bias, Tensor cos, Tensor sin, "
         "Tensor(a!) k, Tensor(b!) v, int first, int start, int n_heads, int n_kv_heads, float eps, bool packed, "
         "int[] keep, Tensor? tree=None) -> Tensor[]");
+  skiplayer::register_kernel_isa(m);
 }
 TORCH_LIBRARY_IMPL(skiplayer, CPU, m) { skiplayer::register_cpu_kernels(m); }

@@ -1,0 +1,164 @@
+"""GGUF block weights (model/gguf_blocks.py, kernels/qblocks.h): the file's Q4_0 / Q4_1 / Q8_0 blocks multiplied
+without expanding them, on every instruction-set path this CPU has; exact dequantization, batch invariance, the
+q/k row order of llama.cpp files, and lossless self-speculation on top."""
+import numpy as np
+import pytest
+import torch
+
+from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.model.gguf_blocks import BLOCK_BYTES, block_format, dequantize_blocks, use_gguf_blocks
+from skiplayer.model.llama import Transformer
+from skiplayer.model.optimize import native_kernels_available, optimize_model
+from skiplayer.policies import PolicyConfig
+from tests.helpers import FakeTokenizer
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType, quants  # noqa: E402
+
+native = pytest.mark.skipif(not native_kernels_available(), reason="native CPU kernels cannot be built here")
+FORMATS = list(BLOCK_BYTES)
+
+
+def isas():
+    """The instruction-set paths of the block kernels, each skipped (with the reason) where this CPU lacks it."""
+    has512 = native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx512"
+    return ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(not has512, reason="this CPU has no AVX-512"))]
+
+
+@pytest.fixture
+def isa(request):
+    before = torch.ops.skiplayer.kernel_isa("")
+    torch.ops.skiplayer.kernel_isa(request.param)
+    yield request.param
+    torch.ops.skiplayer.kernel_isa(before)
+
+
+def blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    return torch.from_numpy(quants.quantize(w.numpy(), GGMLQuantizationType[fmt]).copy())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_blocks_is_ggml_dequantization(fmt):
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
+    b = blocks(w, fmt)
+    assert block_format(b, 96) == fmt and b.dtype == torch.uint8
+    expected = torch.from_numpy(quants.dequantize(b.numpy(), GGMLQuantizationType[fmt]))
+    assert torch.equal(dequantize_blocks(b, 96), expected)
+    with pytest.raises(ValueError, match="Q4_0/Q4_1/Q8_0"):
+        block_format(b, 64)
+
+
+@native
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_block_products_exact_and_batch_invariant(fmt, isa):
+    g = torch.Generator().manual_seed(1)
+    op = torch.ops.skiplayer.small_linear
+    for M, K, N in [(1, 32, 5), (7, 96, 33), (19, 576, 70)]:  # odd N (tile tails), M over several chunks
+        w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+        b = blocks(w, fmt)
+        ref = (x.double() @ dequantize_blocks(b, K).double().T + bias.double()).float()
+        y = op(x, b, None, bias, True, False)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+        for m in range(1, M + 1):  # every block size gives every row's bits
+            assert torch.equal(op(x[:m], b, None, bias, True, False), y[:m]), (fmt, isa, M, m)
+        torch.set_num_threads(2)  # and so does a different thread split
+        try:
+            assert torch.equal(op(x, b, None, bias, True, False), y)
+        finally:
+            torch.set_num_threads(1)
+        half = op(x.half(), b, None, None, False, False)  # activations in the model dtype, fp32 sums
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.float(), (x.half().float() @ dequantize_blocks(b, K).T), rtol=2e-3, atol=2e-2)
+
+
+@native
+def test_block_weight_errors_name_the_problem():
+    op = torch.ops.skiplayer.small_linear
+    b = blocks(torch.randn(4, 64), "Q4_1")
+    with pytest.raises(RuntimeError, match="Q4_0, Q4_1 or Q8_0"):
+        op(torch.randn(1, 96), b, None, None, True, False)
+    with pytest.raises(RuntimeError, match="never packed"):
+        op(torch.randn(1, 64), b, None, None, True, True)
+    with pytest.raises(RuntimeError, match="'avx512', 'avx2'"):
+        torch.ops.skiplayer.kernel_isa("sse")
+
+
+def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to q/k rows (so a file's rows must be put back)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf, path, fmt="Q4_1", arch="llama"):
+    """A GGUF file of the tiny HF model's matrices in `fmt` (embedding in Q8_0), q/k rows permuted as llama.cpp
+    permutes them for Llama files; returns the model with its weights set to the file's dequantized values."""
+    c = hf.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    state = {}
+    for i in range(c.num_hidden_layers):
+        for hf_name, g_name in names.items():
+            key = f"model.layers.{i}.{hf_name}.weight"
+            w = sd[key]
+            heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}.get(g_name)
+            stored = llama_permute(w, heads) if heads and arch == "llama" else w
+            q = quants.quantize(stored, GGMLQuantizationType[fmt])
+            writer.add_tensor(f"blk.{i}.{g_name}.weight", q, raw_dtype=GGMLQuantizationType[fmt])
+            state[key] = torch.from_numpy(quants.dequantize(quants.quantize(w, GGMLQuantizationType[fmt]),
+                                                            GGMLQuantizationType[fmt]))
+    emb = quants.quantize(sd["model.embed_tokens.weight"], GGMLQuantizationType.Q8_0)
+    writer.add_tensor("token_embd.weight", emb, raw_dtype=GGMLQuantizationType.Q8_0)
+    state["model.embed_tokens.weight"] = torch.from_numpy(quants.dequantize(emb, GGMLQuantizationType.Q8_0))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    hf.load_state_dict(state, strict=False)
+    return hf
+
+
+def tiny_gguf_pair(tmp_path, fmt="Q4_1", arch="llama"):
+    import transformers
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch](
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    hf = write_gguf(hf, tmp_path / "tiny.gguf", fmt, arch)
+    float_model = optimize_model(Transformer.from_hf(hf))
+    block_model = Transformer.from_hf(hf)
+    counts = use_gguf_blocks(block_model, tmp_path / "tiny.gguf")
+    return float_model, optimize_model(block_model), counts
+
+
+@native
+@pytest.mark.parametrize("fmt,arch", [("Q4_1", "llama"), ("Q4_0", "llama"), ("Q8_0", "qwen2")])
+def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch):
+    float_model, block_model, counts = tiny_gguf_pair(tmp_path, fmt, arch)
+    assert counts == ({fmt: 16, "Q8_0": 1} if fmt != "Q8_0" else {"Q8_0": 17})  # 4 layers x 4 matrices + the head
+    assert block_model.layers[0].attention.wqkv.weight.dtype == torch.uint8
+    tokens = torch.randint(4, 97, (12,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = float_model(tokens, 0, float_model.new_cache(32))
+        got = block_model(tokens, 0, block_model.new_cache(32))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # same weights; only the sum order differs
+
+
+@native
+def test_self_speculation_on_file_blocks_is_lossless(tmp_path):
+    _, model, _ = tiny_gguf_pair(tmp_path)
+    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16]):
+        def run(strategy, **policy):
+            config = GenerationConfig(max_steps=24, generation_strategy=strategy, policy=PolicyConfig(**policy))
+            return generate_ids(model, prompt, config, tokenizer=FakeTokenizer())[0]
+        ar = run("autoregressive")
+        for E, k in ((1, 1), (2, 3), (3, 2)):
+            assert run("self_speculative", exit_layer=E, num_speculations=k) == ar, (prompt, E, k)
+        assert run("self_speculative", exit_layer=2, num_speculations=2, draft_source="both") == ar
