@@ -99,9 +99,7 @@ def attention_adapter_from_layer(model, layer: int, rank: int) -> AttentionAdapt
 
 
 def _row_major(linear) -> torch.Tensor:
-    from skiplayer.model.llama import dequantize
-    from skiplayer.model.packing import unpack_pairs
-    return dequantize(unpack_pairs(linear.weight) if linear.packed else linear.weight, linear.scale, linear.in_features)
+    return linear.row_major_weight()
 
 
 # Artifact tensor name (after "layers.<E>.") -> the adapter's parameter name, per form.

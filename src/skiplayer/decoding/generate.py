@@ -111,7 +111,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     else:  # one token per step: on CUDA a replayed CUDA graph (model/cuda_graphs.py), else model.forward
         step, cache = decode_step(model, total)
     taps = head.taps(0, cache) if speculative else None  # attention adapters read the prompt's states
-    h = model.forward_layers(model.embed(torch.tensor(prompt_ids, device=device)), 0, cache, 0, model.n_layers, taps)
+    h = model.prefill(torch.tensor(prompt_ids, device=device), cache, taps)
     logits = model.logits(h[-1:])[-1]
     token, pos = _select(logits, config.sampling, generator), len(prompt_ids)
     stats.prefill_time = clock.now() - t0

@@ -97,6 +97,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, float_out: bool = False) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.scale, self.native_rows, float_out, self.packed)
 
+    def row_major_weight(self) -> torch.Tensor:
+        """The weight as a row-major float (out, in) matrix, whatever its storage (packed, int8, GGUF blocks)."""
+        return dequantize(unpack_pairs(self.weight) if self.packed else self.weight, self.scale, self.in_features)
+
 
 def runs_native(T: int, native_rows: int, packed: bool) -> bool:
     """Whether a block of T positions goes through the native kernel (a packed weight has no other path)."""
@@ -272,6 +276,7 @@ class Transformer(nn.Module):
         self.native_rows = 0  # blocks up to this many positions use the native kernels (model/optimize.py)
         self.head_packed = False  # head_weight stored pair-packed for the native kernel (model/packing.py)
         self.native_stack: tuple | None = None  # every layer's Block.native_args, concatenated (model/optimize.py)
+        self.wide_prefill = None  # the prompt block's own kernels (model/prefill.py), set by model/optimize.py
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
 
@@ -331,6 +336,15 @@ class Transformer(nn.Module):
                 taps[i](h)
             h = self.layers[i](h, cos, sin, cache, i, start, tree)
         return h
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache,
+                taps: dict[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
+        """All layers on a prompt (T,) at cache slots 0..T-1: the hidden states (T, dim). A long prompt goes through
+        `wide_prefill` when set (model/prefill.py: fast, deterministic, not batch invariant), else forward_layers."""
+        h = self.embed(tokens)
+        if self.wide_prefill is not None and self.wide_prefill.applies(h.shape[0], 0):
+            return self.wide_prefill.layers(self, h, cache, taps)
+        return self.forward_layers(h, 0, cache, 0, self.n_layers, taps)
 
     def fill_kv(self, layer: int, h: torch.Tensor, start: int, cache: KVCache) -> None:
         """Write layer `layer`'s K/V computed from hidden states `h` without running the layer: for draft tokens that

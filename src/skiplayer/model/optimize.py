@@ -182,7 +182,7 @@ def _quantize_linear(lin: Linear) -> None:
 
 
 def optimize_model(model: Transformer, quantize: str | None = None, compile: bool | str = False,
-                   native_rows: int | None = None, kernels: str = "auto") -> Transformer:
+                   native_rows: int | None = None, kernels: str = "auto", prefill: str = "auto") -> Transformer:
     """Speed up `model` in place (and return it) without changing what it computes beyond the chosen precision.
 
     quantize: None, or "int8" (weight-only per-channel int8 for every layer matrix and the LM head; the embedding
@@ -193,6 +193,8 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
         are stored pair-packed, model/packing.py, which the kernel streams ~1.3x faster, and each layer runs as one
         native call). A limit keeps row-major weights and F.linear above it (231-token fp32 prefill of the default
         model: packed native 0.58-0.60 s, MKL above 16 rows 0.61-0.63 s; half weights: F.linear ~4x slower).
+    prefill: how a long prompt block runs (model/prefill.py): "bfloat16" (oneDNN matmuls and flash attention),
+        "native" (the decoding kernels), or "auto" (bfloat16 where the CPU has AMX; SKIPLAYER_PREFILL overrides).
     compile: False, True or "auto" ("auto" = False: see below). True compiles the cache-free half of every block
         (norm, feed-forward, residual: llama.mlp_residual) with torch.compile, one dynamic-shape graph for all layers;
         the native matmuls stay opaque custom ops inside it. Measured on the 2-core AVX2 machine (benchmarks/): with
@@ -249,6 +251,8 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
         block.native_args = ([block.attention_norm.weight, at.wqkv.weight, at.wo.weight, block.ffn_norm.weight,
                               ff.w13.weight, ff.w2.weight], [at.wqkv.scale, at.wo.scale, ff.w13.scale, ff.w2.scale],
                              [at.wqkv.bias]) if one_call else None
+    from skiplayer.model.prefill import Bfloat16Prefill, choose
+    model.wide_prefill = Bfloat16Prefill(model) if on_cpu and choose(prefill) == "bfloat16" else None
     model.native_stack = None
     if all(block.native_args is not None for block in model.layers):
         model.native_stack = tuple([x for block in model.layers for x in block.native_args[i]] for i in range(3))

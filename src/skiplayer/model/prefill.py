@@ -1,0 +1,101 @@
+"""Prefill at the machine's speed: a long prompt block through oneDNN's bfloat16 matmuls (AMX tiles where the CPU has
+them) and torch's flash attention, instead of the small-block kernels built for decoding.
+
+The decoding kernels are batch invariant so that a verification pass reproduces one-token steps bit for bit; the
+prefill needs no such thing (both strategies run the same prefill, so self-speculation stays token-identical to
+autoregressive decoding), only determinism. On a 2-core Intel Xeon with AMX, oneDNN's bfloat16 products of a
+613-token block run 5-6x faster than fp32 ones, and the native attention over 613 keys cost more than all of them.
+What it costs in fidelity: matmul inputs and outputs are rounded to bfloat16 (8 significant bits) during the prefill
+only; the residual stream, norms and the KV cache keep the model dtype. `benchmarks/vs_llamacpp.py --quality`
+measures how often that changes a greedy output.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from skiplayer.model.kv_cache import KVCache
+from skiplayer.model.llama import Block, Linear, Transformer, apply_rope
+
+PREFILL = ("auto", "bfloat16", "native")
+
+
+def fast_bfloat16_matmuls() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16 (the path the prefill timings were measured on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: no AMX detection, the native prefill
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def choose(prefill: str = "auto") -> str:
+    """'bfloat16' or 'native' for `prefill` ('auto': bfloat16 where the CPU has AMX; SKIPLAYER_PREFILL overrides)."""
+    prefill = os.environ.get("SKIPLAYER_PREFILL", prefill)
+    if prefill not in PREFILL:
+        raise ValueError(f"prefill must be one of {PREFILL}, got {prefill!r}")
+    if prefill == "auto":
+        return "bfloat16" if fast_bfloat16_matmuls() else "native"
+    return prefill
+
+
+class Bfloat16Prefill:
+    """Row-major bfloat16 copies of every layer matrix, run on blocks of at least `min_rows` positions at slot 0."""
+
+    def __init__(self, model: Transformer, min_rows: int = 32):
+        self.min_rows = min_rows
+        self.weights = [[_bf16(lin) for lin in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13,
+                                                b.feed_forward.w2)] for b in model.layers]
+        self.qkv_bias = [None if b.attention.wqkv.bias is None else b.attention.wqkv.bias.to(torch.bfloat16)
+                         for b in model.layers]
+
+    def applies(self, T: int, start: int) -> bool:
+        return start == 0 and T >= self.min_rows
+
+    def layers(self, model: Transformer, h: torch.Tensor, cache: KVCache,
+               taps: dict[int, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
+        """All layers on the prompt block h (T, dim) at slots 0..T-1; taps as in Transformer.forward_layers."""
+        cos, sin = model.rope(0, h.shape[0])
+        for i, block in enumerate(model.layers):
+            if taps and i in taps and i > 0:
+                taps[i](h)
+            wqkv, wo, w13, w2 = self.weights[i]
+            qkv = _mm(block.attention_norm(h), wqkv, self.qkv_bias[i])
+            h = h + _mm(_attention(block, qkv, cos, sin, cache, i), wo)
+            gate_up = _mm(block.ffn_norm(h), w13)
+            h = h + _mm(_silu_mul(block, gate_up), w2)
+        return h
+
+
+def _bf16(linear: Linear) -> torch.Tensor:
+    return linear.row_major_weight().to(torch.bfloat16).contiguous()
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x.to(torch.bfloat16), w, bias).to(x.dtype)
+
+
+def _silu_mul(block: Block, gate_up: torch.Tensor) -> torch.Tensor:
+    if block.feed_forward.native:
+        return torch.ops.skiplayer.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _attention(block: Block, qkv: torch.Tensor, cos, sin, cache: KVCache, layer: int) -> torch.Tensor:
+    """RoPE and the cache write as decoding does them, then causal flash attention over slots 0..T-1 in bfloat16."""
+    a, T = block.attention, qkv.shape[0]
+    if a.native:
+        a._native(qkv, cos, sin, cache, layer, 0, attend=False)
+    else:
+        _, k, v = a.split(qkv, cos, sin)
+        cache.write(layer, 0, k, v)
+    q = apply_rope(qkv[:, :a.n_heads * a.head_dim].unflatten(-1, (a.n_heads, a.head_dim)).transpose(0, 1), cos, sin)
+    group = a.n_heads // a.n_kv_heads  # K/V repeated per query head: with enable_gqa SDPA leaves its flash kernel
+    k, v = (c[layer][:, :T].to(torch.bfloat16).repeat_interleave(group, dim=0) for c in (cache.k, cache.v))
+    out = F.scaled_dot_product_attention(q.to(torch.bfloat16)[None], k[None], v[None], is_causal=True)[0]
+    return out.transpose(0, 1).reshape(T, -1).to(qkv.dtype)
