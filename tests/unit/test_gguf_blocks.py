@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
-from skiplayer.model.gguf_blocks import BLOCK_BYTES, block_format, dequantize_blocks, use_gguf_blocks
+from skiplayer.model.gguf_blocks import FILE_BLOCK_BYTES, dequantize_blocks, kernel_format, pack_blocks, use_gguf_blocks
 from skiplayer.model.llama import Transformer
 from skiplayer.model.optimize import native_kernels_available, optimize_model
 from skiplayer.policies import PolicyConfig
@@ -16,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType, quants  # noqa: E402
 
 native = pytest.mark.skipif(not native_kernels_available(), reason="native CPU kernels cannot be built here")
-FORMATS = list(BLOCK_BYTES)
+FORMATS = list(FILE_BLOCK_BYTES)
 
 
 def isas():
@@ -33,19 +33,24 @@ def isa(request):
     torch.ops.skiplayer.kernel_isa(before)
 
 
+def file_blocks(w: torch.Tensor, fmt: str) -> np.ndarray:
+    return quants.quantize(w.numpy(), GGMLQuantizationType[fmt])
+
+
 def blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    return torch.from_numpy(quants.quantize(w.numpy(), GGMLQuantizationType[fmt]).copy())
+    """w quantized to `fmt` as a GGUF file holds it, in the kernels' layout."""
+    return pack_blocks(fmt, file_blocks(w, fmt))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_blocks_is_ggml_dequantization(fmt):
     w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
     b = blocks(w, fmt)
-    assert block_format(b, 96) == fmt and b.dtype == torch.uint8
-    expected = torch.from_numpy(quants.dequantize(b.numpy(), GGMLQuantizationType[fmt]))
-    assert torch.equal(dequantize_blocks(b, 96), expected)
-    with pytest.raises(ValueError, match="Q4_0/Q4_1/Q8_0"):
-        block_format(b, 64)
+    assert kernel_format(b, 96) == fmt[:2] and b.dtype == torch.uint8
+    expected = torch.from_numpy(quants.dequantize(file_blocks(w, fmt), GGMLQuantizationType[fmt]))
+    assert torch.equal(dequantize_blocks(b, 96), expected)  # the file's values, bit for bit
+    with pytest.raises(ValueError, match="no packed GGUF blocks"):
+        kernel_format(b, 64)
 
 
 @native
@@ -76,10 +81,10 @@ def test_block_products_exact_and_batch_invariant(fmt, isa):
 def test_block_weight_errors_name_the_problem():
     op = torch.ops.skiplayer.small_linear
     b = blocks(torch.randn(4, 64), "Q4_1")
-    with pytest.raises(RuntimeError, match="Q4_0, Q4_1 or Q8_0"):
+    with pytest.raises(RuntimeError, match="kernels' layout"):
         op(torch.randn(1, 96), b, None, None, True, False)
     with pytest.raises(RuntimeError, match="never packed"):
-        op(torch.randn(1, 64), b, None, None, True, True)
+        op(torch.randn(1, 64), b, torch.ones(4), None, True, False)
     with pytest.raises(RuntimeError, match="'avx512', 'avx2'"):
         torch.ops.skiplayer.kernel_isa("sse")
 

@@ -1,11 +1,11 @@
 """GGUF weights as the file stores them: Q4_0 / Q4_1 / Q8_0 blocks, multiplied by the native kernels without expanding
 them (kernels/qblocks.h), instead of the float copy `load.py` converts the file to.
 
-A block-quantized Linear keeps a uint8 weight (N, K / 32 * bytes per block) holding the file's blocks row by row; the
-format follows from the bytes per block (18: Q4_0, 20: Q4_1, 34: Q8_0). The kernels dequantize each weight in
-registers to exactly the fp32 value ggml's own dequantization gives (d * q + m), so the weights the model computes with
-are the file's, bit for bit; the float16 path rounds them to 11 significant bits on top. Matrices in other formats
-(F16/F32, the K-quants) keep their float copy.
+A block-quantized Linear keeps a uint8 weight (N, K / 32 * bytes per block): the file's blocks, re-laid out per row
+for the kernels (pack_blocks; qblocks.h says why), told apart by their bytes per block (22: Q4_1 and Q4_0, the latter
+as m = -8d; 36: Q8_0). The kernels compute with exactly the fp32 values ggml's own dequantization gives (d * q + m),
+so the weights are the file's, bit for bit; the float16 path rounds them to 11 significant bits on top. Matrices in
+other formats (F16/F32, the K-quants) keep their float copy.
 """
 from __future__ import annotations
 
@@ -17,30 +17,52 @@ from torch import nn
 
 from skiplayer.model.llama import Linear, Transformer
 
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per block of 32 weights
+FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per block of 32 weights, in the file
+KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36}  # in the kernels' layout
 
 
-def block_format(weight: torch.Tensor, in_features: int) -> str:
-    """The GGUF format of a uint8 block weight (N, bytes) with `in_features` columns."""
-    for name, size in BLOCK_BYTES.items():
+def kernel_format(weight: torch.Tensor, in_features: int) -> str:
+    """'Q4' or 'Q8': the kernel layout of a uint8 block weight (N, bytes) with `in_features` columns."""
+    for name, size in KERNEL_BLOCK_BYTES.items():
         if in_features % 32 == 0 and weight.shape[-1] == in_features // 32 * size:
             return name
-    raise ValueError(f"a uint8 weight of {weight.shape[-1]} bytes per row holds no Q4_0/Q4_1/Q8_0 blocks of "
+    raise ValueError(f"a uint8 weight of {weight.shape[-1]} bytes per row holds no packed GGUF blocks of "
                      f"{in_features} columns")
 
 
-def dequantize_blocks(weight: torch.Tensor, in_features: int) -> torch.Tensor:
-    """(N, bytes) uint8 blocks -> (N, in_features) float32, the values ggml's dequantization gives."""
-    fmt = block_format(weight, in_features)
-    n = weight.shape[0]
-    b = weight.reshape(n, in_features // 32, BLOCK_BYTES[fmt])
-    d = b[..., 0:2].contiguous().view(torch.float16).float()  # (n, blocks, 1)
+def pack_blocks(fmt: str, rows: np.ndarray) -> torch.Tensor:
+    """A file's (N, blocks * file bytes) uint8 rows of format `fmt` -> the kernels' layout (qblocks.h): per row, nb
+    blocks of [fp32 d][quants], then (Q4) nb fp16 m."""
+    n = rows.shape[0]
+    b = np.ascontiguousarray(rows).reshape(n, -1, FILE_BLOCK_BYTES[fmt])
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # (n, nb, 1): exact
     if fmt == "Q8_0":
-        q = b[..., 2:].contiguous().view(torch.int8).float()
-        return (d * q).reshape(n, in_features)
-    nibbles = b[..., 4:] if fmt == "Q4_1" else b[..., 2:]
+        return torch.from_numpy(np.concatenate([d.view(np.uint8), b[..., 2:]], axis=-1).reshape(n, -1).copy())
+    if fmt == "Q4_1":
+        quants, m = b[..., 4:], b[..., 2:4].copy()
+    else:  # Q4_0: d * (q - 8) = d * q + m with m = -8d, exact in fp16 (a power-of-two multiple of a half)
+        quants = b[..., 2:]
+        m = (-8 * b[..., 0:2].copy().view(np.float16).astype(np.float32)).astype(np.float16)
+        if not np.isfinite(m).all():
+            raise ValueError("a Q4_0 scale too large to carry as Q4_1 (|8d| > 65504)")
+        m = m.view(np.uint8)
+    body = np.concatenate([d.view(np.uint8), quants], axis=-1).reshape(n, -1)
+    return torch.from_numpy(np.concatenate([body, m.reshape(n, -1)], axis=-1).copy())
+
+
+def dequantize_blocks(weight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """(N, bytes) uint8 blocks in the kernels' layout -> (N, in_features) float32: the values ggml's dequantization
+    gives for the file's blocks."""
+    fmt, n, nb = kernel_format(weight, in_features), weight.shape[0], in_features // 32
+    if fmt == "Q8":
+        b = weight.reshape(n, nb, 36)
+        return (b[..., :4].contiguous().view(torch.float32) * b[..., 4:].contiguous().view(torch.int8).float()
+                ).reshape(n, in_features)
+    b = weight[:, :nb * 20].reshape(n, nb, 20)
+    d = b[..., :4].contiguous().view(torch.float32)  # (n, nb, 1)
+    m = weight[:, nb * 20:].contiguous().view(torch.float16).float()[..., None]  # (n, nb, 1)
+    nibbles = b[..., 4:]
     q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).float()  # byte j: element j (low), j + 16 (high)
-    m = b[..., 2:4].contiguous().view(torch.float16).float() if fmt == "Q4_1" else -8 * d
     return torch.addcmul(m, q, d).reshape(n, in_features)  # d * q is exact: one rounding, as in ggml
 
 
@@ -58,14 +80,14 @@ def read_blocks(path: str | Path) -> tuple[str, dict[str, tuple[str, np.ndarray]
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode() if field is not None else ""
     return arch, {t.name: (t.tensor_type.name, np.asarray(t.data)) for t in reader.tensors
-                  if t.tensor_type.name in BLOCK_BYTES}
+                  if t.tensor_type.name in FILE_BLOCK_BYTES}
 
 
 def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
-    """One uint8 weight from row-concatenated parts, or None when they are not all one supported format."""
+    """One uint8 weight (kernel layout) from row-concatenated parts, or None when they are not all one format."""
     if not parts or any(p is None for p in parts) or len({fmt for fmt, _ in parts}) != 1:
         return None
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate([rows for _, rows in parts])))
+    return pack_blocks(parts[0][0], np.concatenate([rows for _, rows in parts]))
 
 
 def use_gguf_blocks(model: Transformer, path: str | Path) -> dict[str, int]:
@@ -81,7 +103,8 @@ def use_gguf_blocks(model: Transformer, path: str | Path) -> dict[str, int]:
         w = _blocks_weight(parts)
         if w is None:
             return
-        fmt = block_format(w, linear.in_features)
+        fmt = parts[0][0]
+        kernel_format(w, linear.in_features)  # the shapes agree
         if w.shape[0] != linear.out_features:
             raise ValueError(f"GGUF blocks of {w.shape[0]} rows for a matrix of {linear.out_features}")
         linear.weight = nn.Parameter(w, requires_grad=False)

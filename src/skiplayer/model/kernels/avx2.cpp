@@ -191,40 +191,54 @@ void run(const float* x, const W* w, const float* scale, const float* bias, floa
 }
 
 // ---- GGUF block-quantized weights (qblocks.h): the AVX2 path, 8 lanes; avx512.cpp has the 16-lane one. ----
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
+inline float f32_at(const uint8_t* p) {
+  float f;
+  std::memcpy(&f, p, 4);
+  return f;
 }
 
-// The 32 weights of one block as four fp32 vectors of 8 (elements 0..7, 8..15, 16..23, 24..31).
+// The 32 weights of one block without m, d * q, as four fp32 vectors of 8 (elements 0..7, 8..15, 16..23, 24..31).
 template <int FMT>
 inline void block_weights(const uint8_t* blk, __m256 wv[4]) {
-  const float d = half_at(blk);
-  const __m256 dv = _mm256_set1_ps(d);
-  if constexpr (FMT == kQ8_0) {
+  const __m256 d = _mm256_set1_ps(f32_at(blk));
+  if constexpr (FMT == kQ8) {
     for (int i = 0; i < 4; ++i)
-      wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 2 + 8 * i)))), dv);
+      wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 4 + 8 * i)))), d);
   } else {
-    const __m256 mv = _mm256_set1_ps(FMT == kQ4_1 ? half_at(blk + 2) : -8.f * d);  // Q4_0: d * q - 8d, exact
-    const __m128i q = _mm_loadu_si128((const __m128i*)(blk + (FMT == kQ4_1 ? 4 : 2))), mask = _mm_set1_epi8(15);
+    const __m128i q = _mm_loadu_si128((const __m128i*)(blk + 4)), mask = _mm_set1_epi8(15);
     const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
     const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int i = 0; i < 4; ++i) wv[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), dv, mv);
+    for (int i = 0; i < 4; ++i) wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), d);
   }
+}
+
+// acc += m[b] * xsum[b] lane-wise over the whole groups of 8 of the nb fp16 m of a Q4 row; m_tail adds the rest to
+// the horizontal sum, in order (a vector read past the last m could leave the tensor).
+inline __m256 add_m_terms(const uint8_t* m, const float* xsum, int64_t nb, __m256 acc) {
+  for (int64_t b = 0; b + 8 <= nb; b += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + 2 * b))), _mm256_loadu_ps(xsum + b), acc);
+  return acc;
+}
+inline float m_tail(const uint8_t* m, const float* xsum, int64_t nb, float s) {
+  for (int64_t b = nb & ~int64_t(7); b < nb; ++b) {
+    uint16_t h;
+    std::memcpy(&h, m + 2 * b, 2);
+    s += _cvtsh_ss(h) * xsum[b];
+  }
+  return s;
 }
 
 // M input rows against R weight rows from n0: one accumulator per output, four FMAs per block in a fixed order.
 template <int FMT, int M, int R>
-inline void quant_tile(const float* x, const uint8_t* w, const float* bias, float* y, int64_t K, int64_t N,
-                       int64_t n0) {
-  const int64_t nb = K / 32, row_bytes = nb * FMT;
+inline void quant_tile(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
+                       int64_t N, int64_t n0) {
+  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ4 ? 20 : 36;
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256 wv[R][4];
-    for (int r = 0; r < R; ++r) block_weights<FMT>(w + (n0 + r) * row_bytes + b * FMT, wv[r]);
+    for (int r = 0; r < R; ++r) block_weights<FMT>(w + (n0 + r) * row_bytes + b * step, wv[r]);
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < 4; ++i) {
         const __m256 xv = _mm256_loadu_ps(x + m * K + 32 * b + 8 * i);
@@ -233,40 +247,43 @@ inline void quant_tile(const float* x, const uint8_t* w, const float* bias, floa
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
-      float s = hsum8(acc[r][m]);
+      float s;
+      if (FMT == kQ4) {
+        const uint8_t* mr = w + (n0 + r) * row_bytes + nb * 20;
+        s = m_tail(mr, xsum + m * nb, nb, hsum8(add_m_terms(mr, xsum + m * nb, nb, acc[r][m])));
+      } else {
+        s = hsum8(acc[r][m]);
+      }
       if (bias) s += bias[n0 + r];
       y[m * N + n0 + r] = s;
     }
 }
 
 template <int FMT, int M>
-void quant_rows(const float* x, const uint8_t* w, const float* bias, float* y, int64_t K, int64_t N, int64_t n0,
-                int64_t n1) {
+void quant_rows(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
+                int64_t N, int64_t n0, int64_t n1) {
   constexpr int R = M == 1 ? 2 : 1;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) quant_tile<FMT, M, R>(x, w, bias, y, K, N, n);
-  for (; n < n1; ++n) quant_tile<FMT, M, 1>(x, w, bias, y, K, N, n);
+  for (; n + R <= n1; n += R) quant_tile<FMT, M, R>(x, xsum, w, bias, y, K, N, n);
+  for (; n < n1; ++n) quant_tile<FMT, M, 1>(x, xsum, w, bias, y, K, N, n);
 }
 
 template <int FMT>
-void quant_rows_fmt(int M, const float* x, const uint8_t* w, const float* bias, float* y, int64_t K, int64_t N,
-                    int64_t n0, int64_t n1) {
+void quant_rows_fmt(int M, const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y,
+                    int64_t K, int64_t N, int64_t n0, int64_t n1) {
   switch (M) {
-    case 1: return quant_rows<FMT, 1>(x, w, bias, y, K, N, n0, n1);
-    case 2: return quant_rows<FMT, 2>(x, w, bias, y, K, N, n0, n1);
-    case 3: return quant_rows<FMT, 3>(x, w, bias, y, K, N, n0, n1);
-    default: return quant_rows<FMT, 4>(x, w, bias, y, K, N, n0, n1);
+    case 1: return quant_rows<FMT, 1>(x, xsum, w, bias, y, K, N, n0, n1);
+    case 2: return quant_rows<FMT, 2>(x, xsum, w, bias, y, K, N, n0, n1);
+    case 3: return quant_rows<FMT, 3>(x, xsum, w, bias, y, K, N, n0, n1);
+    default: return quant_rows<FMT, 4>(x, xsum, w, bias, y, K, N, n0, n1);
   }
 }
 
 constexpr int kQuantRowsAvx2 = 4;
-void quant_rows_avx2(int M, const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t K,
-                     int64_t N, int64_t n0, int64_t n1) {
-  switch (format) {
-    case kQ4_0: return quant_rows_fmt<kQ4_0>(M, x, w, bias, y, K, N, n0, n1);
-    case kQ4_1: return quant_rows_fmt<kQ4_1>(M, x, w, bias, y, K, N, n0, n1);
-    default: return quant_rows_fmt<kQ8_0>(M, x, w, bias, y, K, N, n0, n1);
-  }
+void quant_rows_avx2(int M, const float* x, const float* xsum, const uint8_t* w, int format, const float* bias,
+                     float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  if (format == kQ4) return quant_rows_fmt<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1);
+  return quant_rows_fmt<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 
 // Which instruction set the block-quantized products use: AVX-512 where the CPU has it, else AVX2; kernel_isa()
@@ -293,18 +310,22 @@ std::string kernel_isa(c10::string_view isa) {
 // The block format of a uint8 weight (N, bytes) for K input columns, from its bytes per block (qblocks.h).
 int block_format(const at::Tensor& w, int64_t K) {
   TORCH_CHECK(K % 32 == 0, "small_linear: block-quantized weights need K % 32 == 0");
-  for (int f : {kQ4_0, kQ4_1, kQ8_0})
+  for (int f : {kQ4, kQ8})
     if (w.size(1) == K / 32 * f) return f;
-  TORCH_CHECK(false, "small_linear: a uint8 weight must hold Q4_0, Q4_1 or Q8_0 blocks (18, 20 or 34 bytes per 32 "
-                     "columns of x)");
+  TORCH_CHECK(false, "small_linear: a uint8 weight must hold GGUF blocks in the kernels' layout (22 or 36 bytes per 32 "
+                     "columns of x: model/gguf_blocks.py pack_blocks)");
 }
 
 void quant_product(const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t M, int64_t K,
                    int64_t N) {
+  const int64_t nb = K / 32;
+  std::vector<float> xsum(M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
+  for (int64_t i = 0; i < M * nb; ++i)
+    for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
   const bool wide = use_avx512;
   const QuantRowsFn rows = wide ? quant_rows_avx512 : quant_rows_avx2;
   run_chunks(M, N, wide ? kQuantRowsAvx512 : kQuantRowsAvx2, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
-    rows(static_cast<int>(mc), x + m0 * K, w, format, bias, y + m0 * N, K, N, n, ne);
+    rows(static_cast<int>(mc), x + m0 * K, xsum.data() + m0 * nb, w, format, bias, y + m0 * N, K, N, n, ne);
   });
 }
 
