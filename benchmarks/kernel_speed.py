@@ -8,6 +8,7 @@ of one pass with M = 1 row, the effective GB/s (weight bytes / time) and v(M) = 
   F.linear fp32/bf16/fp16                          stock PyTorch (MKL / oneDNN)
   small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/kernels/), on row-major
                                                    weights or on pair-packed ones (model/packing.py, the default)
+  small_linear GGUF Q4_1/Q8_0 avx512|avx2          GGUF blocks (model/gguf_blocks.py) on each instruction-set path
   _weight_int8pack_mm (bf16 activations)            PyTorch's int8 weight-only op
   quantize_dynamic int8 (fp32 activations)          torch.ao dynamic quantization (fbgemm)
   --compile: torch.compile + inductor freezing (weight prepacking) of the same stack, fp32 and bf16, one graph per M
@@ -66,6 +67,17 @@ def build(args):
             kernels[f"small_linear int8{' packed' if packed else ''} (fp32 act)"] = (
                 n, torch.float32, lambda xs, qs=q8p, p=packed: [op(xs[i % 4], q, s, None, False, p)
                                                                 for i, (q, s) in enumerate(qs)])
+        from gguf import GGMLQuantizationType, quants
+        from skiplayer.model.gguf_blocks import pack_blocks
+        for fmt in ("Q4_1", "Q8_0"):  # GGUF blocks as the kernels hold them (model/gguf_blocks.py)
+            for isa in ("avx512", "avx2"):
+                if isa == "avx512" and torch.ops.skiplayer.kernel_isa("") != "avx512":
+                    continue
+                qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt])) for w in ws]
+                kernels[f"small_linear GGUF {fmt} {isa} (fp32 act)"] = (
+                    sum(q.numel() for q in qb), torch.float32,
+                    lambda xs, qb=qb, isa=isa: [torch.ops.skiplayer.kernel_isa(isa)] + [
+                        op(xs[i % 4], q, None, None, False, False) for i, q in enumerate(qb)])
     q8b = [(q, s.to(torch.bfloat16)) for q, s in (quantize_int8(w) for w in ws)]
     kernels["_weight_int8pack_mm (bf16 act)"] = (n, torch.bfloat16, lambda xs: [
         torch.ops.aten._weight_int8pack_mm(xs[i % 4], q, s) for i, (q, s) in enumerate(q8b)])

@@ -23,8 +23,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="no downloads: hub models and datasets come from the local HF cache only (as HF_HUB_OFFLINE=1)")
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help="weight dtype (default %(default)s)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
-    g.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 weight-only quantisation (per output channel; activations stay in --dtype)")
+    g.add_argument("--quantize", default="auto", choices=["auto", "gguf", "int8", "none"],
+                   help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q8_0 blocks, unexpanded), int8 (weight-only, "
+                        "per output channel), none (floats in --dtype); auto: gguf for a .gguf model where the "
+                        "native kernels build, else none. Activations stay in --dtype")
+    g.add_argument("--prefill", default="auto", choices=["auto", "bfloat16", "native"],
+                   help="how the prompt runs: bfloat16 (oneDNN matmuls + flash attention), native (the decoding "
+                        "kernels); auto: bfloat16 on CPUs with AMX, else native")
     g.add_argument("--compile", action="store_true", help="torch.compile the cache-free half of each block")
     g.add_argument("--draft", default=None, help="calibrated draft artifact from `skiplayer calibrate`; 'none' for "
                    "no draft (default: the built-in draft of the default model, when the package ships one)")
@@ -91,6 +96,7 @@ def load_from_args(args):
     """Load the model (and draft artifact) named on the command line."""
     from skiplayer.model.load import load_model
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
+                        prefill=getattr(args, "prefill", "auto"),
                         compile=getattr(args, "compile", False), offline=getattr(args, "offline", False))
     draft = None
     if getattr(args, "generation_strategy", "self_speculative") == "self_speculative" or getattr(args, "draft", None):

@@ -214,7 +214,7 @@ def run(args) -> int:
         "draft_vocab_coverage": round(result.coverage, 4),
         "agreement_after_by_dataset": {name: {str(k): (round(v, 4) if isinstance(v, float) else v)
                                               for k, v in row.items()} for name, row in result.by_dataset.items()},
-        "calibration_seconds": round(result.timings["total"], 1), "load_seconds": round(load_seconds, 1),
+        "calibration_seconds": round(result.timings["total"], 3), "load_seconds": round(load_seconds, 1),
         "timings": {k: round(v, 1) for k, v in result.timings.items()},
         "data": {"datasets": [n for n in names if n not in {s.split(' ')[0] for s in skipped}],
                  "data_path": args.data_path, "chat_template": chat_template, "max_steps": args.max_steps,

@@ -204,22 +204,29 @@ def _release_freed_memory() -> None:
 
 
 def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               quantize: str | None = None, compile: bool | str = False, offline: bool = False) -> LoadedModel:
+               quantize: str | None = None, compile: bool | str = False, offline: bool = False,
+               prefill: str = "auto") -> LoadedModel:
     """Load a Llama-family model into our forward. `model`: HF directory, hub id, .gguf path or alias; a hub id is
     downloaded through HF (and cached) unless `offline` or HF_HUB_OFFLINE=1, which keep to the local HF cache.
-    `quantize` (None or "int8": weight-only) and `compile` go to model.optimize.optimize_model, which also turns on
-    the native CPU kernels where they can be built."""
+    `quantize`: None or "none" (float weights in `dtype`), "int8" (weight-only), "gguf" (a GGUF file's own Q4_0 /
+    Q4_1 / Q8_0 blocks, model/gguf_blocks.py), or "auto" (gguf for a .gguf file where the native kernels build).
+    `compile` and `prefill` go to model.optimize.optimize_model, which also turns on the native CPU kernels where
+    they can be built."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
-    if quantize is not None and quantize not in QUANTIZE + ("gguf",):  # bad options fail before the (slow) load
-        raise UserError(f"unknown quantization '{quantize}': use one of {', '.join(q for q in QUANTIZE if q)}, gguf")
+    if quantize is not None and quantize not in QUANTIZE + ("gguf", "auto", "none"):  # fail before the slow load
+        raise UserError(f"unknown quantization '{quantize}': use one of auto, gguf, int8, none")
+    path = gguf = resolve_model_path(model)
+    auto = quantize == "auto"
+    if auto:  # the file's own blocks where they can run: fewer bytes per token, the file's exact values
+        quantize = "gguf" if gguf.endswith(".gguf") and device == "cpu" and native_kernels_available() else None
+    quantize = None if quantize == "none" else quantize
     if device != "cpu" and (quantize or compile):
         raise UserError("--quantize and --compile are CPU options here: use --device cpu")
-    path = gguf = resolve_model_path(model)
     if quantize == "gguf" and not gguf.endswith(".gguf"):
         raise UserError(f"--quantize gguf keeps a GGUF file's own blocks, but '{model}' is not a .gguf file: drop "
                         f"--quantize gguf or pass a .gguf model")
@@ -237,9 +244,10 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
             raise UserError("--quantize gguf needs the native CPU kernels (--device cpu, g++ and ninja; see the "
                             "warning above): drop --quantize gguf to run the float copy")
         from skiplayer.model.gguf_blocks import use_gguf_blocks
-        if not use_gguf_blocks(ours, gguf):
+        if not use_gguf_blocks(ours, gguf) and not auto:
             raise UserError(f"'{model}' holds no Q4_0 / Q4_1 / Q8_0 matrices: drop --quantize gguf")
     if device == "cpu":
-        ours = optimize_model(ours, quantize=None if quantize == "gguf" else quantize, compile=compile)
+        ours = optimize_model(ours, quantize=None if quantize == "gguf" else quantize, compile=compile,
+                              prefill=prefill)
     _release_freed_memory()  # the HF copy, and the float weights int8 replaced
     return LoadedModel(ours, tokenizer, model, path, eos, fp, dtype, device)

@@ -1,0 +1,226 @@
+"""Our CPU paths against llama.cpp on the same GGUF file and threads, and against HF transformers: decode and prefill
+speed on three prompts, and the verification cost v(n) of each of our paths.
+
+    python benchmarks/vs_llamacpp.py [--configs gguf,float16] [--repeats 5] [--max_steps 128] [--hf]
+        [--quality] [--output_json out.json] [--update_doc docs/performance.md]
+
+Systems (all greedy, 128 forced new tokens, no stop at EOS):
+  skiplayer <config>   a --configs entry: dtype[+quantize][:prefill], e.g. gguf (the file's own Q4_1/Q8_0 blocks,
+                       float16 activations, prefill chosen per CPU), float16:native (the float16 copy of the file
+                       and the decoding kernels for the prefill: this project's earlier default), float16+int8, float32
+  llama.cpp Q4_1       the same file through llama-cpp-python, when it is installed (otherwise skipped, saying so).
+                       Build it with this machine's instruction sets (without AMX: its AMX path crashed with SIGILL
+                       on the Intel VMs here):
+                         CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+                           -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python
+                       (drop the AVX512 flags on an AVX2-only CPU). Timed around its eval() calls.
+  HF bfloat16 / fp32   (--hf) `generate` on the converted float model; prefill = a 1-token generate, decode = the rest.
+Prompts: a chat question (~40 tokens with the template), a gsm8k question, and a 613-token cnn_dm article (both from
+../shared/datasets when present, else built-in text). Prefill tok/s = prompt tokens / prefill seconds; decode tok/s
+= (new tokens - 1) / seconds after the prefill. Every system runs once per repeat, in rotating order; medians.
+v(n): one verification pass over n positions (all layers + head, logits for all n) / one decode step, n = 1..16,
+paired passes at a 100-token context (benchmarks/verify_cost.py's method). --quality: greedy outputs of each of our
+configs against float32 on the same prompts (identical outputs, first divergence).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from skiplayer.bench.stamp import stamp, write_between_markers
+from skiplayer.data.datasets import find_default_file, read_records
+from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.errors import output_file
+from skiplayer.model.load import load_hf, load_model, resolve_model_path
+
+CHAT = "Explain in two sentences why the sky is blue, and give one everyday example of the same effect."
+WORD_PROBLEM = ("A baker makes 24 muffins each morning. She sells two thirds of them before noon and gives 3 to her "
+                "neighbours. How many muffins are left at the end of the day? Think step by step.")
+
+
+def prompts(loaded) -> dict[str, list[int]]:
+    """name -> token ids: chat, gsm8k, article (613 tokens)."""
+    gsm8k = find_default_file("gsm8k.jsonl")
+    question = read_records(gsm8k)[0]["question"] if gsm8k else WORD_PROBLEM
+    cnn = find_default_file("cnn_dm.jsonl")
+    article = read_records(cnn)[0]["article"] if cnn else " ".join([WORD_PROBLEM, CHAT] * 40)
+    ids = {"chat": loaded.encode(CHAT), "gsm8k": loaded.encode(f"Question: {question}\nAnswer:")}
+    body = loaded.encode(f"Summarize this article.\n\n{article}")
+    ids["article"] = body[:613]
+    return ids
+
+
+def parse_config(spec: str) -> tuple[str, str | None, str]:
+    """'gguf' | dtype[+quantize][:prefill] -> (dtype, quantize, prefill)."""
+    head, _, prefill = spec.partition(":")
+    if head == "gguf":
+        return "float16", "gguf", prefill or "auto"
+    dtype, _, quantize = head.partition("+")
+    return dtype, quantize or None, prefill or "auto"
+
+
+def ours(model, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
+    """(prefill seconds, decode tok/s, tokens) of greedy autoregressive decoding through generate_ids."""
+    config = GenerationConfig(max_steps=n_new, generation_strategy="autoregressive")
+    tokens, _, stats = generate_ids(model, ids, config)
+    return stats.prefill_time, (len(tokens) - 1) / (stats.wall_time - stats.prefill_time), tokens
+
+
+def llama_cpp_runner(path: str, threads: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("[vs_llamacpp] llama-cpp-python is not installed: llama.cpp rows skipped (see --help to build it)")
+        return None
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=1024,
+                verbose=False)
+
+    def run(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - t
+        out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        t = time.perf_counter()
+        for _ in range(n_new - 1):
+            llm.eval(out[-1:])
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        return prefill, (n_new - 1) / (time.perf_counter() - t), out
+    return run
+
+
+def hf_runner(hf):
+    def run(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
+        x = torch.tensor([ids])
+        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=1)
+        with torch.inference_mode():
+            t = time.perf_counter()
+            hf.generate(x, max_new_tokens=1, **kw)
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            out = hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+            total = time.perf_counter() - t
+        return prefill, (n_new - 1) / max(total - prefill, 1e-9), out[0, len(ids):].tolist()
+    return run
+
+
+def v_of_n(model, max_n: int, reps: int, context: int = 100) -> dict[int, float]:
+    """Median over reps of (one n-position pass) / (one one-position pass run just before it)."""
+    cache = model.new_cache(context + max_n + 1)
+    tokens = torch.arange(context + max_n) % model.args.vocab_size
+
+    def once(n: int) -> float:
+        cache.rollback(context)
+        t = time.perf_counter()
+        model.forward(tokens[context:context + n], context, cache)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        model.forward(tokens[:context], 0, cache)
+        once(1)
+        ratios = {n: [] for n in range(1, max_n + 1)}
+        for _ in range(reps):
+            for n in ratios:
+                one = once(1)
+                ratios[n].append(once(n) / one)
+    return {n: statistics.median(r) for n, r in ratios.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a .gguf file or alias (default %(default)s)")
+    p.add_argument("--configs", default="gguf,float16:native", help="our paths, comma-separated (see above)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max_steps", type=int, default=128)
+    p.add_argument("--max_n", type=int, default=16, help="v(n) for n = 1..max_n")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no_llamacpp", action="store_true")
+    p.add_argument("--hf", action="store_true", help="add HF transformers bfloat16 and float32 rows")
+    p.add_argument("--quality", action="store_true", help="greedy outputs against our float32 path")
+    p.add_argument("--output_json", type=output_file)
+    p.add_argument("--update_doc", help="write the tables between <!-- vs_llamacpp:start/end --> of this file")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    runs, models = {}, {}
+    for spec in a.configs.split(","):
+        dtype, quantize, prefill = parse_config(spec)
+        loaded = load_model(a.model, dtype=dtype, quantize=quantize, prefill=prefill)
+        models[f"skiplayer {spec}"] = loaded
+        runs[f"skiplayer {spec}"] = (lambda m: lambda ids, n: ours(m, ids, n))(loaded.model)
+    first = next(iter(models.values()))
+    ids = prompts(first)
+    if not a.no_llamacpp:
+        run = llama_cpp_runner(resolve_model_path(a.model), a.threads)
+        if run:
+            runs["llama.cpp (same file)"] = run
+    if a.hf:
+        for dt in ("bfloat16", "float32"):
+            hf, _ = load_hf(first.hf_path, getattr(torch, dt))
+            runs[f"HF transformers {dt}"] = hf_runner(hf)
+    print(f"[vs_llamacpp] prompts: " + ", ".join(f"{k} {len(v)} tokens" for k, v in ids.items()))
+
+    times = {name: {k: ([], []) for k in ids} for name in runs}
+    outputs = {name: {} for name in runs}
+    names = list(runs)
+    for r in range(a.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotating order
+            for k, prompt in ids.items():
+                prefill, decode, tokens = runs[name](prompt, a.max_steps)
+                times[name][k][0].append(len(prompt) / prefill)
+                times[name][k][1].append(decode)
+                outputs[name][k] = tokens
+        print(f"[vs_llamacpp] repeat {r + 1}/{a.repeats} done", flush=True)
+    med = {name: {k: (statistics.median(p_), statistics.median(d)) for k, (p_, d) in per.items()}
+           for name, per in times.items()}
+
+    vn = {name: v_of_n(loaded.model, a.max_n, a.repeats) for name, loaded in models.items()}
+    quality = {}
+    if a.quality:
+        ref = load_model(a.model, dtype="float32", prefill="native")
+        for name, loaded in models.items():
+            same, first_diff = 0, []
+            for k, prompt in ids.items():
+                want = ours(ref.model, prompt, a.max_steps)[2]
+                got = outputs[name][k]
+                same += got == want
+                first_diff.append(next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), len(want)))
+            quality[name] = {"identical": same, "prompts": len(ids), "first_divergence": first_diff}
+
+    ref_name = "llama.cpp (same file)"
+    lines = ["| system | decode tok/s (" + " / ".join(ids) + ") | prefill tok/s (" +
+             " / ".join(str(len(v)) for v in ids.values()) + " tokens) | decode vs llama.cpp |", "|---|---|---|---|"]
+    for name in runs:
+        dec = " / ".join(f"{med[name][k][1]:.0f}" for k in ids)
+        pre = " / ".join(f"{med[name][k][0]:.0f}" for k in ids)
+        vs = (" / ".join(f"{med[name][k][1] / med[ref_name][k][1]:.2f}x" for k in ids)
+              if ref_name in med else "n/a")
+        lines.append(f"| {name} | {dec} | {pre} | {vs} |")
+    lines += ["", "| v(n) | " + " | ".join(str(n) for n in (2, 4, 6, 8, 12, 16) if n <= a.max_n) + " |",
+              "|---|" + "---|" * len([n for n in (2, 4, 6, 8, 12, 16) if n <= a.max_n])]
+    for name, v in vn.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v[n]:.2f}" for n in (2, 4, 6, 8, 12, 16) if n <= a.max_n) + " |")
+    if quality:
+        lines += ["", "| greedy output vs our float32 | identical outputs | first divergence (token index) |",
+                  "|---|---|---|"]
+        for name, q in quality.items():
+            lines.append(f"| {name} | {q['identical']}/{q['prompts']} | {', '.join(map(str, q['first_divergence']))} |")
+    lines += ["", stamp("benchmarks/vs_llamacpp.py") + f" Medians of {a.repeats} rotated repeats, "
+              f"{a.max_steps} new tokens."]
+    print("\n".join(lines))
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump({"prompts": {k: len(v) for k, v in ids.items()}, "median": med, "v": vn, "quality": quality,
+                       "raw": times}, f, indent=1)
+    if a.update_doc:
+        write_between_markers(a.update_doc, "vs_llamacpp", lines)
+
+
+if __name__ == "__main__":
+    main()
