@@ -6,7 +6,8 @@ speed on three prompts, and the verification cost v(n) of each of our paths.
 
 Systems (all greedy, 128 forced new tokens, no stop at EOS):
   skiplayer <config>   a --configs entry: dtype[+quantize][:prefill], e.g. gguf (the file's own Q4_1/Q8_0 blocks,
-                       float16 activations, prefill chosen per CPU), float16:native (the float16 copy of the file
+                       float16 activations, prefill chosen per CPU; AMX tiles where present), gguf-rows (the same
+                       without the AMX tiles layout: the AVX-512 / AVX2 kernels), float16:native (the float16 copy of the file
                        and the decoding kernels for the prefill: this project's earlier default), float16+int8, float32
   llama.cpp Q4_1       the same file through llama-cpp-python, when it is installed (otherwise skipped, saying so).
                        Build it with this machine's instruction sets (without AMX: its AMX path crashed with SIGILL
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -56,9 +58,9 @@ def prompts(loaded) -> dict[str, list[int]]:
 
 
 def parse_config(spec: str) -> tuple[str, str | None, str]:
-    """'gguf' | dtype[+quantize][:prefill] -> (dtype, quantize, prefill)."""
+    """'gguf' | 'gguf-rows' | dtype[+quantize][:prefill] -> (dtype, quantize, prefill)."""
     head, _, prefill = spec.partition(":")
-    if head == "gguf":
+    if head in ("gguf", "gguf-rows"):
         return "float16", "gguf", prefill or "auto"
     dtype, _, quantize = head.partition("+")
     return dtype, quantize or None, prefill or "auto"
@@ -151,6 +153,7 @@ def main(argv=None):
     runs, models = {}, {}
     for spec in a.configs.split(","):
         dtype, quantize, prefill = parse_config(spec)
+        os.environ["SKIPLAYER_GGUF_TILES"] = "0" if spec.startswith("gguf-rows") else "1"
         loaded = load_model(a.model, dtype=dtype, quantize=quantize, prefill=prefill)
         models[f"skiplayer {spec}"] = loaded
         runs[f"skiplayer {spec}"] = (lambda m: lambda ids, n: ours(m, ids, n))(loaded.model)

@@ -17,11 +17,13 @@ from gguf import GGMLQuantizationType, quants  # noqa: E402
 
 native = pytest.mark.skipif(not native_kernels_available(), reason="native CPU kernels cannot be built here")
 FORMATS = list(FILE_BLOCK_BYTES)
+has_tiles = pytest.mark.skipif(not (native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "amx"),
+                               reason="this CPU (or OS) gives no AMX tiles: the tiles layout is not used here")
 
 
 def isas():
     """The instruction-set paths of the block kernels, each skipped (with the reason) where this CPU lacks it."""
-    has512 = native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx512"
+    has512 = native_kernels_available() and torch.ops.skiplayer.kernel_isa("") in ("avx512", "amx")
     return ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(not has512, reason="this CPU has no AVX-512"))]
 
 
@@ -125,7 +127,7 @@ def write_gguf(hf, path, fmt="Q4_1", arch="llama"):
     return hf
 
 
-def tiny_gguf_pair(tmp_path, fmt="Q4_1", arch="llama"):
+def tiny_gguf_pair(tmp_path, fmt="Q4_1", arch="llama", tiles=False):
     import transformers
     config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch](
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -139,26 +141,42 @@ def tiny_gguf_pair(tmp_path, fmt="Q4_1", arch="llama"):
     hf = write_gguf(hf, tmp_path / "tiny.gguf", fmt, arch)
     float_model = optimize_model(Transformer.from_hf(hf))
     block_model = Transformer.from_hf(hf)
-    counts = use_gguf_blocks(block_model, tmp_path / "tiny.gguf")
+    import os
+    os.environ["SKIPLAYER_GGUF_TILES"] = "1" if tiles else "0"
+    try:
+        counts = use_gguf_blocks(block_model, tmp_path / "tiny.gguf")
+    finally:
+        del os.environ["SKIPLAYER_GGUF_TILES"]
     return float_model, optimize_model(block_model), counts
 
 
+def layouts():
+    return ["rows", pytest.param("tiles", marks=has_tiles)]
+
+
 @native
+@pytest.mark.parametrize("layout", layouts())
 @pytest.mark.parametrize("fmt,arch", [("Q4_1", "llama"), ("Q4_0", "llama"), ("Q8_0", "qwen2")])
-def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch):
-    float_model, block_model, counts = tiny_gguf_pair(tmp_path, fmt, arch)
+def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
+    float_model, block_model, counts = tiny_gguf_pair(tmp_path, fmt, arch, tiles=layout == "tiles")
     assert counts == ({fmt: 16, "Q8_0": 1} if fmt != "Q8_0" else {"Q8_0": 17})  # 4 layers x 4 matrices + the head
-    assert block_model.layers[0].attention.wqkv.weight.dtype == torch.uint8
+    wqkv = block_model.layers[0].attention.wqkv
+    assert wqkv.weight.dtype == torch.uint8
+    assert kernel_format(wqkv.weight, wqkv.in_features) == ("Q8" if fmt == "Q8_0" else "Q4") + (
+        " tiles" if layout == "tiles" else "")
     tokens = torch.randint(4, 97, (12,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         expected = float_model(tokens, 0, float_model.new_cache(32))
         got = block_model(tokens, 0, block_model.new_cache(32))
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)  # same weights; only the sum order differs
+    # same weights; rows: only the sum order differs; tiles: x also enters as two int8 parts (~2^-16 relative)
+    err = (got - expected).abs().max() / expected.abs().max()
+    assert err < (1e-5 if layout == "rows" else 1e-3), err
 
 
 @native
-def test_self_speculation_on_file_blocks_is_lossless(tmp_path):
-    _, model, _ = tiny_gguf_pair(tmp_path)
+@pytest.mark.parametrize("layout", layouts())
+def test_self_speculation_on_file_blocks_is_lossless(tmp_path, layout):
+    _, model, _ = tiny_gguf_pair(tmp_path, tiles=layout == "tiles")
     for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16]):
         def run(strategy, **policy):
             config = GenerationConfig(max_steps=24, generation_strategy=strategy, policy=PolicyConfig(**policy))
@@ -167,3 +185,37 @@ def test_self_speculation_on_file_blocks_is_lossless(tmp_path):
         for E, k in ((1, 1), (2, 3), (3, 2)):
             assert run("self_speculative", exit_layer=E, num_speculations=k) == ar, (prompt, E, k)
         assert run("self_speculative", exit_layer=2, num_speculations=2, draft_source="both") == ar
+
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiles_layout_holds_the_same_weights(fmt):
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(5))
+    raw = file_blocks(w, fmt)
+    tiles = pack_blocks(fmt, raw, tiles=True)
+    assert kernel_format(tiles, 96) == fmt[:2] + " tiles" and tiles.shape == (48, 96 // 32 * (20 if fmt != "Q8_0" else 34))
+    assert torch.equal(dequantize_blocks(tiles, 96), dequantize_blocks(pack_blocks(fmt, raw), 96))
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        pack_blocks(fmt, raw[:40], tiles=True)
+
+
+@native
+@has_tiles
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tiles_products_close_and_batch_invariant(fmt):
+    g = torch.Generator().manual_seed(6)
+    op = torch.ops.skiplayer.small_linear
+    for M, K, N in [(1, 32, 16), (5, 96, 48), (19, 576, 64)]:  # M over several chunks of 8
+        w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+        b = pack_blocks(fmt, file_blocks(w, fmt), tiles=True)
+        ref = (x.double() @ dequantize_blocks(b, K).double().T + bias.double()).float()
+        y = op(x, b, None, bias, True, False)
+        # x enters as two int8 parts per block of 32 (amx.cpp): ~2^-16 of the block's largest |x|
+        assert (y - ref).abs().max() <= 2e-4 * ref.abs().max(), fmt
+        for m in range(1, M + 1):
+            assert torch.equal(op(x[:m], b, None, bias, True, False), y[:m]), (fmt, M, m)
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(op(x, b, None, bias, True, False), y)
+        finally:
+            torch.set_num_threads(1)

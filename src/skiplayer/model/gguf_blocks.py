@@ -9,6 +9,7 @@ other formats (F16/F32, the K-quants) keep their float copy.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ from torch import nn
 from skiplayer.model.llama import Linear, Transformer
 
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per block of 32 weights, in the file
-KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36}  # in the kernels' layout
+# In the kernels' layouts (kernels/qblocks.h): per row for the AVX2 / AVX-512 kernels, per 16 rows for AMX tiles.
+KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36, "Q4 tiles": 20, "Q8 tiles": 34}
 
 
 def kernel_format(weight: torch.Tensor, in_features: int) -> str:
-    """'Q4' or 'Q8': the kernel layout of a uint8 block weight (N, bytes) with `in_features` columns."""
+    """'Q4', 'Q8', 'Q4 tiles' or 'Q8 tiles': the kernel layout of a uint8 block weight (N, bytes)."""
     for name, size in KERNEL_BLOCK_BYTES.items():
         if in_features % 32 == 0 and weight.shape[-1] == in_features // 32 * size:
             return name
@@ -30,30 +32,81 @@ def kernel_format(weight: torch.Tensor, in_features: int) -> str:
                      f"{in_features} columns")
 
 
-def pack_blocks(fmt: str, rows: np.ndarray) -> torch.Tensor:
-    """A file's (N, blocks * file bytes) uint8 rows of format `fmt` -> the kernels' layout (qblocks.h): per row, nb
-    blocks of [fp32 d][quants], then (Q4) nb fp16 m."""
+def tiles_available() -> bool:
+    """Whether the native kernels run block products on AMX tiles here (kernels/amx.cpp); SKIPLAYER_GGUF_TILES=0
+    keeps the rows layout (AVX-512) for comparisons."""
+    if os.environ.get("SKIPLAYER_GGUF_TILES", "1") == "0":
+        return False
+    try:
+        return torch.ops.skiplayer.kernel_isa("") == "amx"
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _file_parts(fmt: str, rows: np.ndarray):
+    """(d (n, nb) fp16, m (n, nb) fp16 or None, q (n, nb, 32) uint8 / int8) of a file's rows."""
     n = rows.shape[0]
     b = np.ascontiguousarray(rows).reshape(n, -1, FILE_BLOCK_BYTES[fmt])
-    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # (n, nb, 1): exact
+    d = b[..., 0:2].copy().view(np.float16)[..., 0]
     if fmt == "Q8_0":
-        return torch.from_numpy(np.concatenate([d.view(np.uint8), b[..., 2:]], axis=-1).reshape(n, -1).copy())
+        return d, None, b[..., 2:].copy().view(np.int8)
+    nibbles = b[..., 4:] if fmt == "Q4_1" else b[..., 2:]
+    q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)  # byte j: element j (low), j + 16 (high)
     if fmt == "Q4_1":
-        quants, m = b[..., 4:], b[..., 2:4].copy()
+        m = b[..., 2:4].copy().view(np.float16)[..., 0]
     else:  # Q4_0: d * (q - 8) = d * q + m with m = -8d, exact in fp16 (a power-of-two multiple of a half)
-        quants = b[..., 2:]
-        m = (-8 * b[..., 0:2].copy().view(np.float16).astype(np.float32)).astype(np.float16)
+        m = (-8 * d.astype(np.float32)).astype(np.float16)
         if not np.isfinite(m).all():
             raise ValueError("a Q4_0 scale too large to carry as Q4_1 (|8d| > 65504)")
-        m = m.view(np.uint8)
-    body = np.concatenate([d.view(np.uint8), quants], axis=-1).reshape(n, -1)
-    return torch.from_numpy(np.concatenate([body, m.reshape(n, -1)], axis=-1).copy())
+    return d, m, q
+
+
+def pack_blocks(fmt: str, rows: np.ndarray, tiles: bool = False) -> torch.Tensor:
+    """A file's (N, blocks * file bytes) uint8 rows of format `fmt` -> a kernels' layout (kernels/qblocks.h): the
+    rows layout, or with `tiles` (AMX; N % 16 == 0) the tiles layout. Same shape (N, nb * bytes per block)."""
+    d, m, q = _file_parts(fmt, rows)
+    n, nb = d.shape
+    if tiles:
+        if n % 16:
+            raise ValueError(f"the tiles layout needs a multiple of 16 rows, got {n}")
+        g = n // 16
+        # B[k / 4][4 n + k % 4] per group and block: (g, 16 rows, nb, 8, 4) -> (g, nb, 8, 16, 4)
+        bq = q.reshape(g, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(g, nb, 8, 64)
+        d16 = d.reshape(g, 16, nb).transpose(0, 2, 1).copy().view(np.uint8)  # (g, nb, 32)
+        if m is None:
+            body = np.concatenate([d16, bq.view(np.uint8).reshape(g, nb, 512)], axis=-1)
+        else:
+            m16 = m.reshape(g, 16, nb).transpose(0, 2, 1).copy().view(np.uint8)
+            pairs = bq.reshape(g, nb, 4, 2, 64)
+            nibbles = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).reshape(g, nb, 256)
+            body = np.concatenate([d16, m16, nibbles], axis=-1)
+        return torch.from_numpy(np.ascontiguousarray(body).reshape(n, -1))
+    d32 = d.astype(np.float32)[..., None].view(np.uint8)  # (n, nb, 4): exact
+    if m is None:
+        return torch.from_numpy(np.concatenate([d32, q.view(np.uint8)], axis=-1).reshape(n, -1).copy())
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    body = np.concatenate([d32, nibbles], axis=-1).reshape(n, -1)
+    return torch.from_numpy(np.concatenate([body, m.view(np.uint8).reshape(n, -1)], axis=-1).copy())
 
 
 def dequantize_blocks(weight: torch.Tensor, in_features: int) -> torch.Tensor:
-    """(N, bytes) uint8 blocks in the kernels' layout -> (N, in_features) float32: the values ggml's dequantization
+    """(N, bytes) uint8 blocks in a kernels' layout -> (N, in_features) float32: the values ggml's dequantization
     gives for the file's blocks."""
     fmt, n, nb = kernel_format(weight, in_features), weight.shape[0], in_features // 32
+    if fmt.endswith("tiles"):
+        g = n // 16
+        size = KERNEL_BLOCK_BYTES[fmt] * 16
+        b = weight.reshape(g, nb, size)
+        d = b[..., :32].contiguous().view(torch.float16).float()  # (g, nb, 16)
+        if fmt == "Q8 tiles":
+            m, bq = torch.zeros_like(d), b[..., 32:].contiguous().view(torch.int8).reshape(g, nb, 8, 64)
+        else:
+            m = b[..., 32:64].contiguous().view(torch.float16).float()
+            nib = b[..., 64:].reshape(g, nb, 4, 1, 64)
+            bq = torch.cat([nib & 15, nib >> 4], dim=3).reshape(g, nb, 8, 64)
+        q = bq.reshape(g, nb, 8, 16, 4).permute(0, 3, 1, 2, 4).reshape(g, 16, nb, 32).float()  # (g, row, nb, 32)
+        w = q * d.transpose(1, 2)[..., None] + m.transpose(1, 2)[..., None]
+        return w.reshape(n, in_features)
     if fmt == "Q8":
         b = weight.reshape(n, nb, 36)
         return (b[..., :4].contiguous().view(torch.float32) * b[..., 4:].contiguous().view(torch.int8).float()
@@ -87,7 +140,8 @@ def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
     """One uint8 weight (kernel layout) from row-concatenated parts, or None when they are not all one format."""
     if not parts or any(p is None for p in parts) or len({fmt for fmt, _ in parts}) != 1:
         return None
-    return pack_blocks(parts[0][0], np.concatenate([rows for _, rows in parts]))
+    rows = np.concatenate([r for _, r in parts])
+    return pack_blocks(parts[0][0], rows, tiles=tiles_available() and rows.shape[0] % 16 == 0)
 
 
 def use_gguf_blocks(model: Transformer, path: str | Path) -> dict[str, int]:

@@ -42,7 +42,7 @@ QUANTIZE = (None, "int8")
 # The kernels' C++ sources (kernels/): shared parts (common.h, ops.cpp: the op schemas) and one file per
 # instruction-set family, compiled with that family's flags (today only AVX2 + FMA + F16C: avx2.cpp).
 _KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-_KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp")  # compiled, in this order
+_KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "amx.cpp")  # compiled, in this order
 _KERNEL_HEADERS = ("common.h", "qblocks.h")  # included: part of the build key, not compiled on their own
 _KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 _KERNEL_LDFLAGS = ("-fopenmp",)

@@ -286,34 +286,53 @@ void quant_rows_avx2(int M, const float* x, const float* xsum, const uint8_t* w,
   return quant_rows_fmt<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 
-// Which instruction set the block-quantized products use: AVX-512 where the CPU has it, else AVX2; kernel_isa()
-// switches it (tests run both paths on one machine). Each path is batch invariant on its own; the two differ in
-// the order of their sums, so one run must not switch between them.
+// Which kernels the block-quantized products use: weights in the tiles layout always go to AMX (pack_blocks lays
+// them out so only where kernel_isa() says "amx": the CPU has AMX-INT8 and the OS grants the tiles); weights in the
+// rows layout go to AVX-512 where present (also under "amx"), else AVX2. kernel_isa() switches (tests run every path
+// the machine has). Each path is batch invariant on its own; they differ in the order of their sums (and AMX in an
+// int8 split of x), so one run must not switch between them.
+enum QuantIsa : int { kAvx2 = 0, kAvx512 = 1, kAmx = 2 };
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
-std::atomic<bool> use_avx512{cpu_has_avx512()};
+bool cpu_has_amx() {
+  return cpu_has_avx512() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+         __builtin_cpu_supports("avx512vnni") && amx_tiles_granted();
+}
+int best_isa() {
+  if (const char* e = std::getenv("SKIPLAYER_KERNEL_ISA")) {  // a default below the best, for measuring
+    const std::string want(e);
+    if (want == "avx2") return kAvx2;
+    if (want == "avx512" && cpu_has_avx512()) return kAvx512;
+  }
+  return cpu_has_amx() ? kAmx : cpu_has_avx512() ? kAvx512 : kAvx2;
+}
+std::atomic<int> quant_isa{best_isa()};
 
 std::string kernel_isa(c10::string_view isa) {
-  if (isa == "avx512") {
+  if (isa == "amx") {
+    TORCH_CHECK(cpu_has_amx(), "kernel_isa: this CPU (or OS) gives no AMX tiles with int8");
+    quant_isa = kAmx;
+  } else if (isa == "avx512") {
     TORCH_CHECK(cpu_has_avx512(), "kernel_isa: this CPU has no AVX-512 (F, BW, VL, DQ)");
-    use_avx512 = true;
+    quant_isa = kAvx512;
   } else if (isa == "avx2") {
-    use_avx512 = false;
+    quant_isa = kAvx2;
   } else {
-    TORCH_CHECK(isa.empty(), "kernel_isa: 'avx512', 'avx2' or '' (query) expected");
+    TORCH_CHECK(isa.empty(), "kernel_isa: 'amx', 'avx512', 'avx2' or '' (query) expected");
   }
-  return use_avx512 ? "avx512" : "avx2";
+  const int now = quant_isa;
+  return now == kAmx ? "amx" : now == kAvx512 ? "avx512" : "avx2";
 }
 
 // The block format of a uint8 weight (N, bytes) for K input columns, from its bytes per block (qblocks.h).
 int block_format(const at::Tensor& w, int64_t K) {
   TORCH_CHECK(K % 32 == 0, "small_linear: block-quantized weights need K % 32 == 0");
-  for (int f : {kQ4, kQ8})
+  for (int f : {kQ4, kQ8, kQ4Tiles, kQ8Tiles})
     if (w.size(1) == K / 32 * f) return f;
-  TORCH_CHECK(false, "small_linear: a uint8 weight must hold GGUF blocks in the kernels' layout (22 or 36 bytes per 32 "
-                     "columns of x: model/gguf_blocks.py pack_blocks)");
+  TORCH_CHECK(false, "small_linear: a uint8 weight must hold GGUF blocks in the kernels' layout (20, 22, 34 or 36 "
+                     "bytes per 32 columns of x: model/gguf_blocks.py pack_blocks)");
 }
 
 void quant_product(const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t M, int64_t K,
@@ -322,7 +341,29 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
   std::vector<float> xsum(M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
   for (int64_t i = 0; i < M * nb; ++i)
     for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
-  const bool wide = use_avx512;
+  if (format == kQ4Tiles || format == kQ8Tiles) {  // A tiles, scales and block sums per chunk of <= 8 rows
+    TORCH_CHECK(cpu_has_amx(), "small_linear: weights in the AMX tiles layout on a machine without AMX tiles");
+    TORCH_CHECK(N % 16 == 0, "small_linear: the AMX tiles layout needs N % 16 == 0");
+    const int64_t chunks = (M + kQuantRowsAmx - 1) / kQuantRowsAmx;
+    std::vector<int64_t> first(chunks + 1, 0);
+    for (int64_t c = 0; c < chunks; ++c) first[c + 1] = first[c] + (M - first[c]) / (chunks - c);
+    std::vector<std::vector<uint8_t>> a(chunks);
+    std::vector<float> dx(chunks * nb * 16, 0.f), xsum_t(chunks * nb * 16, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t m0 = first[c], mc = first[c + 1] - m0;
+      a[c].resize(amx_a_bytes(mc, K));
+      amx_pack_a(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16);
+      for (int64_t m = 0; m < mc; ++m)
+        for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + m] = xsum[(m0 + m) * nb + j];
+    }
+    run_blocks(N, [&](int64_t n, int64_t ne) {
+      for (int64_t c = 0; c < chunks; ++c)
+        quant_rows_amx(static_cast<int>(first[c + 1] - first[c]), a[c].data(), dx.data() + c * nb * 16,
+                       xsum_t.data() + c * nb * 16, w, format, bias, y + first[c] * N, K, N, n);
+    });
+    return;
+  }
+  const bool wide = quant_isa != kAvx2;
   const QuantRowsFn rows = wide ? quant_rows_avx512 : quant_rows_avx2;
   run_chunks(M, N, wide ? kQuantRowsAvx512 : kQuantRowsAvx2, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
     rows(static_cast<int>(mc), x + m0 * K, xsum.data() + m0 * nb, w, format, bias, y + m0 * N, K, N, n, ne);

@@ -3,23 +3,30 @@
 // any torch or std inline function there (the linker could keep its AVX-512 copy for the whole library, which then
 // fails on AVX2-only machines).
 //
-// The kernels read the file's blocks re-laid out per row (model/gguf_blocks.py, pack_blocks), told apart by the bytes
-// per block of 32 weights:
+// The kernels read the file's blocks re-laid out (model/gguf_blocks.py, pack_blocks), in one of two layouts told
+// apart by the bytes per block of 32 weights:
+// Rows (AVX2 / AVX-512 kernels), per weight row:
 //   Q4 (22 bytes): nb blocks of [fp32 d][16 bytes of nibbles], then nb fp16 m   w = d * q + m    (Q4_1; Q4_0 as m = -8d)
 //   Q8 (36 bytes): nb blocks of [fp32 d][32 int8]                               w = d * q        (Q8_0)
-// Byte j of the nibbles holds element j (low nibble) and element j + 16 (high nibble), as in the file.
-// Why this layout: a d stored as fp32 in front of its block feeds the multiply as an embedded broadcast, and the
-// m of a Q4 row enter once per row as sum_b m_b * (sum of x over block b), instead of two fp16 conversions and two
-// broadcasts per block: the file's layout cost twice the vector instructions (512-bit ones issue on two ports only).
-// Each output is sum_b (d_b q_b) . x_b + sum_b m_b xsum_b in fp32: d_b * q is exact, so these are the file's weights
-// exactly, only summed in another order than ggml's own dequantize-then-multiply.
+//   Byte j of the nibbles holds element j (low nibble) and element j + 16 (high nibble), as in the file.
+//   A d stored as fp32 in front of its block feeds the multiply as an embedded broadcast, and the m of a Q4 row
+//   enter once per row as sum_b m_b * (sum of x over block b): the file's layout (two fp16 conversions and two
+//   broadcasts per block) cost twice the vector instructions, and 512-bit ones issue on two ports only.
+// Tiles (AMX kernel, amx.cpp), per group of 16 weight rows (N % 16 == 0) and block:
+//   Q4 (20 bytes): [16 fp16 d][16 fp16 m][256 bytes: the 32 x 16 quants in the tiles' order, two per byte]
+//   Q8 (34 bytes): [16 fp16 d][512 int8 in the tiles' order]
+//   The tiles' order is B[k / 4][4 n + k % 4] (k < 32 the column in the block, n < 16 the row in the group); in Q4,
+//   byte i of the 64-byte chunk t holds B row 2t (low nibble) and 2t + 1 (high nibble) at position i.
+// Rows kernels compute sum_b (d_b q_b) . x_b + sum_b m_b xsum_b in fp32 with the file's exact weights (d * q is
+// exact); the tiles kernel splits x in two int8 parts first (amx.cpp).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace skiplayer {
 
-enum BlockFormat : int { kQ4 = 22, kQ8 = 36 };  // bytes per block of 32 weights in the kernels' layout
+enum BlockFormat : int { kQ4 = 22, kQ8 = 36, kQ4Tiles = 20, kQ8Tiles = 34 };  // bytes per block of 32 weights
 
 // y[m * N + n] = sum_k x[m * K + k] w(n, k) (+ bias[n]) for input rows m < M and weight rows n0 <= n < n1; xsum (M,
 // K / 32): the sums of x over each block of 32 columns (Q4 only). Every output is accumulated in the same order
@@ -31,5 +38,15 @@ using QuantRowsFn = void (*)(int M, const float* x, const float* xsum, const uin
 void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* w, int format, const float* bias,
                        float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 constexpr int kQuantRowsAvx512 = 8;
+
+// AMX tiles + AVX-512 VNNI: amx.cpp. One group of 16 weight rows in the tiles layout against M <= 8 input rows,
+// on A tiles prepared once per product by amx_pack_a (dx: (K / 32, 16) block scales, xsum_t: (K / 32, 16) block sums
+// of x, both block-major).
+constexpr int kQuantRowsAmx = 8;
+bool amx_tiles_granted();
+size_t amx_a_bytes(int64_t M, int64_t K);
+void amx_pack_a(int M, const float* x, int64_t K, uint8_t* a, float* dx);
+void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
+                    const float* bias, float* y, int64_t K, int64_t N, int64_t n0);
 
 }  // namespace skiplayer
