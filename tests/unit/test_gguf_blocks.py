@@ -164,6 +164,10 @@ def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
     assert wqkv.weight.dtype == torch.uint8
     assert kernel_format(wqkv.weight, wqkv.in_features) == ("Q8" if fmt == "Q8_0" else "Q4") + (
         " tiles" if layout == "tiles" else "")
+    from skiplayer.model.optimize import describe_weights
+    assert describe_weights(float_model) == "float32"
+    assert describe_weights(block_model) == ("GGUF blocks Q8" if fmt == "Q8_0" else "GGUF blocks Q4, Q8") + (
+        " (AMX tiles)" if layout == "tiles" else "")
     tokens = torch.randint(4, 97, (12,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         expected = float_model(tokens, 0, float_model.new_cache(32))

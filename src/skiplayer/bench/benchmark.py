@@ -262,7 +262,9 @@ def render(summary: dict) -> str:
     gen = conf["generation"]
     policy = gen["policy"]
     greedy = not gen["sampling"]["sample"]
-    lines = [f"benchmark {conf['dataset']} | model {conf['model']} ({conf['n_layers']} layers, {conf['dtype']}) | "
+    weights = f", weights {conf['weights']}" if conf.get("weights") else ""
+    lines = [f"benchmark {conf['dataset']} | model {conf['model']} ({conf['n_layers']} layers, {conf['dtype']}"
+             f"{weights}) | "
              f"{summary['samples']} samples | max_steps {conf['max_steps']} | {'greedy' if greedy else 'sampling'}"]
     if SS in conf["strategies"]:
         drafts = {"self": "early exit", "ngram": "n-gram lookup",

@@ -273,6 +273,24 @@ def _compiled_mlp():
     return _compiled
 
 
+def describe_weights(model: Transformer) -> str:
+    """How the layer matrices and head are stored, for summaries: 'float16', 'int8', or the GGUF block layouts
+    ('GGUF blocks Q4, Q8 (AMX tiles)')."""
+    from skiplayer.model.gguf_blocks import kernel_format
+    kinds = set()
+    for mod in model.modules():
+        if isinstance(mod, Linear) and mod is not model.output:
+            w = mod.weight
+            kinds.add(kernel_format(w, mod.in_features) if w.dtype == torch.uint8 else str(w.dtype).replace("torch.", ""))
+    blocks = sorted(k for k in kinds if k.startswith("Q"))
+    if not blocks:
+        return "/".join(sorted(kinds))
+    names = sorted({k.split()[0] for k in blocks})
+    rest = sorted(kinds - set(blocks))
+    return (f"GGUF blocks {', '.join(names)}" + (" (AMX tiles)" if any(k.endswith("tiles") for k in blocks) else "")
+            + (f" + {'/'.join(rest)}" if rest else ""))
+
+
 def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one decode step reads: every layer matrix, the norms and the LM head (not the embedding
     table, of which one row is read)."""
