@@ -204,12 +204,13 @@ def _release_freed_memory() -> None:
 
 
 def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               quantize: str | None = None, compile: bool | str = False, offline: bool = False,
+               quantize: str | None = "auto", compile: bool | str = False, offline: bool = False,
                prefill: str = "auto") -> LoadedModel:
     """Load a Llama-family model into our forward. `model`: HF directory, hub id, .gguf path or alias; a hub id is
     downloaded through HF (and cached) unless `offline` or HF_HUB_OFFLINE=1, which keep to the local HF cache.
     `quantize`: None or "none" (float weights in `dtype`), "int8" (weight-only), "gguf" (a GGUF file's own Q4_0 /
-    Q4_1 / Q8_0 blocks, model/gguf_blocks.py), or "auto" (gguf for a .gguf file where the native kernels build).
+    Q4_1 / Q8_0 blocks, model/gguf_blocks.py), or "auto" (the default: gguf for a .gguf file where the native kernels
+    build, else floats).
     `compile` and `prefill` go to model.optimize.optimize_model, which also turns on the native CPU kernels where
     they can be built."""
     if isinstance(dtype, str):
