@@ -13,7 +13,8 @@ It is also *batch invariant*: every output element is accumulated in the same or
 and threads, so a position's logits are bit-identical in a one-token step and inside a verification block.
 Speculative decoding then reproduces plain greedy decoding exactly, not just up to near-ties.
 
-The kernels' C++ is in kernels/ (common.h, ops.cpp, and avx2.cpp for AVX2 + FMA + F16C). It is compiled once per
+The kernels' C++ is in kernels/ (common.h, ops.cpp; avx2.cpp for AVX2 + FMA + F16C; avx512.cpp and amx.cpp for the GGUF
+block products on CPUs with AVX-512 / AMX, model/gguf_blocks.py, chosen at run time). It is compiled once per
 machine with `torch.utils.cpp_extension` (needs g++ and `ninja`, ~30-60 s, cached under ~/.cache/torch_extensions in a
 folder named by the torch version, the flags and the sources: `kernel_build_name`); without AVX2, a compiler or ninja
 everything falls back to stock PyTorch with a warning, and `SKIPLAYER_NATIVE_KERNELS=0` turns it off.
@@ -40,7 +41,8 @@ from skiplayer.model.packing import pack_pairs, unpack_pairs
 QUANTIZE = (None, "int8")
 
 # The kernels' C++ sources (kernels/): shared parts (common.h, ops.cpp: the op schemas) and one file per
-# instruction-set family, compiled with that family's flags (today only AVX2 + FMA + F16C: avx2.cpp).
+# instruction-set family: avx2.cpp with the build flags (AVX2 + FMA + F16C), avx512.cpp and amx.cpp under their own
+# target pragmas, called only where the CPU has those units (qblocks.h: their plain-C interface).
 _KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "amx.cpp")  # compiled, in this order
 _KERNEL_HEADERS = ("common.h", "qblocks.h")  # included: part of the build key, not compiled on their own
