@@ -40,6 +40,7 @@ from skiplayer.data.datasets import find_default_file, read_records
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
 from skiplayer.errors import output_file
 from skiplayer.model.load import load_hf, load_model, resolve_model_path
+from verify_cost import verify_times  # benchmarks/ (this script's folder)
 
 CHAT = "Explain in two sentences why the sky is blue, and give one everyday example of the same effect."
 WORD_PROBLEM = ("A baker makes 24 muffins each morning. She sells two thirds of them before noon and gives 3 to her "
@@ -100,14 +101,13 @@ def llama_cpp_runner(path: str, threads: int):
 def hf_runner(hf):
     def run(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
         x = torch.tensor([ids])
-        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=1)
+        kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
         with torch.inference_mode():
             t = time.perf_counter()
-            hf.generate(x, max_new_tokens=1, **kw)
+            hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
             prefill = time.perf_counter() - t
             t = time.perf_counter()
-            out = hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
+            out = hf.generate(x, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
             total = time.perf_counter() - t
         return prefill, (n_new - 1) / max(total - prefill, 1e-9), out[0, len(ids):].tolist()
     return run
@@ -115,24 +115,8 @@ def hf_runner(hf):
 
 def v_of_n(model, max_n: int, reps: int, context: int = 100) -> dict[int, float]:
     """Median over reps of (one n-position pass) / (one one-position pass run just before it)."""
-    cache = model.new_cache(context + max_n + 1)
-    tokens = torch.arange(context + max_n) % model.args.vocab_size
-
-    def once(n: int) -> float:
-        cache.rollback(context)
-        t = time.perf_counter()
-        model.forward(tokens[context:context + n], context, cache)
-        return time.perf_counter() - t
-
-    with torch.inference_mode():
-        model.forward(tokens[:context], 0, cache)
-        once(1)
-        ratios = {n: [] for n in range(1, max_n + 1)}
-        for _ in range(reps):
-            for n in ratios:
-                one = once(1)
-                ratios[n].append(once(n) / one)
-    return {n: statistics.median(r) for n, r in ratios.items()}
+    return {n: statistics.median(t / one for one, t in pairs)
+            for n, pairs in verify_times(model, context, max_n, reps).items()}
 
 
 def main(argv=None):

@@ -92,14 +92,10 @@ def attention_adapter_from_layer(model, layer: int, rank: int) -> AttentionAdapt
         adapter.attention_norm.weight.copy_(block.attention_norm.weight.float())
         for name in ("wqkv", "wo"):
             src, dst = getattr(block.attention, name), getattr(adapter.attention, name)
-            dst.weight.copy_(_row_major(src).float())
+            dst.weight.copy_(src.row_major_weight().float())
             if src.bias is not None:
                 dst.bias.copy_(src.bias.float())
     return adapter
-
-
-def _row_major(linear) -> torch.Tensor:
-    return linear.row_major_weight()
 
 
 # Artifact tensor name (after "layers.<E>.") -> the adapter's parameter name, per form.

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
 from skiplayer.errors import UserError
+from skiplayer.model.optimize import describe_weights
 
 QUICK_DATASET = "human_eval"
 
@@ -484,15 +485,10 @@ def command_line(args) -> dict:
     return {"command": shlex.join(words), "argv": None}
 
 
-def _weights(loaded) -> str:
-    from skiplayer.model.optimize import describe_weights
-    return describe_weights(loaded.model)
-
-
 def model_record(loaded, args, draft=None) -> dict:
     return {"model": args.model, "model_name": loaded.name, "hf_path": loaded.hf_path,
             "fingerprint": loaded.fingerprint, "n_layers": loaded.model.n_layers,
-            "dtype": str(loaded.dtype).replace("torch.", ""), "weights": _weights(loaded),
+            "dtype": str(loaded.dtype).replace("torch.", ""), "weights": describe_weights(loaded.model),
             "draft": getattr(args, "draft", None),
             "draft_command": draft.meta.get("command") if draft is not None else None,
             "chat_template": bool(loaded.has_chat_template and not args.no_chat_template)}

@@ -83,8 +83,8 @@ class RMSNorm(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear whose weight is float32 / bfloat16 / float16, int8 with a per-output-row fp32 `scale`
-    (weight-only quantisation, see model/optimize.py), or uint8 GGUF blocks (model/gguf_blocks.py). Blocks of at most `native_rows` positions run the native
-    batch-invariant kernel `torch.ops.skiplayer.small_linear` once optimize_model has enabled it. A `packed` weight
+    (weight-only quantisation, see model/optimize.py), or uint8 GGUF blocks (model/gguf_blocks.py). Blocks of at
+    most `native_rows` positions run the native batch-invariant kernel `torch.ops.skiplayer.small_linear` once optimize_model has enabled it. A `packed` weight
     (pairs of rows interleaved, model/packing.py) runs that kernel at every block size."""
 
     native_rows: int = 0
@@ -164,10 +164,14 @@ class Attention(nn.Module):
 
     def write_kv(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> None:
         """Only store this block's K/V (for positions that skip the layer): see Transformer.fill_kv."""
+        self.store_kv(self.wqkv(x), cos, sin, cache, layer, start)
+
+    def store_kv(self, qkv: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int) -> None:
+        """RoPE'd K and V of fused q/k/v rows (T, (H + 2G) * D) into the cache at start..start+T-1, no attention."""
         if self.native:
-            self._native(self.wqkv(x), cos, sin, cache, layer, start, attend=False)
+            self._native(qkv, cos, sin, cache, layer, start, attend=False)
             return
-        _, k, v = self.split(self.wqkv(x), cos, sin)
+        _, k, v = self.split(qkv, cos, sin)
         cache.write(layer, start, k, v)
 
     def attend(self, qkv: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int,
@@ -209,12 +213,15 @@ class FeedForward(nn.Module):
         self.w2 = Linear(a.intermediate_size, a.dim, bias=False)
 
     def forward(self, x):
-        gate_up = self.w13(x)
+        return self.w2(self.act(self.w13(x)))
+
+    def act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of the fused gate/up rows (..., 2I) -> (..., I)."""
         if self.native:
             act = torch.ops.skiplayer.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))
-            return self.w2(act.reshape(*gate_up.shape[:-1], -1))
+            return act.reshape(*gate_up.shape[:-1], -1)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:

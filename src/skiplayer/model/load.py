@@ -221,14 +221,14 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
         raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
     if quantize is not None and quantize not in QUANTIZE + ("gguf", "auto", "none"):  # fail before the slow load
         raise UserError(f"unknown quantization '{quantize}': use one of auto, gguf, int8, none")
-    path = gguf = resolve_model_path(model)
+    path = source = resolve_model_path(model)  # `path` becomes the converted HF directory for a .gguf file
     auto = quantize == "auto"
     if auto:  # the file's own blocks where they can run: fewer bytes per token, the file's exact values
-        quantize = "gguf" if gguf.endswith(".gguf") and device == "cpu" and native_kernels_available() else None
+        quantize = "gguf" if source.endswith(".gguf") and device == "cpu" and native_kernels_available() else None
     quantize = None if quantize == "none" else quantize
     if device != "cpu" and (quantize or compile):
         raise UserError("--quantize and --compile are CPU options here: use --device cpu")
-    if quantize == "gguf" and not gguf.endswith(".gguf"):
+    if quantize == "gguf" and not source.endswith(".gguf"):
         raise UserError(f"--quantize gguf keeps a GGUF file's own blocks, but '{model}' is not a .gguf file: drop "
                         f"--quantize gguf or pass a .gguf model")
     if path.endswith(".gguf"):
@@ -240,12 +240,12 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     eos = eos_ids(hf.config, tokenizer)
     del hf  # our model owns the weights now: no duplicate copy stays alive
     fp = fingerprint(ours)  # of the unquantised weights: drafts calibrated on them still verify losslessly
-    if quantize == "gguf":
-        if device != "cpu" or not native_kernels_available():
-            raise UserError("--quantize gguf needs the native CPU kernels (--device cpu, g++ and ninja; see the "
-                            "warning above): drop --quantize gguf to run the float copy")
+    if quantize == "gguf":  # on the CPU: other devices were refused above
+        if not native_kernels_available():
+            raise UserError("--quantize gguf needs the native CPU kernels (g++ and ninja; see the warning above): "
+                            "drop --quantize gguf to run the float copy")
         from skiplayer.model.gguf_blocks import use_gguf_blocks
-        if not use_gguf_blocks(ours, gguf) and not auto:
+        if not use_gguf_blocks(ours, source) and not auto:
             raise UserError(f"'{model}' holds no Q4_0 / Q4_1 / Q8_0 matrices: drop --quantize gguf")
     if device == "cpu":
         ours = optimize_model(ours, quantize=None if quantize == "gguf" else quantize, compile=compile,

@@ -74,7 +74,7 @@ class Bfloat16Prefill:
             qkv = F.linear(_norm(h, attention_norm, eps), wqkv, self.qkv_bias[i])
             h = h + F.linear(_attention(block, qkv, cos, sin, rope_bf16, cache, i, dtype), wo).float()
             gate_up = F.linear(_norm(h, ffn_norm, eps), w13)
-            h = h + F.linear(_silu_mul(block, gate_up), w2).float()
+            h = h + F.linear(block.feed_forward.act(gate_up), w2).float()
         return h.to(dtype)
 
 
@@ -87,24 +87,12 @@ def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(h, (h.shape[-1],), weight, eps).to(torch.bfloat16)
 
 
-def _silu_mul(block: Block, gate_up: torch.Tensor) -> torch.Tensor:
-    if block.feed_forward.native:
-        return torch.ops.skiplayer.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 def _attention(block: Block, qkv: torch.Tensor, cos, sin, rope_bf16, cache: KVCache, layer: int,
                dtype: torch.dtype) -> torch.Tensor:
     """The cache write as decoding does it (RoPE'd K and V in the model dtype), and causal flash attention over
     slots 0..T-1 in bfloat16 on the block's own q/k/v. qkv: (T, (H + 2G) * D) bfloat16."""
     a, T = block.attention, qkv.shape[0]
-    q16 = qkv.to(dtype)
-    if a.native:
-        a._native(q16, cos, sin, cache, layer, 0, attend=False)
-    else:
-        _, k, v = a.split(q16, cos, sin)
-        cache.write(layer, 0, k, v)
+    a.store_kv(qkv.to(dtype), cos, sin, cache, layer, 0)
     q, k, v = a.split(qkv, *rope_bf16)
     q = apply_rope(q, *rope_bf16)
     group = a.n_heads // a.n_kv_heads  # K/V repeated per query head: with enable_gqa SDPA leaves its flash kernel

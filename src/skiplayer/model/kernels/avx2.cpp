@@ -168,17 +168,21 @@ void run_blocks(int64_t N, const Block& block) {
   });
 }
 
-// rows(m0, mc, n, ne) over even chunks of at most `most` of the M input rows, for every block of weight rows (which
-// stays in cache from one chunk to the next).
+// The first rows of even chunks of at most `most` of M input rows, then M: chunk c is rows [first[c], first[c + 1]).
+std::vector<int64_t> chunk_starts(int64_t M, int64_t most) {
+  const int64_t chunks = (M + most - 1) / most;
+  std::vector<int64_t> first(chunks + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) first[c + 1] = first[c] + (M - first[c]) / (chunks - c);
+  return first;
+}
+
+// rows(m0, mc, n, ne) over the chunks of chunk_starts(M, most), for every block of weight rows (which stays in cache
+// from one chunk to the next).
 template <typename Rows>
 void run_chunks(int64_t M, int64_t N, int64_t most, const Rows& rows) {
-  const int64_t chunks = (M + most - 1) / most;
+  const std::vector<int64_t> first = chunk_starts(M, most);
   run_blocks(N, [&](int64_t n, int64_t ne) {
-    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-      const int64_t mc = (M - m0) / (chunks - c);
-      rows(m0, mc, n, ne);
-      m0 += mc;
-    }
+    for (size_t c = 0; c + 1 < first.size(); ++c) rows(first[c], first[c + 1] - first[c], n, ne);
   });
 }
 
@@ -300,15 +304,7 @@ bool cpu_has_amx() {
   return cpu_has_avx512() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
          __builtin_cpu_supports("avx512vnni") && amx_tiles_granted();
 }
-int best_isa() {
-  if (const char* e = std::getenv("SKIPLAYER_KERNEL_ISA")) {  // a default below the best, for measuring
-    const std::string want(e);
-    if (want == "avx2") return kAvx2;
-    if (want == "avx512" && cpu_has_avx512()) return kAvx512;
-  }
-  return cpu_has_amx() ? kAmx : cpu_has_avx512() ? kAvx512 : kAvx2;
-}
-std::atomic<int> quant_isa{best_isa()};
+std::atomic<int> quant_isa{cpu_has_amx() ? kAmx : cpu_has_avx512() ? kAvx512 : kAvx2};
 
 std::string kernel_isa(c10::string_view isa) {
   if (isa == "amx") {
@@ -344,9 +340,8 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
   if (format == kQ4Tiles || format == kQ8Tiles) {  // A tiles, scales and block sums per chunk of <= 8 rows
     TORCH_CHECK(cpu_has_amx(), "small_linear: weights in the AMX tiles layout on a machine without AMX tiles");
     TORCH_CHECK(N % 16 == 0, "small_linear: the AMX tiles layout needs N % 16 == 0");
-    const int64_t chunks = (M + kQuantRowsAmx - 1) / kQuantRowsAmx;
-    std::vector<int64_t> first(chunks + 1, 0);
-    for (int64_t c = 0; c < chunks; ++c) first[c + 1] = first[c] + (M - first[c]) / (chunks - c);
+    const std::vector<int64_t> first = chunk_starts(M, kQuantRowsAmx);
+    const int64_t chunks = static_cast<int64_t>(first.size()) - 1;
     std::vector<std::vector<uint8_t>> a(chunks);
     std::vector<float> dx(chunks * nb * 16, 0.f), xsum_t(chunks * nb * 16, 0.f);
     for (int64_t c = 0; c < chunks; ++c) {
