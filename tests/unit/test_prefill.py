@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.errors import UserError
 from skiplayer.model.llama import Transformer
 from skiplayer.model.optimize import optimize_model
 from skiplayer.model.prefill import Bfloat16Prefill, choose
@@ -52,8 +53,10 @@ def test_self_speculation_stays_identical_with_the_bfloat16_prefill():
 def test_choose(monkeypatch):
     assert choose("native") == "native" and choose("bfloat16") == "bfloat16"
     assert choose("auto") in ("native", "bfloat16")
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        choose("fp8")
     monkeypatch.setenv("SKIPLAYER_PREFILL", "native")
     assert choose("auto") == "native"
     monkeypatch.setenv("SKIPLAYER_PREFILL", "fp8")
-    with pytest.raises(ValueError, match="prefill must be one of"):
+    with pytest.raises(UserError, match="SKIPLAYER_PREFILL='fp8': prefill must be one of"):
         choose("auto")

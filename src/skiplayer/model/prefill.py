@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from skiplayer.errors import UserError
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Block, Linear, Transformer, apply_rope
 
@@ -35,7 +36,10 @@ def fast_bfloat16_matmuls() -> bool:
 
 def choose(prefill: str = "auto") -> str:
     """'bfloat16' or 'native' for `prefill` ('auto': bfloat16 where the CPU has AMX; SKIPLAYER_PREFILL overrides)."""
-    prefill = os.environ.get("SKIPLAYER_PREFILL", prefill)
+    env = os.environ.get("SKIPLAYER_PREFILL")
+    if env is not None and env not in PREFILL:  # user input: a one-line error, no traceback
+        raise UserError(f"SKIPLAYER_PREFILL={env!r}: prefill must be one of {', '.join(PREFILL)}; set one or unset it")
+    prefill = env or prefill
     if prefill not in PREFILL:
         raise ValueError(f"prefill must be one of {PREFILL}, got {prefill!r}")
     if prefill == "auto":
