@@ -5,7 +5,8 @@ speed on three prompts, and the verification cost v(n) of each of our paths.
         [--quality] [--output_json out.json] [--update_doc docs/performance.md]
 
 Systems (all greedy, 128 forced new tokens, no stop at EOS):
-  skiplayer <config>   a --configs entry: dtype[+quantize][:prefill], e.g. gguf (the file's own Q4_1/Q8_0 blocks,
+  skiplayer <config>   a --configs entry: dtype[+quantize][:prefill], e.g. auto (the CLI's defaults: the file's
+                       blocks, float16 activations, float32 for Gemma 3), gguf (the file's own Q4_1/Q8_0 blocks,
                        float16 activations, prefill chosen per CPU; AMX tiles where present), gguf-rows (the same
                        without the AMX tiles layout: the AVX-512 / AVX2 kernels), float16:native (the float16 copy of the file
                        and the decoding kernels for the prefill: this project's earlier default), float16+int8, float32
@@ -60,8 +61,10 @@ def prompts(loaded) -> dict[str, list[int]]:
 
 
 def parse_config(spec: str) -> tuple[str, str | None, str]:
-    """'gguf' | 'gguf-rows' | dtype[+quantize][:prefill] -> (dtype, quantize, prefill)."""
+    """'auto' | 'gguf' | 'gguf-rows' | dtype[+quantize][:prefill] -> (dtype, quantize, prefill)."""
     head, _, prefill = spec.partition(":")
+    if head == "auto":  # what the CLI does by default
+        return "auto", "auto", prefill or "auto"
     if head in ("gguf", "gguf-rows"):
         return "float16", "gguf", prefill or "auto"
     dtype, _, quantize = head.partition("+")
@@ -133,7 +136,8 @@ def main(argv=None):
     p.add_argument("--quality_prompts", type=int, default=20, help="HumanEval prompts for --quality")
     p.add_argument("--quality_steps", type=int, default=64, help="new tokens per --quality prompt")
     p.add_argument("--output_json", type=output_file)
-    p.add_argument("--update_doc", help="write the tables between <!-- vs_llamacpp:start/end --> of this file")
+    p.add_argument("--update_doc", help="write the tables between <!-- MARKER:start/end --> of this file")
+    p.add_argument("--marker", default="vs_llamacpp", help="the marker --update_doc writes between (default %(default)s)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -185,13 +189,17 @@ def main(argv=None):
 
     ref_name = "llama.cpp (same file)"
     lines = ["| system | decode tok/s (" + " / ".join(ids) + ") | prefill tok/s (" +
-             " / ".join(str(len(v)) for v in ids.values()) + " tokens) | decode vs llama.cpp |", "|---|---|---|---|"]
+             " / ".join(str(len(v)) for v in ids.values()) + " tokens) | decode vs llama.cpp | decode vs HF float32 |",
+             "|---|---|---|---|---|"]
+    hf_name = "HF transformers float32"
+
+    def ratio(name: str, ref: str) -> str:
+        return " / ".join(f"{med[name][k][1] / med[ref][k][1]:.2f}x" for k in ids) if ref in med else "n/a"
+
     for name in runs:
         dec = " / ".join(f"{med[name][k][1]:.0f}" for k in ids)
         pre = " / ".join(f"{med[name][k][0]:.0f}" for k in ids)
-        vs = (" / ".join(f"{med[name][k][1] / med[ref_name][k][1]:.2f}x" for k in ids)
-              if ref_name in med else "n/a")
-        lines.append(f"| {name} | {dec} | {pre} | {vs} |")
+        lines.append(f"| {name} | {dec} | {pre} | {ratio(name, ref_name)} | {ratio(name, hf_name)} |")
     lines += ["", "| v(n) | " + " | ".join(str(n) for n in (2, 4, 6, 8, 12, 16) if n <= a.max_n) + " |",
               "|---|" + "---|" * len([n for n in (2, 4, 6, 8, 12, 16) if n <= a.max_n])]
     for name, v in vn.items():
@@ -201,7 +209,7 @@ def main(argv=None):
                   f"outputs | mean first divergence (token index) |", "|---|---|---|"]
         for name, q in quality.items():
             lines.append(f"| {name} | {q['identical']}/{q['prompts']} | {q['mean_first_divergence']:.1f} |")
-    lines += ["", stamp("benchmarks/vs_llamacpp.py") + f" Medians of {a.repeats} rotated repeats, "
+    lines += ["", stamp("benchmarks/vs_llamacpp.py") + f" Model {a.model}. Medians of {a.repeats} rotated repeats, "
               f"{a.max_steps} new tokens."]
     print("\n".join(lines))
     if a.output_json:
@@ -209,7 +217,7 @@ def main(argv=None):
             json.dump({"prompts": {k: len(v) for k, v in ids.items()}, "median": med, "v": vn, "quality": quality,
                        "raw": times}, f, indent=1)
     if a.update_doc:
-        write_between_markers(a.update_doc, "vs_llamacpp", lines)
+        write_between_markers(a.update_doc, a.marker, lines)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ model's attention; it starts as a copy of layer E's).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ class AttentionAdapter(nn.Module):
         from skiplayer.model.llama import Attention, RMSNorm
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args)
+        # a plain (Llama) attention layer whatever the model: Gemma's q/k norms are left to training
+        self.attention = Attention(dataclasses.replace(args, qk_norm=False))
         self.mlp = ResidualAdapter(args.dim, rank)
 
     @property

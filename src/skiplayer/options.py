@@ -9,9 +9,10 @@ from skiplayer.decoding.sampling import SamplingConfig
 from skiplayer.model.load import DEFAULT_MODEL, DTYPES
 from skiplayer.policies import DRAFT_SOURCES, MODES, PolicyConfig
 
-# float16 weights (fp32 accumulation in the native kernels): on the 2-core AVX2 machine 1.3x the tok/s of float32
-# with the same greedy output on the measured prompts (benchmarks/verify_cost.py --quality); see README, Performance.
-DEFAULT_DTYPE = "float16"
+# auto: float16 for the Llama family (fp32 accumulation in the native kernels: on the 2-core AVX2 machine 1.3x the
+# tok/s of float32 with the same greedy output on the measured prompts, benchmarks/verify_cost.py --quality), float32
+# for Gemma 3, which overflows float16 (model/load.py auto_dtype).
+DEFAULT_DTYPE = "auto"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_MODEL})")
     g.add_argument("--offline", action="store_true",
                    help="no downloads: hub models and datasets come from the local HF cache only (as HF_HUB_OFFLINE=1)")
-    g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES), help="weight dtype (default %(default)s)")
+    g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["auto", *DTYPES],
+                   help="weight and activation dtype; auto (default): float16, float32 for Gemma 3 (it overflows "
+                        "float16)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     g.add_argument("--quantize", default="auto", choices=["auto", "gguf", "int8", "none"],
                    help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q8_0 blocks, unexpanded), int8 (weight-only, "

@@ -1,4 +1,4 @@
-"""GGUF block weights (model/gguf_blocks.py, kernels/qblocks.h): the file's Q4_0 / Q4_1 / Q8_0 blocks multiplied
+"""GGUF block weights (model/gguf_blocks.py, kernels/qblocks.h): the file's Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks multiplied
 without expanding them, on every instruction-set path this CPU has; exact dequantization, batch invariance, the
 q/k row order of llama.cpp files, and lossless self-speculation on top."""
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
-from skiplayer.model.gguf_blocks import FILE_BLOCK_BYTES, dequantize_blocks, kernel_format, pack_blocks, use_gguf_blocks
+from skiplayer.model.gguf_blocks import (FILE_BLOCK_BYTES, KERNEL_FAMILY, dequantize_blocks, kernel_format, pack_blocks,
+                                         use_gguf_blocks)
 from skiplayer.model.llama import Transformer
 from skiplayer.model.optimize import native_kernels_available, optimize_model
 from skiplayer.policies import PolicyConfig
@@ -48,7 +49,7 @@ def blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
 def test_dequantize_blocks_is_ggml_dequantization(fmt):
     w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
     b = blocks(w, fmt)
-    assert kernel_format(b, 96) == fmt[:2] and b.dtype == torch.uint8
+    assert kernel_format(b, 96) == KERNEL_FAMILY[fmt] and b.dtype == torch.uint8
     expected = torch.from_numpy(quants.dequantize(file_blocks(w, fmt), GGMLQuantizationType[fmt]))
     assert torch.equal(dequantize_blocks(b, 96), expected)  # the file's values, bit for bit
     with pytest.raises(ValueError, match="no packed GGUF blocks"):
@@ -97,8 +98,9 @@ def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(hf, path, fmt="Q4_1", arch="llama"):
-    """A GGUF file of the tiny HF model's matrices in `fmt` (embedding in Q8_0), q/k rows permuted as llama.cpp
-    permutes them for Llama files; returns the model with its weights set to the file's dequantized values."""
+    """A GGUF file of the tiny HF model's matrices in `fmt` (embedding in Q8_0; with Q5_0, attn_v in Q8_0 as in
+    Gemma 3's Q4_K_M file), q/k rows permuted as llama.cpp permutes them for Llama files; returns the model with its
+    weights set to the file's dequantized values."""
     c = hf.config
     writer = gguf.GGUFWriter(str(path), arch)
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
@@ -112,10 +114,10 @@ def write_gguf(hf, path, fmt="Q4_1", arch="llama"):
             w = sd[key]
             heads = {"attn_q": c.num_attention_heads, "attn_k": c.num_key_value_heads}.get(g_name)
             stored = llama_permute(w, heads) if heads and arch == "llama" else w
-            q = quants.quantize(stored, GGMLQuantizationType[fmt])
-            writer.add_tensor(f"blk.{i}.{g_name}.weight", q, raw_dtype=GGMLQuantizationType[fmt])
-            state[key] = torch.from_numpy(quants.dequantize(quants.quantize(w, GGMLQuantizationType[fmt]),
-                                                            GGMLQuantizationType[fmt]))
+            qtype = GGMLQuantizationType["Q8_0" if fmt == "Q5_0" and g_name == "attn_v" else fmt]
+            q = quants.quantize(stored, qtype)
+            writer.add_tensor(f"blk.{i}.{g_name}.weight", q, raw_dtype=qtype)
+            state[key] = torch.from_numpy(quants.dequantize(quants.quantize(w, qtype), qtype))
     emb = quants.quantize(sd["model.embed_tokens.weight"], GGMLQuantizationType.Q8_0)
     writer.add_tensor("token_embd.weight", emb, raw_dtype=GGMLQuantizationType.Q8_0)
     state["model.embed_tokens.weight"] = torch.from_numpy(quants.dequantize(emb, GGMLQuantizationType.Q8_0))
@@ -156,17 +158,18 @@ def layouts():
 
 @native
 @pytest.mark.parametrize("layout", layouts())
-@pytest.mark.parametrize("fmt,arch", [("Q4_1", "llama"), ("Q4_0", "llama"), ("Q8_0", "qwen2")])
+@pytest.mark.parametrize("fmt,arch", [("Q4_1", "llama"), ("Q4_0", "llama"), ("Q8_0", "qwen2"), ("Q5_0", "llama")])
 def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
     float_model, block_model, counts = tiny_gguf_pair(tmp_path, fmt, arch, tiles=layout == "tiles")
-    assert counts == ({fmt: 16, "Q8_0": 1} if fmt != "Q8_0" else {"Q8_0": 17})  # 4 layers x 4 matrices + the head
+    expected = {"Q8_0": {"Q8_0": 17}, "Q5_0": {"Q5_0+Q8_0": 4, "Q5_0": 12, "Q8_0": 1}}.get(fmt, {fmt: 16, "Q8_0": 1})
+    assert counts == expected  # 4 layers x 4 matrices + the head (Q5_0: q/k in Q5_0 and v in Q8_0, fused)
     wqkv = block_model.layers[0].attention.wqkv
     assert wqkv.weight.dtype == torch.uint8
-    assert kernel_format(wqkv.weight, wqkv.in_features) == ("Q8" if fmt == "Q8_0" else "Q4") + (
-        " tiles" if layout == "tiles" else "")
+    family = KERNEL_FAMILY[fmt]
+    assert kernel_format(wqkv.weight, wqkv.in_features) == family + (" tiles" if layout == "tiles" else "")
     from skiplayer.model.optimize import describe_weights
     assert describe_weights(float_model) == "float32"
-    assert describe_weights(block_model) == ("GGUF blocks Q8" if fmt == "Q8_0" else "GGUF blocks Q4, Q8") + (
+    assert describe_weights(block_model) == ("GGUF blocks Q8" if family == "Q8" else "GGUF blocks Q4, Q8") + (
         " (AMX tiles)" if layout == "tiles" else "")
     tokens = torch.randint(4, 97, (12,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -197,7 +200,8 @@ def test_tiles_layout_holds_the_same_weights(fmt):
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(5))
     raw = file_blocks(w, fmt)
     tiles = pack_blocks(fmt, raw, tiles=True)
-    assert kernel_format(tiles, 96) == fmt[:2] + " tiles" and tiles.shape == (48, 96 // 32 * (20 if fmt != "Q8_0" else 34))
+    family = KERNEL_FAMILY[fmt]
+    assert kernel_format(tiles, 96) == family + " tiles" and tiles.shape == (48, 96 // 32 * (20 if family == "Q4" else 34))
     assert torch.equal(dequantize_blocks(tiles, 96), dequantize_blocks(pack_blocks(fmt, raw), 96))
     with pytest.raises(ValueError, match="multiple of 16 rows"):
         pack_blocks(fmt, raw[:40], tiles=True)

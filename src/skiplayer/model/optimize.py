@@ -147,7 +147,7 @@ def _register_fake() -> None:
         return [torch.empty_like(x) for _ in range(len(keep) + 1)]
 
     @torch.library.register_fake("skiplayer::rope_cache_attention")
-    def _(qkv, cos, sin, kc, vc, start, n_heads, n_kv_heads, attend, tree=None):
+    def _(qkv, cos, sin, kc, vc, start, n_heads, n_kv_heads, attend, tree=None, window=0):
         return qkv.new_empty((qkv.shape[0] if attend else 0, n_heads * kc.shape[2]))
 
 
@@ -249,12 +249,15 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
         elif "mlp" in block.__dict__:
             del block.mlp  # back to the eager class attribute
         at, ff = block.attention, block.feed_forward
-        one_call = at.native and compiled is None and at.wqkv.packed == at.wo.packed == ff.w13.packed == ff.w2.packed
+        # decoder_layers is the Llama layer: Gemma's variations run block by block (each op still native)
+        one_call = (at.native and compiled is None and model.args.llama_layers
+                    and at.wqkv.packed == at.wo.packed == ff.w13.packed == ff.w2.packed)
         block.native_args = ([block.attention_norm.weight, at.wqkv.weight, at.wo.weight, block.ffn_norm.weight,
                               ff.w13.weight, ff.w2.weight], [at.wqkv.scale, at.wo.scale, ff.w13.scale, ff.w2.scale],
                              [at.wqkv.bias]) if one_call else None
     from skiplayer.model.prefill import Bfloat16Prefill, choose
-    model.wide_prefill = Bfloat16Prefill(model) if on_cpu and choose(prefill) == "bfloat16" else None
+    wide = choose(prefill) == "bfloat16" and model.args.llama_layers  # it runs Llama layers only
+    model.wide_prefill = Bfloat16Prefill(model) if on_cpu and wide else None
     model.native_stack = None
     if all(block.native_args is not None for block in model.layers):
         model.native_stack = tuple([x for block in model.layers for x in block.native_args[i]] for i in range(3))

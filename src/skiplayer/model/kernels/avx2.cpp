@@ -552,7 +552,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // ---- RoPE + KV-cache write + causal grouped-query attention for a block of T positions at `start`. ----
 // qkv (T, (H + 2G) * D) is the fused projection; cos/sin (T, D) the rope tables of positions start..start+T-1;
 // kc/vc (G, L, D) are one layer's cache buffers. Rotated K and V are written at [start, start+T); with `attend` the
-// result (T, H*D) of softmax(q k^T / sqrt(D)) v over keys 0..start+i for row i is returned. q stays fp32; scores,
+// result (T, H*D) of softmax(q k^T / sqrt(D)) v over keys 0..start+i for row i is returned (with a sliding `window`
+// > 0, keys start+i-window+1..start+i: Gemma's local layers). q stays fp32; scores,
 // softmax and the weighted sum are fp32 and run over the keys in order, one row at a time: a row's result does not
 // depend on T (batch invariance).
 template <typename A>
@@ -735,7 +736,8 @@ void attend_rows(const float* q, const A* kh, const A* vh, int64_t keys, int64_t
 // the same order: a node's result is bit-identical to the same tokens decoded one at a time.
 template <typename A>
 void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
-                    int64_t S, int64_t H, int64_t G, int64_t D, int64_t L, const int64_t* paths, int64_t W) {
+                    int64_t S, int64_t H, int64_t G, int64_t D, int64_t L, const int64_t* paths, int64_t W,
+                    int64_t window) {
   const int64_t row = (H + 2 * G) * D, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, H, T * S * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
@@ -748,14 +750,17 @@ void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const
         const int64_t prefix = path[0];
         int64_t n = 0;
         while (n < W && path[n] >= 0) ++n;
+        // the node sits at position prefix + n - 1, as the last row of a chain holding the same keys would; its
+        // window starts at lo (checked_paths keeps lo <= prefix: a tree is never deeper than the window)
+        const int64_t lo = window > 0 ? std::max<int64_t>(0, prefix + n - window) : 0;
         rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data(), D);
         // key j = prefix + m of the chain is slot path[m]: offset the base pointer so the one-row loops read it
-        key_scores(q.data(), kh, 0, prefix, D, scale, p.data());
+        key_scores(q.data(), kh, lo, prefix, D, scale, p.data());
         for (int64_t m = 0; m < n; ++m)
           key_scores(q.data(), kh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, scale, p.data());
-        const float inv = softmax_row(p.data(), prefix + n);
+        const float inv = softmax_row(p.data() + lo, prefix + n - lo);
         std::fill(acc.begin(), acc.end(), 0.f);
-        weighted_sum_any(p.data(), vh, 0, prefix, D, acc.data());
+        weighted_sum_any(p.data(), vh, lo, prefix, D, acc.data());
         for (int64_t m = 0; m < n; ++m)
           weighted_sum_any(p.data(), vh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, acc.data());
         A* o = out + t * H * D + h * D;
@@ -766,9 +771,38 @@ void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const
   });
 }
 
+// Sliding-window attention of a chain block: row t (position start + t) over keys lo..start+t, lo = max(0,
+// start + t - window + 1), one row at a time through the one-row loops. With lo = 0 that is what attend_rows computes
+// (its NR-row loops are bit-identical to the one-row ones), so a row's result depends neither on T nor on the path.
+template <typename A>
+void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
+                      int64_t start, int64_t H, int64_t G, int64_t D, int64_t L, int64_t window) {
+  const int64_t row = (H + 2 * G) * D, group = H / G, S = start + T;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, H, T * window * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> q(D), p(S), acc(D);
+    for (int64_t h = h0; h < h1; ++h) {
+      const A* kh = kc + (h / group) * L * D;
+      const A* vh = vc + (h / group) * L * D;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t end = start + t + 1, lo = std::max<int64_t>(0, end - window);
+        rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data(), D);
+        key_scores(q.data(), kh, lo, end, D, scale, p.data());
+        const float inv = softmax_row(p.data() + lo, end - lo);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        weighted_sum_any(p.data(), vh, lo, end, D, acc.data());
+        A* o = out + t * H * D + h * D;
+        const __m256 iv = _mm256_set1_ps(inv);
+        for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + d), iv));
+      }
+    }
+  });
+}
+
 template <typename A>
 void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
-                    int64_t H, int64_t G, int64_t D, int64_t L, bool attend, const int64_t* paths, int64_t W) {
+                    int64_t H, int64_t G, int64_t D, int64_t L, bool attend, const int64_t* paths, int64_t W,
+                    int64_t window) {
   const int64_t row = (H + 2 * G) * D;
   std::vector<float> tmp(D);
   for (int64_t t = 0; t < T; ++t) {
@@ -783,7 +817,10 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
     }
   }
   if (!attend) return;
-  if (paths != nullptr) return tree_attention(qkv, cos, sin, kc, vc, out, T, start + T, H, G, D, L, paths, W);
+  if (paths != nullptr)
+    return tree_attention(qkv, cos, sin, kc, vc, out, T, start + T, H, G, D, L, paths, W, window);
+  if (window > 0 && start + T > window)  // some row's window leaves out early keys
+    return window_attention(qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window);
   const int64_t S = start + T, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
@@ -819,7 +856,7 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
 
 // Checks a tree's paths (T, W) for a block at slots start..start+T-1: row t's path is ascending, starts at or before
 // `start` and ends with its own slot (keys outside the cache would be read otherwise).
-at::Tensor checked_paths(const c10::optional<at::Tensor>& tree, int64_t T, int64_t start) {
+at::Tensor checked_paths(const c10::optional<at::Tensor>& tree, int64_t T, int64_t start, int64_t window) {
   if (!tree.has_value()) return at::Tensor();
   const at::Tensor paths = tree->contiguous();
   TORCH_CHECK(paths.scalar_type() == at::kLong && paths.dim() == 2 && paths.size(0) == T && paths.size(1) >= 1,
@@ -835,13 +872,14 @@ at::Tensor checked_paths(const c10::optional<at::Tensor>& tree, int64_t T, int64
     }
     TORCH_CHECK(p[t * W + n - 1] == start + t && p[t * W] + n - 1 <= start + t,
                 "rope_cache_attention: a tree path must end at its own row's slot");
+    TORCH_CHECK(window <= 0 || n <= window, "rope_cache_attention: a tree deeper than the sliding window");
   }
   return paths;
 }
 
 at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kc,
                                 at::Tensor vc, int64_t start, int64_t n_heads, int64_t n_kv_heads, bool attend,
-                                const c10::optional<at::Tensor>& tree) {
+                                const c10::optional<at::Tensor>& tree, int64_t window) {
   const int64_t T = qkv.size(0), D = kc.size(2), L = kc.size(1);
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (n_heads + 2 * n_kv_heads) * D && D % 8 == 0 && D % 2 == 0,
               "rope_cache_attention: qkv (T, (H + 2G) * D) with D a multiple of 8 expected");
@@ -852,13 +890,14 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
   TORCH_CHECK(cos.scalar_type() == dt && sin.scalar_type() == dt && kc.scalar_type() == dt && vc.scalar_type() == dt,
               "rope_cache_attention: one dtype expected for qkv, rope tables and caches");
   const at::Tensor q = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous();
-  const at::Tensor paths = checked_paths(tree, T, start);
+  const at::Tensor paths = checked_paths(tree, T, start, window);
   at::Tensor out = at::empty({attend ? T : 0, n_heads * D}, q.options());
   with_activation_dtype(dt, "rope_cache_attention: float32, bfloat16 or float16 expected", [&](auto a) {
     using A = decltype(a);
     attention_impl<A>(q.data_ptr<A>(), c.data_ptr<A>(), s.data_ptr<A>(), kc.data_ptr<A>(), vc.data_ptr<A>(),
                       out.data_ptr<A>(), T, start, n_heads, n_kv_heads, D, L, attend,
-                      paths.defined() ? paths.data_ptr<int64_t>() : nullptr, paths.defined() ? paths.size(1) : 0);
+                      paths.defined() ? paths.data_ptr<int64_t>() : nullptr, paths.defined() ? paths.size(1) : 0,
+                      window);
   });
   return out;
 }
@@ -896,7 +935,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
     const at::Tensor* w = weights.data() + 6 * l;
     const at::Tensor qkv = linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), nullptr);
     const at::Tensor att = rope_cache_attention(qkv, cos, sin, k.select(0, first + l), v.select(0, first + l), start,
-                                                n_heads, n_kv_heads, true, tree);
+                                                n_heads, n_kv_heads, true, tree, 0);
     const at::Tensor h = linear(att, w[2], scales.get(4 * l + 1), none, &x_);
     const at::Tensor gate_up = linear(rms_norm(h, w[3], eps), w[4], scales.get(4 * l + 2), none, nullptr);
     x_ = linear(silu_mul(gate_up), w[5], scales.get(4 * l + 3), none, &h);

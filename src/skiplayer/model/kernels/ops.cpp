@@ -7,7 +7,7 @@ TORCH_LIBRARY(skiplayer, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kc, Tensor(b!) vc, int start, "
-        "int n_heads, int n_kv_heads, bool attend, Tensor? tree=None) -> Tensor");
+        "int n_heads, int n_kv_heads, bool attend, Tensor? tree=None, int window=0) -> Tensor");
   m.def("decoder_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor?[] qkv_bias, Tensor cos, Tensor sin, "
         "Tensor(a!) k, Tensor(b!) v, int first, int start, int n_heads, int n_kv_heads, float eps, bool packed, "
         "int[] keep, Tensor? tree=None) -> Tensor[]");
