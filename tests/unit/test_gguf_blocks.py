@@ -227,3 +227,37 @@ def test_tiles_products_close_and_batch_invariant(fmt):
             assert torch.equal(op(x, b, None, bias, True, False), y)
         finally:
             torch.set_num_threads(1)
+
+
+def q4k_file_rows(n: int, K: int, seed: int = 0) -> np.ndarray:
+    """Random Q4_K rows as a file holds them (any bytes are valid blocks once d and dmin are finite)."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, size=(n, K // 256, 144), dtype=np.uint8)
+    for offset in (0, 2):  # d, dmin: small positive fp16
+        b[..., offset:offset + 2] = rng.uniform(1e-3, 1e-2, size=(n, K // 256, 1)).astype(np.float16).view(np.uint8)
+    return b.reshape(n, -1)
+
+
+def test_q4k_blocks_are_ggml_dequantization():
+    raw = q4k_file_rows(24, 512)
+    w = pack_blocks("Q4_K", raw)
+    assert kernel_format(w, 512) == "Q4K" and w.shape == (24, 512 // 32 * 24)
+    expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K))
+    assert torch.equal(dequantize_blocks(w, 512), expected)  # fp32 sub-block d and m: the file's values exactly
+    with pytest.raises(ValueError, match="rows layout only"):
+        pack_blocks("Q4_K", raw, tiles=True)
+
+
+@native
+@pytest.mark.parametrize("isa", isas(), indirect=True)
+def test_q4k_products_exact_and_batch_invariant(isa):
+    raw = q4k_file_rows(40, 768, seed=1)
+    w = pack_blocks("Q4_K", raw)
+    ref_w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K)).double()
+    x = torch.randn(11, 768, generator=torch.Generator().manual_seed(3))
+    op = torch.ops.skiplayer.small_linear
+    y = op(x, w, None, None, True, False)
+    rows = torch.cat([op(x[i:i + 1], w, None, None, True, False) for i in range(len(x))])
+    expected = (x.double() @ ref_w.T).float()
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+    assert torch.equal(y, rows)

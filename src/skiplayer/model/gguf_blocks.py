@@ -1,12 +1,13 @@
-"""GGUF weights as the file stores them: Q4_0 / Q4_1 / Q5_0 / Q8_0 blocks, multiplied by the native kernels without
-expanding them (kernels/qblocks.h), instead of the float copy `load.py` converts the file to.
+"""GGUF weights as the file stores them: Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K blocks, multiplied by the native kernels
+without expanding them (kernels/qblocks.h), instead of the float copy `load.py` converts the file to.
 
 A block-quantized Linear keeps a uint8 weight (N, K / 32 * bytes per block): the file's blocks, re-laid out per row
 for the kernels (pack_blocks; qblocks.h says why), told apart by their bytes per block (22: Q4_1 and Q4_0, the latter
-as m = -8d; 36: Q8_0, and Q5_0 as Q8_0 blocks of q - 16, exact). The kernels compute with exactly the fp32 values
+as m = -8d; 36: Q8_0, and Q5_0 as Q8_0 blocks of q - 16, exact; 24: Q4_K, each 32-weight sub-block with its own
+fp32 d = d * scale and m = -dmin * min, exact, rows layout only). The kernels compute with exactly the fp32 values
 ggml's own dequantization gives (d * q + m), so the weights are the file's, bit for bit; the float16 path rounds them
-to 11 significant bits on top. Matrices in other formats (F16/F32, the K-quants, whose 6-bit sub-block scales times
-an fp16 d do not fit the tiles layout's fp16 scales exactly) keep their float copy.
+to 11 significant bits on top. Matrices in other formats (F16/F32, Q6_K, whose scales cover 16 weights, and the
+other K-quants) keep their float copy.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from torch import nn
 from skiplayer.model.llama import Linear, Transformer
 
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34}  # per block of 32 weights, in the file
-KERNEL_FAMILY = {"Q4_0": "Q4", "Q4_1": "Q4", "Q5_0": "Q8", "Q8_0": "Q8"}  # the kernel layout each file format takes
+SUPER_BLOCK_BYTES = {"Q4_K": 144}  # per super-block of 256 weights
+KERNEL_FAMILY = {"Q4_0": "Q4", "Q4_1": "Q4", "Q5_0": "Q8", "Q8_0": "Q8", "Q4_K": "Q4K"}  # the layout each takes
 # In the kernels' layouts (kernels/qblocks.h): per row for the AVX2 / AVX-512 kernels, per 16 rows for AMX tiles.
-KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36, "Q4 tiles": 20, "Q8 tiles": 34}
+KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36, "Q4K": 24, "Q4 tiles": 20, "Q8 tiles": 34}
 
 
 def kernel_format(weight: torch.Tensor, in_features: int) -> str:
-    """'Q4', 'Q8', 'Q4 tiles' or 'Q8 tiles': the kernel layout of a uint8 block weight (N, bytes)."""
+    """'Q4', 'Q8', 'Q4K', 'Q4 tiles' or 'Q8 tiles': the kernel layout of a uint8 block weight (N, bytes)."""
     for name, size in KERNEL_BLOCK_BYTES.items():
         if in_features % 32 == 0 and weight.shape[-1] == in_features // 32 * size:
             return name
@@ -45,8 +47,30 @@ def tiles_available() -> bool:
         return False
 
 
+def _q4k_parts(rows: np.ndarray):
+    """Q4_K rows as 32-weight blocks: (d (n, nb) fp32, m (n, nb) fp32, q (n, nb, 32) uint8), w = d * q + m exactly as
+    ggml dequantizes (d = d_super * scale, m = -(dmin * min), both exact in fp32)."""
+    n = rows.shape[0]
+    b = np.ascontiguousarray(rows).reshape(n, -1, SUPER_BLOCK_BYTES["Q4_K"])
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # (n, ns, 1)
+    dmin = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+    sc, qs = b[..., 4:16].astype(np.uint8), b[..., 16:]
+    # the 6-bit scales and mins of the 8 sub-blocks (ggml's get_scale_min_k4)
+    scale = np.concatenate([sc[..., 0:4] & 63, (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)], axis=-1)
+    mins = np.concatenate([sc[..., 4:8] & 63, (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)], axis=-1)
+    # 4 chunks of 32 bytes: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1
+    chunks = qs.reshape(n, -1, 4, 32)
+    q = np.stack([chunks & 15, chunks >> 4], axis=3).reshape(n, -1, 32)  # (n, ns * 8, 32)
+    d_sub = (d * scale.astype(np.float32)).reshape(n, -1)
+    m_sub = -(dmin * mins.astype(np.float32)).reshape(n, -1)
+    return d_sub, m_sub, q
+
+
 def _file_parts(fmt: str, rows: np.ndarray):
-    """(d (n, nb) fp16, m (n, nb) fp16 or None, q (n, nb, 32) uint8 / int8) of a file's rows."""
+    """(d (n, nb) fp16 (fp32 for Q4_K), m (n, nb) fp16 / fp32 or None, q (n, nb, 32) uint8 / int8) of a file's
+    rows."""
+    if fmt == "Q4_K":
+        return _q4k_parts(rows)
     n = rows.shape[0]
     b = np.ascontiguousarray(rows).reshape(n, -1, FILE_BLOCK_BYTES[fmt])
     d = b[..., 0:2].copy().view(np.float16)[..., 0]
@@ -74,6 +98,8 @@ def pack_blocks(fmt: str, rows: np.ndarray, tiles: bool = False) -> torch.Tensor
     rows layout, or with `tiles` (AMX; N % 16 == 0) the tiles layout. Same shape (N, nb * bytes per block)."""
     d, m, q = _file_parts(fmt, rows)
     n, nb = d.shape
+    if tiles and KERNEL_FAMILY[fmt] == "Q4K":
+        raise ValueError("Q4_K blocks have fp32 scales: the rows layout only")
     if tiles:
         if n % 16:
             raise ValueError(f"the tiles layout needs a multiple of 16 rows, got {n}")
@@ -121,7 +147,7 @@ def dequantize_blocks(weight: torch.Tensor, in_features: int) -> torch.Tensor:
                 ).reshape(n, in_features)
     b = weight[:, :nb * 20].reshape(n, nb, 20)
     d = b[..., :4].contiguous().view(torch.float32)  # (n, nb, 1)
-    m = weight[:, nb * 20:].contiguous().view(torch.float16).float()[..., None]  # (n, nb, 1)
+    m = weight[:, nb * 20:].contiguous().view(torch.float32 if fmt == "Q4K" else torch.float16).float()[..., None]
     nibbles = b[..., 4:]
     q = torch.cat([nibbles & 15, nibbles >> 4], dim=-1).float()  # byte j: element j (low), j + 16 (high)
     return torch.addcmul(m, q, d).reshape(n, in_features)  # d * q is exact: one rounding, as in ggml
@@ -135,13 +161,14 @@ def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def read_blocks(path: str | Path) -> tuple[str, dict[str, tuple[str, np.ndarray]]]:
-    """The file's architecture, and name -> (format, (rows, bytes) uint8) for every Q4_0 / Q4_1 / Q8_0 tensor."""
+    """The file's architecture, and name -> (format, (rows, bytes) uint8) for every tensor in a format the kernels
+    take (KERNEL_FAMILY)."""
     from gguf import GGUFReader
     reader = GGUFReader(str(path))
     field = reader.fields.get("general.architecture")
     arch = bytes(field.parts[field.data[0]]).decode() if field is not None else ""
     return arch, {t.name: (t.tensor_type.name, np.asarray(t.data)) for t in reader.tensors
-                  if t.tensor_type.name in FILE_BLOCK_BYTES}
+                  if t.tensor_type.name in KERNEL_FAMILY}
 
 
 def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
@@ -149,7 +176,8 @@ def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
     (Q4 or Q8: KERNEL_FAMILY)."""
     if not parts or any(p is None for p in parts) or len({KERNEL_FAMILY[fmt] for fmt, _ in parts}) != 1:
         return None
-    tiles = tiles_available() and sum(r.shape[0] for _, r in parts) % 16 == 0
+    tiles = (tiles_available() and sum(r.shape[0] for _, r in parts) % 16 == 0
+             and KERNEL_FAMILY[parts[0][0]] != "Q4K")
     if len({fmt for fmt, _ in parts}) == 1:
         return pack_blocks(parts[0][0], np.concatenate([r for _, r in parts]), tiles=tiles)
     # mixed Q5_0 / Q8_0 parts (a fused q/k/v): each part's rows packed alone, then joined
@@ -160,8 +188,8 @@ def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
 
 def use_gguf_blocks(model: Transformer, path: str | Path) -> dict[str, int]:
     """Give `model` (built from the file's float conversion, not yet optimize_model'ed) the file's own blocks for
-    every matrix stored as Q4_0 / Q4_1 / Q8_0; returns how many matrices took each format. The LM head becomes
-    `model.lm_head` (the float table stays for the embedding lookup and head_rows)."""
+    every matrix stored as Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K; returns how many matrices took each format. The LM head
+    becomes `model.lm_head` (the float table stays for the embedding lookup and head_rows)."""
     a = model.args
     arch, blocks = read_blocks(path)
     permuted = arch == "llama"  # llama.cpp's converter reorders q/k rows for Llama-architecture files only

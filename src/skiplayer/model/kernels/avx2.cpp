@@ -216,18 +216,27 @@ inline void block_weights(const uint8_t* blk, __m256 wv[4]) {
   }
 }
 
-// acc += m[b] * xsum[b] lane-wise over the whole groups of 8 of the nb fp16 m of a Q4 row; m_tail adds the rest to
-// the horizontal sum, in order (a vector read past the last m could leave the tensor).
+// acc += m[b] * xsum[b] lane-wise over the whole groups of 8 of the nb m of a Q4 row (fp16; fp32 in Q4K); m_tail
+// adds the rest to the horizontal sum, in order (a vector read past the last m could leave the tensor).
+template <int FMT>
 inline __m256 add_m_terms(const uint8_t* m, const float* xsum, int64_t nb, __m256 acc) {
-  for (int64_t b = 0; b + 8 <= nb; b += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + 2 * b))), _mm256_loadu_ps(xsum + b), acc);
+  for (int64_t b = 0; b + 8 <= nb; b += 8) {
+    const __m256 mv = FMT == kQ4K ? _mm256_loadu_ps(reinterpret_cast<const float*>(m) + b)
+                                  : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(m + 2 * b)));
+    acc = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xsum + b), acc);
+  }
   return acc;
 }
+template <int FMT>
 inline float m_tail(const uint8_t* m, const float* xsum, int64_t nb, float s) {
   for (int64_t b = nb & ~int64_t(7); b < nb; ++b) {
-    uint16_t h;
-    std::memcpy(&h, m + 2 * b, 2);
-    s += _cvtsh_ss(h) * xsum[b];
+    if constexpr (FMT == kQ4K) {
+      s += f32_at(m + 4 * b) * xsum[b];
+    } else {
+      uint16_t h;
+      std::memcpy(&h, m + 2 * b, 2);
+      s += _cvtsh_ss(h) * xsum[b];
+    }
   }
   return s;
 }
@@ -236,7 +245,7 @@ inline float m_tail(const uint8_t* m, const float* xsum, int64_t nb, float s) {
 template <int FMT, int M, int R>
 inline void quant_tile(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
                        int64_t N, int64_t n0) {
-  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ4 ? 20 : 36;
+  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ8 ? 36 : 20;
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -252,9 +261,9 @@ inline void quant_tile(const float* x, const float* xsum, const uint8_t* w, cons
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float s;
-      if (FMT == kQ4) {
+      if (FMT != kQ8) {
         const uint8_t* mr = w + (n0 + r) * row_bytes + nb * 20;
-        s = m_tail(mr, xsum + m * nb, nb, hsum8(add_m_terms(mr, xsum + m * nb, nb, acc[r][m])));
+        s = m_tail<FMT>(mr, xsum + m * nb, nb, hsum8(add_m_terms<FMT>(mr, xsum + m * nb, nb, acc[r][m])));
       } else {
         s = hsum8(acc[r][m]);
       }
@@ -287,6 +296,7 @@ constexpr int kQuantRowsAvx2 = 4;
 void quant_rows_avx2(int M, const float* x, const float* xsum, const uint8_t* w, int format, const float* bias,
                      float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   if (format == kQ4) return quant_rows_fmt<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1);
+  if (format == kQ4K) return quant_rows_fmt<kQ4K>(M, x, xsum, w, bias, y, K, N, n0, n1);
   return quant_rows_fmt<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 
@@ -325,10 +335,10 @@ std::string kernel_isa(c10::string_view isa) {
 // The block format of a uint8 weight (N, bytes) for K input columns, from its bytes per block (qblocks.h).
 int block_format(const at::Tensor& w, int64_t K) {
   TORCH_CHECK(K % 32 == 0, "small_linear: block-quantized weights need K % 32 == 0");
-  for (int f : {kQ4, kQ8, kQ4Tiles, kQ8Tiles})
+  for (int f : {kQ4, kQ8, kQ4K, kQ4Tiles, kQ8Tiles})
     if (w.size(1) == K / 32 * f) return f;
-  TORCH_CHECK(false, "small_linear: a uint8 weight must hold GGUF blocks in the kernels' layout (20, 22, 34 or 36 "
-                     "bytes per 32 columns of x: model/gguf_blocks.py pack_blocks)");
+  TORCH_CHECK(false, "small_linear: a uint8 weight must hold GGUF blocks in the kernels' layout (20, 22, 24, 34 or "
+                     "36 bytes per 32 columns of x: model/gguf_blocks.py pack_blocks)");
 }
 
 void quant_product(const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t M, int64_t K,

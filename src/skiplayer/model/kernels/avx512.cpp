@@ -29,12 +29,14 @@ inline void block_weights(const uint8_t* blk, __m512& lo, __m512& hi) {
   }
 }
 
-// acc += m[b] * xsum[b] lane-wise over the nb fp16 m of a Q4 row, 16 blocks at a time (masked tail): the m terms
-// join the block sums before the one horizontal sum.
+// acc += m[b] * xsum[b] lane-wise over the nb m of a Q4 row (fp16; fp32 in Q4K), 16 blocks at a time (masked
+// tail): the m terms join the block sums before the one horizontal sum.
+template <int FMT>
 inline __m512 add_m_terms(const uint8_t* m, const float* xsum, int64_t nb, __m512 acc) {
   for (int64_t b = 0; b < nb; b += 16) {
     const __mmask16 k = nb - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nb - b)) - 1);
-    const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + 2 * b));
+    const __m512 mv = FMT == kQ4K ? _mm512_maskz_loadu_ps(k, m + 4 * b)
+                                  : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, m + 2 * b));
     acc = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k, xsum + b), acc);
   }
   return acc;
@@ -44,7 +46,7 @@ inline __m512 add_m_terms(const uint8_t* m, const float* xsum, int64_t nb, __m51
 template <int FMT, int M, int R>
 inline void tile(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
                  int64_t N, int64_t n0) {
-  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ4 ? 20 : 36;
+  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ8 ? 36 : 20;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -58,7 +60,7 @@ inline void tile(const float* x, const float* xsum, const uint8_t* w, const floa
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
-      if (FMT == kQ4) acc[r][m] = add_m_terms(w + (n0 + r) * row_bytes + nb * 20, xsum + m * nb, nb, acc[r][m]);
+      if (FMT != kQ8) acc[r][m] = add_m_terms<FMT>(w + (n0 + r) * row_bytes + nb * 20, xsum + m * nb, nb, acc[r][m]);
       float s = _mm512_reduce_add_ps(acc[r][m]);
       if (bias) s += bias[n0 + r];
       y[m * N + n0 + r] = s;
@@ -94,6 +96,7 @@ void rows_any(int M, const float* x, const float* xsum, const uint8_t* w, const 
 void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* w, int format, const float* bias,
                        float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   if (format == kQ4) return rows_any<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1);
+  if (format == kQ4K) return rows_any<kQ4K>(M, x, xsum, w, bias, y, K, N, n0, n1);
   return rows_any<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 

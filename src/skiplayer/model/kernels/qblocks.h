@@ -7,7 +7,9 @@
 // apart by the bytes per block of 32 weights:
 // Rows (AVX2 / AVX-512 kernels), per weight row:
 //   Q4 (22 bytes): nb blocks of [fp32 d][16 bytes of nibbles], then nb fp16 m   w = d * q + m    (Q4_1; Q4_0 as m = -8d)
-//   Q8 (36 bytes): nb blocks of [fp32 d][32 int8]                               w = d * q        (Q8_0)
+//   Q8 (36 bytes): nb blocks of [fp32 d][32 int8]                               w = d * q        (Q8_0, Q5_0)
+//   Q4K (24 bytes): as Q4 with nb fp32 m                                        w = d * q + m    (Q4_K)
+//   (Q4_K's sub-block d = d * scale and m = -dmin * min carry up to 17 significant bits: exact in fp32, not fp16.)
 //   Byte j of the nibbles holds element j (low nibble) and element j + 16 (high nibble), as in the file.
 //   A d stored as fp32 in front of its block feeds the multiply as an embedded broadcast, and the m of a Q4 row
 //   enter once per row as sum_b m_b * (sum of x over block b): the file's layout (two fp16 conversions and two
@@ -26,10 +28,10 @@
 
 namespace skiplayer {
 
-enum BlockFormat : int { kQ4 = 22, kQ8 = 36, kQ4Tiles = 20, kQ8Tiles = 34 };  // bytes per block of 32 weights
+enum BlockFormat : int { kQ4 = 22, kQ8 = 36, kQ4K = 24, kQ4Tiles = 20, kQ8Tiles = 34 };  // bytes per block of 32
 
 // y[m * N + n] = sum_k x[m * K + k] w(n, k) (+ bias[n]) for input rows m < M and weight rows n0 <= n < n1; xsum (M,
-// K / 32): the sums of x over each block of 32 columns (Q4 only). Every output is accumulated in the same order
+// K / 32): the sums of x over each block of 32 columns (Q4 and Q4K only). Every output is accumulated in the same order
 // whatever M and the rows around it (batch invariance).
 using QuantRowsFn = void (*)(int M, const float* x, const float* xsum, const uint8_t* w, int format,
                              const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
