@@ -6,7 +6,7 @@ import argparse
 
 from skiplayer.decoding.generate import STRATEGIES, GenerationConfig
 from skiplayer.decoding.sampling import SamplingConfig
-from skiplayer.model.load import DEFAULT_MODEL, DTYPES
+from skiplayer.model.load import ALIASES, DEFAULT_MODEL, DTYPES
 from skiplayer.policies import DRAFT_SOURCES, MODES, PolicyConfig
 
 # auto: float16 for the Llama family (fp32 accumulation in the native kernels: on the 2-core AVX2 machine 1.3x the
@@ -18,8 +18,8 @@ DEFAULT_DTYPE = "auto"
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF model directory or hub id (downloaded by HF unless --offline), a .gguf file, or an alias "
-                        f"(default {DEFAULT_MODEL})")
+                   help=f"HF model directory or hub id (downloaded by HF unless --offline), a .gguf file, or an alias: "
+                        f"{', '.join(ALIASES)} (default {DEFAULT_MODEL})")
     g.add_argument("--offline", action="store_true",
                    help="no downloads: hub models and datasets come from the local HF cache only (as HF_HUB_OFFLINE=1)")
     g.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["auto", *DTYPES],
@@ -27,8 +27,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "float16)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     g.add_argument("--quantize", default="auto", choices=["auto", "gguf", "int8", "none"],
-                   help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q8_0 blocks, unexpanded), int8 (weight-only, "
-                        "per output channel), none (floats in --dtype); auto: gguf for a .gguf model where the "
+                   help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q5_0/Q8_0/Q4_K blocks, unexpanded), int8 "
+                        "(weight-only, per output channel), none (floats in --dtype); auto: gguf for a .gguf model where the "
                         "native kernels build, else none. Activations stay in --dtype")
     g.add_argument("--prefill", default="auto", choices=["auto", "bfloat16", "native"],
                    help="how the prompt runs: bfloat16 (oneDNN matmuls + flash attention), native (the decoding "

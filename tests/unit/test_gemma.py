@@ -81,3 +81,61 @@ def test_sampling_distribution_matches_autoregressive():
                                   policy=PolicyConfig(exit_layer=1 + seed % 3, num_speculations=1 + seed % 3))
         counts[tuple(generate_ids(model, prompt, config)[0])] += 1
     assert chi_square_pvalue(counts, exact, draws) > 1e-3
+
+
+def test_layerskip_training_runs_on_gemma_and_the_result_loads(tmp_path):
+    from skiplayer.model.load import load_model
+    from skiplayer.train.trainer import TrainConfig, train
+    from tests.conftest import tiny_tokenizer
+    model_dir = tmp_path / "model"
+    tiny_hf_model("gemma3", n_layers=4).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 90 + 4}" for j in range(40)) for i in range(50)))
+    result = train(TrainConfig(model=str(model_dir), data_path=str(data), output_dir=str(tmp_path / "run"),
+                               max_steps=3, batch_size=2, seq_len=16, early_exit_loss_layers="0::2",
+                               layer_dropout_prob_max=0.2, progress=False))
+    assert set(result["exit_losses"]) == {"0", "2", "3"}
+    assert all(0 < loss < 20 for loss in result["exit_losses"].values())
+    loaded = load_model(result["final_path"])
+    assert loaded.model.args.sliding_layers == (0, 1, 3)  # still Gemma: the trained checkpoint loads as one
+    prompt = [1, 5, 6, 7, 8, 9, 10]
+    ar = generate_ids(loaded.model, prompt, GenerationConfig(max_steps=10))[0]
+    config = GenerationConfig(max_steps=10, generation_strategy="self_speculative",
+                              policy=PolicyConfig(exit_layer=2, num_speculations=2))
+    assert generate_ids(loaded.model, prompt, config)[0] == ar
+
+
+def test_commands_end_to_end_on_a_gemma_directory(tmp_path, capsys):
+    """calibrate (reduced-vocabulary draft) -> benchmark with the draft and trees -> correctness -> sweep -> report,
+    as a user runs them, on a tiny Gemma 3 checkpoint."""
+    import json
+    import random
+
+    from skiplayer.cli import main
+    from tests.conftest import tiny_tokenizer
+    model_dir = tmp_path / "gemma"
+    tiny_hf_model("gemma3", n_layers=4).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": " ".join(f"w{rng.randrange(4, 97)}" for _ in range(9)),
+                                        "response": "w5 w6"}) + "\n" for _ in range(16)))
+    common = ["--model", str(model_dir), "--dataset", "custom_jsonl", "--data_path", str(data), "--max_steps", "8"]
+    draft = tmp_path / "draft"
+    assert main(["calibrate", "--model", str(model_dir), "--exit_layers", "2", "--data", "custom_jsonl",
+                 "--data_path", str(data), "--num_prompts", "12", "--max_steps", "8", "--draft_vocab_size", "40",
+                 "--epochs", "2", "--exclude_first", "4", "--no_progress", "--output", str(draft)]) == 0
+    run = tmp_path / "run"
+    assert main(["benchmark", *common, "--num_samples", "4", "--exit_layer", "2", "--num_speculations", "2",
+                 "--draft", str(draft), "--draft_source", "both", "--dynamic_early_exit_mode", "adaptive",
+                 "--threads", "1", "--warmup", "0", "--no_progress", "--output_dir", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["equality"]["identical"] == 4 and summary["environment"]["dtype"] == "float32"
+    assert main(["correctness", *common, "--num_samples", "3", "--exit_layer", "3", "--num_speculations", "3",
+                 "--threads", "1", "--output", str(tmp_path / "ok.json")]) == 0
+    assert main(["sweep", *common, "--num_samples", "2", "--exit_layers", "1:3", "--num_speculations_list", "2",
+                 "--threads", "1", "--no_progress", "--output_dir", str(tmp_path / "sweep")]) == 0
+    assert main(["report", str(run), "--output", str(tmp_path / "report.md")]) == 0
+    assert "custom_jsonl" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
