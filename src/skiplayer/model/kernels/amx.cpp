@@ -105,6 +105,10 @@ void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_
     const int64_t c1 = c0 + kChunk < nb ? c0 + kChunk : nb;
     for (int64_t b = c0; b < c1; ++b) {  // B tiles (Q4: unpacked) and the rows' quant sums of this chunk
       const uint8_t* p = g + b * group_bytes;
+      // the same block of the next group, into L2: one core alone keeps too few reads in flight to stream from
+      // DRAM (Gemma 3's 178 MB head: 7.7 GB/s per core without, where a plain sum reads 15)
+      for (int64_t l = 0; l < group_bytes; l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(p + nb * group_bytes + l), _MM_HINT_T1);
       __m512i qsum = _mm512_setzero_si512();
       if (format == kQ4Tiles) {
         uint8_t* out = bt + (b - c0) * 512;

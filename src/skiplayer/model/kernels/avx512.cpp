@@ -52,7 +52,11 @@ inline void tile(const float* x, const float* xsum, const uint8_t* w, const floa
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512 lo[R], hi[R];
-    for (int r = 0; r < R; ++r) block_weights<FMT>(w + (n0 + r) * row_bytes + b * step, lo[r], hi[r]);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = w + (n0 + r) * row_bytes + b * step;
+      _mm_prefetch(reinterpret_cast<const char*>(blk) + 4096, _MM_HINT_T1);  // see amx.cpp: streams from DRAM
+      block_weights<FMT>(blk, lo[r], hi[r]);
+    }
     for (int m = 0; m < M; ++m) {
       const __m512 xl = _mm512_loadu_ps(x + m * K + 32 * b), xh = _mm512_loadu_ps(x + m * K + 32 * b + 16);
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(hi[r], xh, _mm512_fmadd_ps(lo[r], xl, acc[r][m]));
