@@ -146,10 +146,10 @@ void rows_any(int64_t M, const float* x, const W* w, const float* scale, const f
 // Which thread computes a row does not change its result (tile is batch- and split-invariant).
 struct alignas(64) NextBlock { std::atomic<int64_t> v; };
 
-// Calls block(n, ne) for blocks of BLOCK weight rows [n, ne) covering [0, N), on all threads.
-template <typename Block>
+// Calls block(n, ne) for blocks of BLOCK weight rows [n, ne) covering [0, N), on all threads (BLOCK even: packed
+// pairs stay whole; a multiple of 16 for the AMX tiles' groups).
+template <int64_t BLOCK = 16, typename Block>
 void run_blocks(int64_t N, const Block& block) {
-  constexpr int64_t BLOCK = 16;  // weight rows per task (even: packed pairs stay whole)
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<NextBlock> next(shares);
@@ -361,10 +361,10 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
       for (int64_t m = 0; m < mc; ++m)
         for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + m] = xsum[(m0 + m) * nb + j];
     }
-    run_blocks(N, [&](int64_t n, int64_t ne) {
+    run_blocks<64>(N, [&](int64_t n, int64_t ne) {  // 4 groups a task: one tile configuration for them
       for (int64_t c = 0; c < chunks; ++c)
         quant_rows_amx(static_cast<int>(first[c + 1] - first[c]), a[c].data(), dx.data() + c * nb * 16,
-                       xsum_t.data() + c * nb * 16, w, format, bias, y + first[c] * N, K, N, n);
+                       xsum_t.data() + c * nb * 16, w, format, bias, y + first[c] * N, K, N, n, ne);
     });
     return;
   }

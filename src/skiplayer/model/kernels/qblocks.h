@@ -41,7 +41,7 @@ void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* 
                        float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 constexpr int kQuantRowsAvx512 = 8;
 
-// AMX tiles + AVX-512 VNNI: amx.cpp. One group of 16 weight rows in the tiles layout against M <= 8 input rows,
+// AMX tiles + AVX-512 VNNI: amx.cpp. Weight rows n0..n1-1 (groups of 16) in the tiles layout against M <= 8 input rows,
 // on A tiles prepared once per product by amx_pack_a (dx: (K / 32, 16) block scales, xsum_t: (K / 32, 16) block sums
 // of x, both block-major).
 constexpr int kQuantRowsAmx = 8;
@@ -49,6 +49,6 @@ bool amx_tiles_granted();
 size_t amx_a_bytes(int64_t M, int64_t K);
 void amx_pack_a(int M, const float* x, int64_t K, uint8_t* a, float* dx);
 void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
-                    const float* bias, float* y, int64_t K, int64_t N, int64_t n0);
+                    const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 
 }  // namespace skiplayer
