@@ -64,3 +64,14 @@ def test_every_mode_equals_autoregressive(loaded, prompts, mode):
                                                           layer_skip_proportion=p, min_exit_layer=6))
             ss, _, _ = generate_ids(loaded.model, ids, config, loaded.eos_token_ids)
             assert ss == ar, (mode, p)
+
+
+def test_builtin_draft_fits_the_default_weights_the_cli_loads():
+    """The shipped draft is keyed by a fingerprint of the weights and the model's shape; a new ModelArgs field once
+    changed every fingerprint and the README's command silently ran without its draft."""
+    from skiplayer.draft_artifact import resolve_draft
+    from skiplayer.model.load import load_model
+    from skiplayer.options import DEFAULT_DTYPE
+    said = []
+    draft = resolve_draft(None, load_model("smollm2-135m", dtype=DEFAULT_DTYPE), say=said.append)
+    assert draft is not None and draft.adapters, said

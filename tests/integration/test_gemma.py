@@ -65,3 +65,10 @@ def test_self_speculative_equals_autoregressive(loaded, prompts):
                                       policy=PolicyConfig(exit_layer=E, num_speculations=3, draft_source=source))
             ss, _, _ = generate_ids(loaded.model, ids, config, loaded.eos_token_ids)
             assert ss == ar, (E, source)
+
+
+def test_builtin_draft_fits_these_weights(loaded):
+    from skiplayer.draft_artifact import resolve_draft
+    said = []
+    draft = resolve_draft(None, loaded, say=said.append)
+    assert draft is not None and draft.adapters, said

@@ -8,6 +8,7 @@ take a few seconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -203,7 +204,11 @@ def eos_ids(config, tokenizer) -> list[int]:
 def fingerprint(model: Transformer) -> str:
     """Identifies the weights a draft artifact was calibrated for (shape + a sample of weight values). Taken before
     optimize_model, whose packed layout would reorder the sampled rows."""
-    h = hashlib.sha1(json.dumps(model.args.__dict__, sort_keys=True).encode())
+    # Variations left at their Llama defaults are not hashed, so adding one never invalidates existing drafts.
+    defaults = {f.name: f.default for f in dataclasses.fields(model.args) if f.default is not dataclasses.MISSING}
+    args = {k: v for k, v in model.args.__dict__.items() if k not in defaults or v != defaults[k]
+            or k in ("qkv_bias", "tie_word_embeddings")}
+    h = hashlib.sha1(json.dumps(args, sort_keys=True).encode())
     first_rows = model.embed(torch.arange(64, device=model.head_weight.device))
     for t in (first_rows, model.layers[-1].feed_forward.w2.weight[:16], model.norm.weight):
         h.update(t.detach().float().cpu().numpy().tobytes())
