@@ -8,7 +8,7 @@ of one pass with M = 1 row, the effective GB/s (weight bytes / time) and v(M) = 
   F.linear fp32/bf16/fp16                          stock PyTorch (MKL / oneDNN)
   small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/kernels/), on row-major
                                                    weights or on pair-packed ones (model/packing.py, the default)
-  small_linear GGUF Q4_1/Q8_0 avx512|avx2          GGUF blocks (model/gguf_blocks.py) on each instruction-set path
+  small_linear GGUF Q4_1/Q8_0 amx|avx512|avx2      GGUF blocks (model/gguf_blocks.py) on each instruction-set path
   _weight_int8pack_mm (bf16 activations)            PyTorch's int8 weight-only op
   quantize_dynamic int8 (fp32 activations)          torch.ao dynamic quantization (fbgemm)
   --compile: torch.compile + inductor freezing (weight prepacking) of the same stack, fp32 and bf16, one graph per M
@@ -70,10 +70,12 @@ def build(args):
         from gguf import GGMLQuantizationType, quants
         from skiplayer.model.gguf_blocks import pack_blocks
         for fmt in ("Q4_1", "Q8_0"):  # GGUF blocks as the kernels hold them (model/gguf_blocks.py)
-            for isa in ("avx512", "avx2"):
-                if isa == "avx512" and torch.ops.skiplayer.kernel_isa("") != "avx512":
+            here = torch.ops.skiplayer.kernel_isa("")
+            for isa in ("amx", "avx512", "avx2"):  # the paths this CPU has (amx: the tiles layout)
+                if (isa == "amx" and here != "amx") or (isa == "avx512" and here not in ("amx", "avx512")):
                     continue
-                qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt])) for w in ws]
+                qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt]), tiles=isa == "amx")
+                      for w in ws]
                 kernels[f"small_linear GGUF {fmt} {isa} (fp32 act)"] = (
                     sum(q.numel() for q in qb), torch.float32,
                     lambda xs, qb=qb, isa=isa: [torch.ops.skiplayer.kernel_isa(isa)] + [

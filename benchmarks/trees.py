@@ -1,8 +1,10 @@
-"""Draft sources side by side: autoregressive, self-draft chains, n-gram lookup, token trees (chain + n-gram) and
-adaptive, on real prompts, in one run per dataset.
+"""Draft sources side by side: autoregressive, self-draft chains, draft trees of fixed budgets (the draft head's
+ranked candidates beside the chain), n-gram lookup, trees with n-grams and adaptive, on real prompts, in one run
+per dataset.
 
     python benchmarks/trees.py [--datasets gsm8k human_eval mbpp xsum_summarization cnn_dm_summarization]
         [--num_samples 20] [--max_steps 128] [--draft DIR --exit_layer 4] [--hf_samples 5]
+        [--chains 1,2,3,4] [--tree_budgets 4,8,16] [--tree_width 4] [--ngram_runs 4]
         [--output_json runs/trees.json] [--update_doc docs/trees.md] [--update_readme README.md]
 
 For every sample all configurations run back to back (the order rotates per sample), so each speedup is a ratio
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections import defaultdict
 
@@ -33,21 +36,40 @@ from skiplayer.policies import PolicyConfig
 DEFAULT_DATASETS = ["gsm8k", "human_eval", "mbpp", "xsum_summarization", "cnn_dm_summarization"]
 
 
-def configurations(E: int, chains: list[int], runs: list[int], with_self: bool) -> dict[str, dict | None]:
+def tree_shape(budget: int, width: int) -> dict:
+    """A fixed draft tree of `budget` nodes: a chain of k = log2(budget) drafts, the draft head's ranks 2..width
+    beside each, the best by draft path probability filling the budget."""
+    return dict(num_speculations=max(1, round(math.log2(budget))), tree_width=width, tree_budget=budget)
+
+
+def configurations(E: int, chains: list[int], runs: list[int], budgets: list[int], width: int,
+                   with_self: bool) -> dict[str, dict | None]:
     c: dict[str, dict | None] = {"autoregressive": None}
     if with_self:
         for k in chains:
             c[f"chain k={k}"] = dict(exit_layer=E, num_speculations=k)
+        for b in budgets:
+            shape = tree_shape(b, width)
+            c[f"tree B={b} k={shape['num_speculations']} W={width}"] = dict(exit_layer=E, **shape)
     for d in runs:
         c[f"ngram D={d}"] = dict(draft_source="ngram", ngram_tokens=d)
     if with_self:
         c[f"tree: chain k=1 + ngram D={runs[0]}"] = dict(exit_layer=E, num_speculations=1, draft_source="both",
                                                           ngram_tokens=runs[0])
+        if budgets:
+            b = budgets[len(budgets) // 2]
+            shape = tree_shape(b, width)
+            c[f"tree B={b} + ngram D={runs[0]}"] = dict(exit_layer=E, draft_source="both", ngram_tokens=runs[0],
+                                                        **dict(shape, tree_budget=b + runs[0]))
         c["adaptive (chains)"] = dict(exit_layer=E, num_speculations=max(chains), dynamic_early_exit_mode="adaptive",
                                       min_exit_layer=E)
     c[f"adaptive + ngram D={runs[0]}"] = dict(exit_layer=E, num_speculations=max(chains), draft_source="both",
                                               dynamic_early_exit_mode="adaptive", min_exit_layer=E,
                                               ngram_tokens=runs[0])
+    if with_self and width > 1:
+        c[f"adaptive trees (W={width}) + ngram D={runs[0]}"] = dict(
+            exit_layer=E, num_speculations=max(chains), draft_source="both", dynamic_early_exit_mode="adaptive",
+            min_exit_layer=E, ngram_tokens=runs[0], tree_width=width)
     return c
 
 
@@ -82,6 +104,7 @@ def row(name: str, speeds: list[dict], ar: list[dict], mismatches: int) -> dict:
             "nodes_per_pass": agg["drafted"] / rounds + 1 if rounds else None,
             "acceptance": agg.get("acceptance_rate"),
             "accepted_self": agg.get("self_accepted", 0), "accepted_ngram": agg.get("ngram_accepted", 0),
+            "accepted_sibling": agg.get("sibling_accepted", 0), "acceptance_by_rank": agg.get("acceptance_by_rank"),
             "prefill_share": agg["prefill_time"] / agg["wall_time"] if agg["wall_time"] else None,
             "mismatches": mismatches, "samples": len(speeds)}
 
@@ -90,11 +113,12 @@ def markdown(title: str, rows: list[dict], hf: dict | None) -> list[str]:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
     out = [f"**{title}**", "", "| configuration | tok/s | speedup | decode-only | tokens/pass | nodes/pass | "
-           "acceptance | accepted self / ngram | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "acceptance | accepted self / sibling / ngram | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['configuration']} | {r['tokens_per_second']:.1f} | {f(r['speedup'], '.2f')}x | "
                    f"{f(r['decode_speedup'], '.2f')}x | {f(r['tokens_per_pass'], '.2f')} | {f(r['nodes_per_pass'], '.2f')} | "
-                   f"{f(r['acceptance'], '.2f')} | {r['accepted_self']} / {r['accepted_ngram']} | "
+                   f"{f(r['acceptance'], '.2f')} | {r['accepted_self']} / {r.get('accepted_sibling', 0)} / "
+                   f"{r['accepted_ngram']} | "
                    f"{r['samples'] - r['mismatches']}/{r['samples']} |")
     for name, h in (hf or {}).items():
         out.append(f"| {name} (HF reference, {h['samples']} samples) | {h['tokens_per_second']:.1f} | "
@@ -112,6 +136,9 @@ def main():
     p.add_argument("--exit_layer", type=int, default=4)
     p.add_argument("--chains", default="1,2,3,4", help="self-draft chain lengths k to run")
     p.add_argument("--ngram_runs", default="4", help="n-gram run lengths D to run (the first one is used in trees)")
+    p.add_argument("--tree_budgets", default="4,8,16",
+                   help="fixed draft trees of these node budgets (a chain of log2(B) drafts + ranked siblings)")
+    p.add_argument("--tree_width", type=int, default=4, help="draft-head candidates per position in trees")
     p.add_argument("--draft", default=None, help="calibrated draft (default: the built-in one for the default model)")
     p.add_argument("--no_self_draft", action="store_true", help="run only autoregressive and n-gram configurations")
     p.add_argument("--only", default=None, help="comma-separated configuration names (autoregressive always runs)")
@@ -128,7 +155,9 @@ def main():
         from skiplayer.draft_artifact import resolve_draft
         draft = resolve_draft(args.draft, loaded)
     configs = configurations(args.exit_layer, [int(x) for x in args.chains.split(",")],
-                             [int(x) for x in args.ngram_runs.split(",")], not args.no_self_draft)
+                             [int(x) for x in args.ngram_runs.split(",")],
+                             [int(x) for x in args.tree_budgets.split(",") if x], args.tree_width,
+                             not args.no_self_draft)
     if args.only:
         wanted = {"autoregressive", *(x.strip() for x in args.only.split(","))}
         if wanted - set(configs):

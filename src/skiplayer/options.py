@@ -60,6 +60,12 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
     t.add_argument("--ngram_tokens", type=int, default=4, help="longest n-gram run drafted per round (default 4)")
     t.add_argument("--ngram_max", type=int, default=3,
                    help="longest suffix matched in the context, then shorter ones down to 1 token (default 3)")
+    t.add_argument("--tree_width", type=int, default=1,
+                   help="draft candidates per drafted position: the draft head's ranks 2..W join the tree as "
+                        "siblings of the chain (1 = a chain; default %(default)s)")
+    t.add_argument("--tree_budget", type=int, default=None,
+                   help="most tree nodes per round beside the pending token; the siblings with the highest draft "
+                        "path probability fill it (default: all)")
     d = p.add_argument_group("dynamic early exit")
     d.add_argument("--dynamic_early_exit_mode", default="none", help=f"one of: {', '.join(MODES)}")
     d.add_argument("--layer_skip_proportion", type=float, default=0.0,
@@ -81,7 +87,7 @@ def policy_config(args) -> PolicyConfig:
         random_exit_low=args.random_exit_low, random_exit_high=args.random_exit_high,
         confidence_threshold=args.confidence_threshold, stop_threshold=args.stop_threshold,
         future_ema=args.future_ema, seed=args.seed, draft_source=args.draft_source, ngram_tokens=args.ngram_tokens,
-        ngram_max=args.ngram_max)
+        ngram_max=args.ngram_max, tree_width=args.tree_width, tree_budget=args.tree_budget)
 
 
 def generation_config(args, **overrides) -> GenerationConfig:

@@ -141,10 +141,11 @@ def test_vocab_keeps_eos_and_most_frequent_outputs():
     assert select_vocab([5], 0, 100) is None and select_vocab([5], 100, 100) is None
 
 
-def run(model, prompt, strategy="autoregressive", E=1, k=1, draft=None, mode="none", max_steps=30, skip=0.0):
+def run(model, prompt, strategy="autoregressive", E=1, k=1, draft=None, mode="none", max_steps=30, skip=0.0,
+        **tree):
     config = GenerationConfig(max_steps=max_steps, generation_strategy=strategy,
                               policy=PolicyConfig(exit_layer=E, num_speculations=k, dynamic_early_exit_mode=mode,
-                                                  layer_skip_proportion=skip))
+                                                  layer_skip_proportion=skip, **tree))
     ids, _, stats = generate_ids(model, prompt, config, tokenizer=FakeTokenizer(), draft=draft)
     return ids, stats
 
@@ -164,6 +165,10 @@ def test_calibrated_draft_greedy_is_lossless(model, calibrated):
             for mode, skip in (("adaptive", 0.0), ("random", 0.0), ("logits_current", 0.0), ("none", 0.5)):
                 ss, _ = run(model, prompt, "self_speculative", 3, 4, draft, mode=mode, skip=skip)
                 assert ss == ar, (prompt, mode, skip)
+            for mode in ("none", "adaptive"):  # draft-tree siblings from the (reduced-vocabulary) draft head
+                ss, _ = run(model, prompt, "self_speculative", 1, 3, draft, mode=mode, tree_width=3,
+                            draft_source="both")
+                assert ss == ar, (prompt, full_vocab, mode, "siblings")
     assert accepted[False] > 0 and accepted[True] > 0
 
 

@@ -52,9 +52,9 @@ def test_greedy_identity_every_exit_layer_and_draft_source(model):
                 ss, stats = run(model, prompt, "self_speculative", exit_layer=E, num_speculations=k)
                 assert ss == ar, (prompt, E, k)
                 accepted += stats.accepted
-        for source in ("ngram", "both"):
-            assert run(model, prompt, "self_speculative", exit_layer=2, num_speculations=3,
-                       draft_source=source)[0] == ar, source
+        for source, width in (("ngram", 1), ("both", 1), ("self", 3), ("both", 3)):
+            assert run(model, prompt, "self_speculative", exit_layer=2, num_speculations=3, draft_source=source,
+                       tree_width=width)[0] == ar, (source, width)
     assert accepted > 0  # drafts were accepted too: the verifier's accept path ran, not only rejections
 
 

@@ -10,7 +10,8 @@ from skiplayer.decoding.generate import GenerationConfig, generate_ids
 from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.decoding.self_speculative import tree_mask
 from skiplayer.drafts.ngram import NGramLookup
-from skiplayer.drafts.tree import NGRAM, SELF, TokenTree, accept_tree_greedy, accept_tree_sampling
+from skiplayer.drafts.tree import (NGRAM, SELF, SIBLING, TokenTree, accept_tree_greedy, accept_tree_sampling,
+                                   rank_siblings)
 from skiplayer.errors import UserError
 from skiplayer.model.llama import Transformer
 from skiplayer.policies import PolicyConfig
@@ -136,6 +137,37 @@ def test_greedy_identity_with_ngram_and_trees(model):
     assert accepted[NGRAM] > 0 and accepted[SELF] > 0, accepted
 
 
+def test_greedy_identity_with_draft_siblings(model):
+    """The draft head's ranks 2..W as siblings of the chain: every E, several shapes and budgets, n-grams on and off,
+    static and adaptive; the siblings are verified, sometimes accepted, and counted by rank."""
+    accepted, by_rank = Counter(), Counter()
+    for prompt in PROMPTS:
+        ar, _ = run(model, prompt)
+        for source in ("self", "both"):
+            for E in range(1, model.n_layers, 2):
+                for k, width, budget in ((1, 3, None), (3, 2, None), (2, 4, 5), (3, 3, 2)):
+                    for mode in ("none", "adaptive"):
+                        ss, stats = run(model, prompt, "self_speculative", exit_layer=E, num_speculations=k,
+                                        draft_source=source, tree_width=width, tree_budget=budget,
+                                        dynamic_early_exit_mode=mode)
+                        assert ss == ar, (prompt, source, E, k, width, budget, mode)
+                        if budget is not None:
+                            assert max(stats.draft_lengths) <= budget
+                        accepted.update(stats.accepted_from)
+                        by_rank.update(stats.rank_accepted)
+                        assert sum(stats.rank_accepted.values()) == stats.self_accepted + stats.sibling_accepted
+    assert accepted[SIBLING] > 0 and accepted[SELF] > 0 and by_rank[2] > 0, (accepted, by_rank)
+
+
+def test_siblings_are_ranked_by_draft_path_probability():
+    from skiplayer.policies.base import DraftStep
+    steps = [DraftStep(7, 2, confidence=0.5, alternatives=[(8, 0.3), (9, 0.1)]),
+             DraftStep(4, 2, confidence=0.9, alternatives=[(5, 0.05)])]
+    ranked = rank_siblings(steps)
+    assert [(c.step, c.rank, c.token) for c in ranked] == [(0, 2, 8), (0, 3, 9), (1, 2, 5)]
+    assert ranked[2].score == pytest.approx(0.5 * 0.05)
+
+
 def test_greedy_identity_trees_with_dynamic_modes(model):
     prompt = PROMPTS[0]
     ar, _ = run(model, prompt)
@@ -199,8 +231,8 @@ def test_tree_sampling_test_catches_a_broken_rule():
     assert chi_square_pvalue(counts, exact, 20000) < 1e-6
 
 
-@pytest.mark.parametrize("source", ["ngram", "both"])
-def test_sampling_with_trees_matches_autoregressive(source):
+@pytest.mark.parametrize("source, width", [("ngram", 1), ("both", 1), ("both", 3)])
+def test_sampling_with_trees_matches_autoregressive(source, width):
     model = predictable_model(seed=2, n_layers=4, vocab_size=8, deep_scale=0.5)
     prompt = [1, 2, 3, 1, 2]
     sampling = SamplingConfig(True, 1.0)
@@ -209,7 +241,7 @@ def test_sampling_with_trees_matches_autoregressive(source):
     for seed in range(draws):
         config = GenerationConfig(max_steps=3, generation_strategy="self_speculative", sampling=sampling, seed=seed,
                                   policy=PolicyConfig(exit_layer=1 + seed % 3, num_speculations=1 + seed % 2,
-                                                      draft_source=source, ngram_tokens=2))
+                                                      draft_source=source, ngram_tokens=2, tree_width=width))
         ids, _, _ = generate_ids(model, prompt, config)
         counts[tuple(ids)] += 1
     assert chi_square_pvalue(counts, exact, draws) > 1e-3
@@ -217,7 +249,9 @@ def test_sampling_with_trees_matches_autoregressive(source):
 
 def test_bad_tree_flags_are_user_errors(model):
     for bad, match in (({"draft_source": "tree"}, "--draft_source"), ({"ngram_tokens": 0}, "--ngram_tokens"),
-                       ({"ngram_max": 0}, "--ngram_max")):
+                       ({"ngram_max": 0}, "--ngram_max"), ({"tree_width": 0}, "--tree_width"),
+                       ({"tree_budget": 0}, "--tree_budget"),
+                       ({"tree_width": 2, "draft_source": "ngram"}, "--tree_width 2 ranks the self-draft")):
         with pytest.raises(UserError, match=match):
             run(model, [1, 2], "self_speculative", exit_layer=2, **bad)
 
@@ -272,3 +306,20 @@ def test_adaptive_drops_self_drafts_beside_a_reliable_ngram_run():
     assert policy.drafts_beside(3, 4) == 0          # the run alone: more tokens per unit cost than run + drafts
     assert policy.drafts_beside(1, 4) >= 1          # an unseen order keeps the prior: a good draft still helps
     assert policy.ngram_tokens(0, 3, 4) == 4
+
+
+def test_adaptive_adds_the_siblings_its_learned_rank_acceptance_pays_for():
+    from skiplayer.policies.adaptive import Adaptive, CostModel
+    from skiplayer.policies.base import DraftStep, RoundResult
+    costs = CostModel(30, 0.03, 0.02, [0.0] + [1 + 0.03 * (n - 1) for n in range(1, 13)])
+    steps = [DraftStep(7, 4, confidence=0.95, alternatives=[(8, 0.03), (9, 0.01)])]
+    policies = {}
+    for name, right in (("good", True), ("bad", False)):
+        policy = Adaptive(PolicyConfig(exit_layer=4, num_speculations=1, tree_width=3), 30, costs,
+                          calibrated={4: 0.5})
+        for _ in range(40):  # the chain's draft rejected; the rank-2 sibling was (or was never) the target
+            policy.update(RoundResult(steps, 0, [8 if right else 3], 0.0, output=[8 if right else 3], nodes=4,
+                                      siblings=[(0, 2, 8), (0, 3, 9)]))
+        policy.round_length()
+        policies[name] = policy.siblings(rank_siblings(steps), steps, 2)
+    assert policies["good"] >= 1 and policies["bad"] == 0, policies

@@ -25,7 +25,8 @@ QUICK_DATASET = "human_eval"
 # Fields of GenerationStats summed over turns / samples.
 _SUMMED = ("prompt_tokens", "new_tokens", "drafted", "accepted", "rounds", "probe_heads", "wall_time",
            "prefill_time", "time_draft_layers", "time_draft_heads", "time_verify", "time_overhead",
-           "self_candidates", "self_accepted", "ngram_candidates", "ngram_accepted")
+           "self_candidates", "self_accepted", "ngram_candidates", "ngram_accepted", "sibling_candidates",
+           "sibling_accepted")
 TIME_SPLIT = {"prefill": "prefill_time", "draft_layers": "time_draft_layers", "draft_heads": "time_draft_heads",
               "verify": "time_verify", "other": "time_overhead"}
 
@@ -198,6 +199,8 @@ def stats_dict(stats) -> dict:
     """The compact speed record of one generation (per-token telemetry is reduced to a histogram)."""
     d = {name: getattr(stats, name) for name in _SUMMED}
     d["exit_layer_histogram"] = {str(k): v for k, v in stats.exit_layer_histogram().items()}
+    d["rank_candidates"] = {str(k): v for k, v in sorted(stats.rank_candidates.items())}
+    d["rank_accepted"] = {str(k): v for k, v in sorted(stats.rank_accepted.items())}
     return derive(d)
 
 
@@ -212,6 +215,8 @@ def derive(d: dict) -> dict:
     hist = d.get("exit_layer_histogram") or {}
     n = sum(hist.values())
     d["mean_exit_layer"] = sum(int(k) * v for k, v in hist.items()) / n if n else None
+    seen, ok = d.get("rank_candidates") or {}, d.get("rank_accepted") or {}
+    d["acceptance_by_rank"] = {r: ok.get(r, 0) / n for r, n in seen.items() if n}  # self-draft, by draft-head rank
     return d
 
 
@@ -226,6 +231,8 @@ def merge_histograms(hists: Iterable[dict]) -> dict:
 def sum_speed(speeds: list[dict]) -> dict:
     d = {name: sum(s.get(name, 0) for s in speeds) for name in _SUMMED}  # rows of older runs lack newer fields
     d["exit_layer_histogram"] = merge_histograms(s.get("exit_layer_histogram") for s in speeds)
+    d["rank_candidates"] = merge_histograms(s.get("rank_candidates") for s in speeds)
+    d["rank_accepted"] = merge_histograms(s.get("rank_accepted") for s in speeds)
     return derive(d)
 
 

@@ -65,13 +65,15 @@ class DraftHead:
 
 
 def draft_round(model: Transformer, cache: KVCache, token: int, start: int, budget: int, policy: DraftPolicy,
-                head: DraftHead, sampling: SamplingConfig, generator, clock: Clock, stop_ids=()) -> list[DraftStep]:
-    """Draft up to `budget` tokens after `token` (at position `start`)."""
+                head: DraftHead, sampling: SamplingConfig, generator, clock: Clock, stop_ids=(),
+                width: int = 1) -> list[DraftStep]:
+    """Draft up to `budget` tokens after `token` (at position `start`); each step also keeps the draft head's next
+    `width - 1` candidates (token trees)."""
     steps: list[DraftStep] = []
     exit_hidden: dict[int, torch.Tensor] = {}  # position -> last hidden state of a token that ran fewer layers
     for i in range(budget):
         pos = start + i
-        step = draft_step(model, cache, token, pos, i, policy, head, sampling, generator, clock, exit_hidden)
+        step = draft_step(model, cache, token, pos, i, policy, head, sampling, generator, clock, exit_hidden, width)
         exit_hidden[pos] = step.hiddens[-1]
         steps.append(step)
         token = step.token
@@ -80,7 +82,8 @@ def draft_round(model: Transformer, cache: KVCache, token: int, start: int, budg
     return steps
 
 
-def draft_step(model, cache, token, pos, index, policy, head, sampling, generator, clock, exit_hidden) -> DraftStep:
+def draft_step(model, cache, token, pos, index, policy, head, sampling, generator, clock, exit_hidden,
+               width: int = 1) -> DraftStep:
     plan = policy.plan(index)
     t = clock.now()
     h = model.embed(torch.tensor([token], device=cache.k.device))
@@ -118,12 +121,19 @@ def draft_step(model, cache, token, pos, index, policy, head, sampling, generato
     if sampling.sample:
         probs = probabilities(logits, sampling)
         choice = sample(probs, generator)
-        confidence = float(probs[choice])
-        probs = head.full_probs(probs)
+        ranked = probs
     else:
+        ranked = torch.softmax(logits.float(), -1)
         choice, probs = int(logits.argmax()), None
-        confidence = float(torch.softmax(logits.float(), -1)[choice])
+    confidence = float(ranked[choice])
+    alternatives = []
+    if width > 1:  # the head's next best candidates (not the chosen one), for siblings in a token tree
+        top_p, top_i = ranked.topk(min(width, ranked.shape[-1]))
+        alternatives = [(head.to_full(i), p) for p, i in zip(top_p.tolist(), top_i.tolist())
+                        if i != choice and p > 0][:width - 1]
+    if sampling.sample:
+        probs = head.full_probs(probs)
     probe_tokens[depth] = head.to_full(choice)
     clock.charge("time_draft_heads", t)
     skipped = tuple(sorted(s for s in plan.skip_layers if s < depth))
-    return DraftStep(head.to_full(choice), depth, skipped, confidence, probs, hiddens, probe_tokens)
+    return DraftStep(head.to_full(choice), depth, skipped, confidence, probs, hiddens, probe_tokens, alternatives)

@@ -87,7 +87,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     config.validate(model.n_layers)
     speculative = config.generation_strategy == "self_speculative"
     p = config.policy
-    nodes = (p.num_speculations * p.self_draft + p.ngram_tokens * p.ngram) if speculative else 0
+    nodes = p.max_nodes if speculative else 0
     total = positions_needed(model, len(prompt_ids), config.max_steps, nodes + 1)
     stop_ids = set(eos_token_ids) | set(config.stop_token_ids)
     stop = StopCriteria(config.max_steps, stop_ids, config.stop_words, tokenizer)
@@ -121,7 +121,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
         if ngram:
             ngram.extend(prompt_ids + [token])
         state = RoundState(model, cache, head, policy, config.sampling, generator, clock, stop_ids, ngram,
-                           p.self_draft)
+                           p.self_draft, p.tree_width, p.tree_budget)
     while not stop.done:
         if speculative:
             room = config.max_steps - len(stop.tokens) - 1  # tokens a round may accept besides its verified one

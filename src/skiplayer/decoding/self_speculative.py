@@ -17,7 +17,8 @@ from skiplayer.decoding.draft import DraftHead, draft_round
 from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.decoding.stats import Clock
 from skiplayer.drafts.ngram import NGramLookup
-from skiplayer.drafts.tree import NGRAM, SELF, TokenTree, accept_tree_greedy, accept_tree_sampling
+from skiplayer.drafts.tree import (NGRAM, SELF, SIBLING, TokenTree, accept_tree_greedy, accept_tree_sampling,
+                                   rank_siblings)
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer, TreeMask
 from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult
@@ -36,6 +37,8 @@ class RoundState:
     stop_ids: set
     ngram: NGramLookup | None = None  # n-gram candidates beside (or instead of) the self-draft
     self_draft: bool = True
+    tree_width: int = 1               # draft candidates kept per drafted position (ranks 2.. become siblings)
+    tree_budget: int | None = None    # most nodes beside the pending token
 
 
 def tree_mask(tree: TokenTree, start: int, first: int = 0, device="cpu") -> TreeMask | None:
@@ -76,11 +79,20 @@ def ngram_run(s: RoundState, room: int) -> list[int]:
     return run[:next((i + 1 for i, t in enumerate(run) if t in s.stop_ids), len(run))]
 
 
-def build_tree(pending: int, steps: list[DraftStep], run: list[int]) -> TokenTree:
-    """The self-draft chain, then the n-gram run merged in (shared prefixes once)."""
+def build_tree(s: RoundState, pending: int, steps: list[DraftStep], run: list[int]) -> tuple[TokenTree, list]:
+    """The self-draft chain, the n-gram run merged in (shared prefixes once), then as many of the draft head's
+    alternative candidates as the policy and the budget allow. Returns the tree and the siblings added."""
     tree = TokenTree.chain(pending, [st.token for st in steps], [st.probs for st in steps])
     tree.add_path(0, run, NGRAM)
-    return tree
+    candidates = rank_siblings(steps)
+    if not candidates:
+        return tree, []
+    n = s.policy.siblings(candidates, steps, len(tree))
+    if s.tree_budget is not None:
+        n = min(n, s.tree_budget - (len(tree) - 1))
+    for c in candidates[:max(0, n)]:
+        tree.add_path(c.step, [c.token], SIBLING, rank=c.rank)
+    return tree, candidates[:max(0, n)]
 
 
 def speculative_round(s: RoundState, pending: int, start: int, budget: int, room: int) -> list[int]:
@@ -88,12 +100,13 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     beyond the pending one accepted. Returns the new tokens (accepted candidates + one verified token)."""
     stats = s.clock.stats
     run, order = ngram_run(s, room), s.ngram.order if s.ngram else 0
+    nodes = room if s.tree_budget is None else min(room, s.tree_budget)
     if run:  # the policy shapes the tree: self-drafts beside the run, then how much of the run to keep
         budget = min(budget, s.policy.drafts_beside(order, len(run)))
-    steps = draft_round(s.model, s.cache, pending, start, budget, s.policy, s.head, s.sampling, s.generator,
-                        s.clock, s.stop_ids) if s.self_draft and budget > 0 else []
-    run = run[:s.policy.ngram_tokens(len(steps), order, len(run))]
-    tree = build_tree(pending, steps, run)
+    steps = draft_round(s.model, s.cache, pending, start, min(budget, nodes), s.policy, s.head, s.sampling,
+                        s.generator, s.clock, s.stop_ids, s.tree_width) if s.self_draft and budget > 0 else []
+    run = run[:min(s.policy.ngram_tokens(len(steps), order, len(run)), nodes - len(steps))]
+    tree, siblings = build_tree(s, pending, steps, run)
     t = s.clock.now()
     logits = verify(s, tree, steps, start)
     if s.sampling.sample:
@@ -105,7 +118,8 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     stats.time_verify += verify_seconds
     new = [tree.tokens[node] for node in path[1:]] + [nxt]
     on_chain = min(len(steps), next((i for i, node in enumerate(path) if node != i), len(path)) - 1)  # self-drafts
-    s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds, run, order, new, len(tree)))
+    s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds, run, order, new, len(tree),
+                                [(c.step, c.rank, c.token) for c in siblings]))
     record(stats, tree, path, steps, on_chain)
     if s.ngram is not None:
         s.ngram.extend(new)
@@ -119,10 +133,15 @@ def record(stats, tree: TokenTree, path: list[int], steps: list[DraftStep], on_c
     stats.draft_lengths.append(len(tree) - 1)
     stats.accepted_per_round.append(len(path) - 1)
     stats.verify_start_layers.append(min((s.exact_until for s in steps), default=0))
-    for source in (SELF, NGRAM):
+    for source in (SELF, NGRAM, SIBLING):
         stats.candidates[source] = stats.candidates.get(source, 0) + tree.sources.count(source)
         stats.accepted_from[source] = stats.accepted_from.get(source, 0) + sum(tree.sources[n] == source
                                                                                for n in path)
+    for n in range(1, len(tree)):  # the self-draft's candidates by the draft head's rank
+        if tree.sources[n] in (SELF, SIBLING):
+            r = tree.ranks[n]
+            stats.rank_candidates[r] = stats.rank_candidates.get(r, 0) + 1
+            stats.rank_accepted[r] = stats.rank_accepted.get(r, 0) + (n in path)
     for i, step in enumerate(steps):
         stats.exit_layers.append(step.exit_layer)
         stats.skipped_layers.append(list(step.skipped))

@@ -33,6 +33,9 @@ class GenerationStats:
     # drafted / accepted / draft_lengths / accepted_per_round count tree nodes of every source.
     candidates: dict = field(default_factory=dict)
     accepted_from: dict = field(default_factory=dict)
+    # Self-draft candidates by the draft head's rank (1: the chain's token, 2..: siblings), and the accepted ones.
+    rank_candidates: dict = field(default_factory=dict)
+    rank_accepted: dict = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -57,6 +60,18 @@ class GenerationStats:
     @property
     def ngram_accepted(self) -> int:
         return self.accepted_from.get("ngram", 0)
+
+    @property
+    def sibling_candidates(self) -> int:
+        return self.candidates.get("sibling", 0)
+
+    @property
+    def sibling_accepted(self) -> int:
+        return self.accepted_from.get("sibling", 0)
+
+    def acceptance_by_rank(self) -> dict[int, float]:
+        """Share of the self-draft's rank-r candidates that were accepted."""
+        return {r: self.rank_accepted.get(r, 0) / n for r, n in sorted(self.rank_candidates.items()) if n}
 
     @property
     def tokens_per_pass(self) -> float:
@@ -93,6 +108,9 @@ class GenerationStats:
             d[name] = getattr(self, name)
         d["exit_layer_histogram"] = {str(k): v for k, v in self.exit_layer_histogram().items()}
         d["acceptance_by_exit_layer"] = {str(k): v for k, v in self.acceptance_by_exit_layer().items()}
+        d["acceptance_by_rank"] = {str(k): v for k, v in self.acceptance_by_rank().items()}
+        for name in ("rank_candidates", "rank_accepted"):
+            d[name] = {str(k): v for k, v in d[name].items()}
         d["mean_exit_layer"] = sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else None
         return d
 

@@ -11,7 +11,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-SELF, NGRAM = "self", "ngram"
+SELF, NGRAM, SIBLING = "self", "ngram", "sibling"  # the self-draft chain, n-gram runs, the draft head's next ranks
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """The draft head's rank-`rank` candidate after drafted step `step` (a child of node `step`, beside the chain's
+    token); `score`: its draft path probability (the chain's draft probabilities up to it, times its own)."""
+    step: int
+    rank: int
+    token: int
+    score: float
+
+
+def rank_siblings(steps: list) -> list[Sibling]:
+    """Every alternative candidate of the drafted steps, highest draft path probability first (EAGLE-2's reranking,
+    here over a chain's side branches: no extra draft forward)."""
+    out, reach = [], 1.0
+    for i, step in enumerate(steps):
+        out += [Sibling(i, r, token, reach * p) for r, (token, p) in enumerate(step.alternatives, start=2)]
+        reach *= step.confidence
+    return sorted(out, key=lambda c: -c.score)
 
 
 @dataclass
@@ -20,6 +40,7 @@ class TokenTree:
     parents: list[int] = field(default_factory=lambda: [-1])
     sources: list[str] = field(default_factory=lambda: ["root"])
     probs: list = field(default_factory=lambda: [None])  # the draft distribution a sampled node was drawn from
+    ranks: list = field(default_factory=lambda: [0])     # 1: a source's first choice; r: the draft head's rank r
 
     @classmethod
     def chain(cls, root: int, drafts: list[int], probs: list | None = None, source: str = SELF) -> "TokenTree":
@@ -39,7 +60,8 @@ class TokenTree:
             node, d = self.parents[node], d + 1
         return d
 
-    def add_path(self, node: int, tokens: list[int], source: str, probs: list | None = None) -> list[int]:
+    def add_path(self, node: int, tokens: list[int], source: str, probs: list | None = None,
+                 rank: int = 1) -> list[int]:
         """Add `tokens` as a path below `node`, reusing existing children with the same token; returns the nodes."""
         nodes = []
         for j, t in enumerate(tokens):
@@ -49,6 +71,7 @@ class TokenTree:
                 self.parents.append(node)
                 self.sources.append(source)
                 self.probs.append(probs[j] if probs else None)
+                self.ranks.append(rank)
                 child = len(self.tokens) - 1
             nodes.append(child)
             node = child

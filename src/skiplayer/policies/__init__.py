@@ -41,6 +41,11 @@ class PolicyConfig:
     draft_source: str = "self"
     ngram_tokens: int = 4   # longest n-gram run per round
     ngram_max: int = 3      # longest suffix matched (then shorter ones, down to 1 token)
+    # Draft trees: the draft head's ranks 2..tree_width at each drafted position join the tree as siblings of the
+    # chain's token (no extra draft layers: the head ranked them already); tree_budget caps the nodes beside the
+    # pending token (the siblings with the highest draft path probability fill what the chain and n-grams leave).
+    tree_width: int = 1
+    tree_budget: int | None = None
 
     @property
     def self_draft(self) -> bool:
@@ -71,11 +76,22 @@ class PolicyConfig:
               f"unknown --draft_source '{self.draft_source}': use one of {', '.join(DRAFT_SOURCES)}")
         check(self.ngram_tokens >= 1, f"--ngram_tokens must be >= 1 (got {self.ngram_tokens})")
         check(1 <= self.ngram_max <= 8, f"--ngram_max must be in [1, 8] (got {self.ngram_max})")
+        check(1 <= self.tree_width <= 8, f"--tree_width must be in [1, 8] (got {self.tree_width})")
+        check(self.tree_budget is None or self.tree_budget >= 1,
+              f"--tree_budget must be >= 1 node (got {self.tree_budget})")
+        check(self.tree_width == 1 or self.self_draft,
+              f"--tree_width {self.tree_width} ranks the self-draft's candidates: use --draft_source self or both")
         low, high = self.random_exit_range()
         check(1 <= low <= high <= self.exit_layer,
               f"--random_exit_low/--random_exit_high must satisfy 1 <= low <= high <= --exit_layer "
               f"(got {low}, {high}, exit layer {self.exit_layer})")
         return self
+
+    @property
+    def max_nodes(self) -> int:
+        """Most tree nodes a round verifies beside the pending token."""
+        nodes = self.num_speculations * self.tree_width * self.self_draft + self.ngram_tokens * self.ngram
+        return nodes if self.tree_budget is None else min(nodes, self.tree_budget)
 
     def random_exit_range(self) -> tuple[int, int]:
         """Defaults: the first and third quartile of 1..exit_layer."""

@@ -73,7 +73,7 @@ class Adaptive(DraftPolicy):
         E, low = config.exit_layer, config.min_exit_layer
         calibrated = {e: a for e, a in (calibrated or {}).items() if low <= e <= E}
         self.candidates = sorted(calibrated) or sorted({max(low, round(E * f)) for f in (0.25, 0.5, 0.75)} | {E})
-        self.costs = costs or CostModel.nominal(n_layers, max_n=config.num_speculations + 1)
+        self.costs = costs or CostModel.nominal(n_layers, max_n=config.max_nodes + 1)
         # Beta(successes + 1, failures + 3): a plain early exit of a vanilla model rarely agrees with the full model
         # (0.05-0.4 measured on the default model), so optimistic exploration would waste whole rounds. A calibrated
         # layer starts from its measured acceptance (worth 10 drafts).
@@ -88,6 +88,9 @@ class Adaptive(DraftPolicy):
         # n-gram branch of a token tree: acceptance of a run's d-th token given the ones before it were right, per
         # length of the suffix it matched (longer matches are right more often); prior Beta(2, 2)
         self.ngram_posterior: dict[tuple[int, int], list[float]] = {}
+        # draft-tree siblings: P(target = the draft head's rank-r candidate | its parent was reached), prior Beta(1, 9)
+        self.rank_posterior: dict[int, list[float]] = {}
+        self._ngram_expected = 0.0  # expected tokens the round's kept n-gram run adds
 
     def posterior_means(self) -> dict[int, float]:
         return {e: a / (a + b) for e, (a, b) in self.posterior.items()}
@@ -116,6 +119,7 @@ class Adaptive(DraftPolicy):
             self.exit = max(means, key=means.get)
             self.k = 1
         self._round = []
+        self._ngram_expected = 0.0
         return self.k
 
     def plan(self, index: int) -> TokenPlan:
@@ -166,7 +170,30 @@ class Adaptive(DraftPolicy):
         return max(range(self.k + 1), key=lambda k: self.tree_plan(k, order, available)[1])
 
     def ngram_tokens(self, drafts: int, order: int, available: int) -> int:
-        return self.tree_plan(drafts, order, available)[0]
+        d = self.tree_plan(drafts, order, available)[0]
+        reach, self._ngram_expected = 1.0, 0.0
+        for j in range(1, d + 1):
+            reach *= self._ngram_alpha(order, j)
+            self._ngram_expected += reach
+        return d
+
+    def siblings(self, candidates: list, steps: list[DraftStep], nodes: int) -> int:
+        """The prefix of the ranked siblings that maximises expected tokens per unit cost: sibling (step i, rank r)
+        adds P(chain accepted up to node i) * P(rank r right | reached), learned per rank; every node widens the
+        verification pass (v(n), profiled)."""
+        reach = [1.0]
+        for st in steps:
+            reach.append(reach[-1] * self._accept_prob(st.confidence))
+        expected = 1.0 + sum(reach[1:]) + self._ngram_expected
+        spent = len(steps) * self.costs.draft(self.exit)
+        best, best_rate = 0, expected / (spent + self.costs.verify_from(self.exit, nodes))
+        for n, c in enumerate(candidates, start=1):
+            a, b = self.rank_posterior.get(c.rank, (1.0, 9.0))
+            expected += reach[c.step] * a / (a + b)
+            rate = expected / (spent + self.costs.verify_from(self.exit, nodes + n))
+            if rate > best_rate:
+                best, best_rate = n, rate
+        return best
 
     def _ngram_alpha(self, order: int, depth: int) -> float:
         a, b = self.ngram_posterior.get((order, depth), (2.0, 2.0))
@@ -189,5 +216,8 @@ class Adaptive(DraftPolicy):
                          min(len(result.ngram_run), len(result.output)))
             for d in range(1, min(right + 1, len(result.ngram_run)) + 1):
                 self.ngram_posterior.setdefault((result.ngram_order, d), [2.0, 2.0])[0 if d <= right else 1] += 1
+        for step, rank, token in result.siblings:  # observed when the chain reached the sibling's parent
+            if result.accepted >= step:
+                self.rank_posterior.setdefault(rank, [1.0, 9.0])[0 if result.output[step] == token else 1] += 1
         if result.verify_seconds and (result.steps or result.ngram_run):
             self.costs.observe_verify(result.nodes or len(result.steps) + 1, result.verify_seconds)

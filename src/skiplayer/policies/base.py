@@ -30,6 +30,7 @@ class DraftStep:
     probs: torch.Tensor | None = None             # the draft distribution the token was drawn from (sampling)
     hiddens: list = field(default_factory=list)   # hiddens[l] = hidden state entering layer l, l in [0, exit_layer]
     probe_tokens: dict = field(default_factory=dict)  # depth -> argmax of the intermediate prediction there
+    alternatives: list = field(default_factory=list)  # the draft head's next candidates: (token, probability)
 
     @property
     def exact_until(self) -> int:
@@ -47,6 +48,7 @@ class RoundResult:
     ngram_order: int = 0                           # length of the suffix they matched
     output: list = field(default_factory=list)     # every token the round produced (accepted + verified)
     nodes: int = 0                                 # tree nodes verified (the pending token included)
+    siblings: list = field(default_factory=list)   # (step index, rank, token) of the draft-rank siblings verified
 
 
 class DraftPolicy:
@@ -78,6 +80,11 @@ class DraftPolicy:
         """How many of `available` n-gram candidates (matched on a suffix of `order` tokens) join this round's
         tree beside `drafts` self-drafts: all of them (--ngram_tokens caps the run)."""
         return available
+
+    def siblings(self, candidates: list, steps: list[DraftStep], nodes: int) -> int:
+        """How many of the draft head's alternative candidates (`Sibling`s, best draft path probability first) join
+        a tree of `nodes` nodes: all that --tree_width / --tree_budget allowed."""
+        return len(candidates)
 
     def update(self, result: RoundResult) -> None:
         pass
