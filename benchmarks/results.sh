@@ -20,7 +20,7 @@ for model in $MODELS; do
   done
 done
 skiplayer report "$RUNS"/smollm2-135m/* --output docs/results.md \
-  --title "skiplayer results: SmolLM2-135M-Instruct (float16, built-in draft) on a 2-core CPU"
+  --title "skiplayer results: SmolLM2-135M-Instruct (the file's Q4_1 blocks, built-in draft) on a 2-core CPU"
 if [[ "$MODELS" == *gemma3-270m* ]]; then
   # its own report, one heading level down, appended as a section (figures in docs/results_gemma3_figures/)
   skiplayer report "$RUNS"/gemma3-270m/* --output docs/results_gemma3.md \
