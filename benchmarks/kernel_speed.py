@@ -8,7 +8,7 @@ of one pass with M = 1 row, the effective GB/s (weight bytes / time) and v(M) = 
   F.linear fp32/bf16/fp16                          stock PyTorch (MKL / oneDNN)
   small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/kernels/), on row-major
                                                    weights or on pair-packed ones (model/packing.py, the default)
-  small_linear GGUF Q4_1/Q8_0 amx|avx512|avx2      GGUF blocks (model/gguf_blocks.py) on each instruction-set path
+  small_linear GGUF Q4_1/Q8_0 amx|vnni|avx512|avx2 GGUF blocks (model/gguf_blocks.py) on each instruction-set path
   _weight_int8pack_mm (bf16 activations)            PyTorch's int8 weight-only op
   quantize_dynamic int8 (fp32 activations)          torch.ao dynamic quantization (fbgemm)
   --compile: torch.compile + inductor freezing (weight prepacking) of the same stack, fp32 and bf16, one graph per M
@@ -71,11 +71,12 @@ def build(args):
         from skiplayer.model.gguf_blocks import pack_blocks
         for fmt in ("Q4_1", "Q8_0"):  # GGUF blocks as the kernels hold them (model/gguf_blocks.py)
             here = torch.ops.skiplayer.kernel_isa("")
-            for isa in ("amx", "avx512", "avx2"):  # the paths this CPU has (amx: the tiles layout)
-                if (isa == "amx" and here != "amx") or (isa == "avx512" and here not in ("amx", "avx512")):
+            has = {"amx": ("amx",), "vnni": ("amx", "vnni"), "avx512": ("amx", "vnni", "avx512"), "avx2": None}
+            for isa in ("amx", "vnni", "avx512", "avx2"):  # the paths this CPU has (amx, vnni: the tiles layout)
+                if has[isa] and here not in has[isa]:
                     continue
-                qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt]), tiles=isa == "amx")
-                      for w in ws]
+                qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt]),
+                                  tiles=isa in ("amx", "vnni")) for w in ws]
                 kernels[f"small_linear GGUF {fmt} {isa} (fp32 act)"] = (
                     sum(q.numel() for q in qb), torch.float32,
                     lambda xs, qb=qb, isa=isa: [torch.ops.skiplayer.kernel_isa(isa)] + [

@@ -18,14 +18,21 @@ from gguf import GGMLQuantizationType, quants  # noqa: E402
 
 native = pytest.mark.skipif(not native_kernels_available(), reason="native CPU kernels cannot be built here")
 FORMATS = list(FILE_BLOCK_BYTES)
-has_tiles = pytest.mark.skipif(not (native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "amx"),
-                               reason="this CPU (or OS) gives no AMX tiles: the tiles layout is not used here")
+DEFAULT_ISA = torch.ops.skiplayer.kernel_isa("") if native_kernels_available() else None  # the best this CPU has
+has_tiles = pytest.mark.skipif(DEFAULT_ISA not in ("amx", "vnni"),
+                               reason="this CPU has neither AMX tiles nor AVX-512 VNNI: the tiles layout is not used here")
+has_amx = pytest.mark.skipif(DEFAULT_ISA != "amx", reason="this CPU (or OS) gives no AMX tiles")
 
 
 def isas():
-    """The instruction-set paths of the block kernels, each skipped (with the reason) where this CPU lacks it."""
-    has512 = native_kernels_available() and torch.ops.skiplayer.kernel_isa("") in ("avx512", "amx")
+    """The instruction-set paths of the rows kernels, each skipped (with the reason) where this CPU lacks it."""
+    has512 = DEFAULT_ISA in ("avx512", "vnni", "amx")
     return ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(not has512, reason="this CPU has no AVX-512"))]
+
+
+def tiles_isas():
+    """The kernels of the tiles layout: AVX-512 VNNI, and AMX tiles where the CPU has them."""
+    return [pytest.param("vnni", marks=has_tiles), pytest.param("amx", marks=has_amx)]
 
 
 @pytest.fixture
@@ -169,8 +176,9 @@ def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
     assert kernel_format(wqkv.weight, wqkv.in_features) == family + (" tiles" if layout == "tiles" else "")
     from skiplayer.model.optimize import describe_weights
     assert describe_weights(float_model) == "float32"
+    tiles = " (AMX tiles)" if DEFAULT_ISA == "amx" else " (tiles layout, VNNI)"
     assert describe_weights(block_model) == ("GGUF blocks Q8" if family == "Q8" else "GGUF blocks Q4, Q8") + (
-        " (AMX tiles)" if layout == "tiles" else "")
+        tiles if layout == "tiles" else "")
     tokens = torch.randint(4, 97, (12,), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         expected = float_model(tokens, 0, float_model.new_cache(32))
@@ -208,9 +216,9 @@ def test_tiles_layout_holds_the_same_weights(fmt):
 
 
 @native
-@has_tiles
+@pytest.mark.parametrize("isa", tiles_isas(), indirect=True)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_tiles_products_close_and_batch_invariant(fmt):
+def test_tiles_products_close_and_batch_invariant(fmt, isa):
     g = torch.Generator().manual_seed(6)
     op = torch.ops.skiplayer.small_linear
     for M, K, N in [(1, 32, 16), (5, 96, 48), (19, 576, 64)]:  # M over several chunks of 8
@@ -218,7 +226,7 @@ def test_tiles_products_close_and_batch_invariant(fmt):
         b = pack_blocks(fmt, file_blocks(w, fmt), tiles=True)
         ref = (x.double() @ dequantize_blocks(b, K).double().T + bias.double()).float()
         y = op(x, b, None, bias, True, False)
-        # x enters as two int8 parts per block of 32 (amx.cpp): ~2^-16 of the block's largest |x|
+        # x enters as two int8 parts per block of 32 (amx.cpp): ~2^-16 of the block's largest |x|; same on both kernels
         assert (y - ref).abs().max() <= 2e-4 * ref.abs().max(), fmt
         for m in range(1, M + 1):
             assert torch.equal(op(x[:m], b, None, bias, True, False), y[:m]), (fmt, M, m)
@@ -227,6 +235,22 @@ def test_tiles_products_close_and_batch_invariant(fmt):
             assert torch.equal(op(x, b, None, bias, True, False), y)
         finally:
             torch.set_num_threads(1)
+
+
+@native
+@has_amx
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_vnni_tiles_kernel_is_the_amx_kernel_bit_for_bit(fmt):
+    g = torch.Generator().manual_seed(7)
+    op = torch.ops.skiplayer.small_linear
+    w, x, bias = torch.randn(64, 576, generator=g), torch.randn(11, 576, generator=g) * 3, torch.randn(64, generator=g)
+    b = pack_blocks(fmt, file_blocks(w, fmt), tiles=True)
+    try:
+        torch.ops.skiplayer.kernel_isa("vnni")
+        vnni = op(x, b, None, bias, True, False)
+    finally:
+        torch.ops.skiplayer.kernel_isa("amx")
+    assert torch.equal(op(x, b, None, bias, True, False), vnni)
 
 
 def q4k_file_rows(n: int, K: int, seed: int = 0) -> np.ndarray:

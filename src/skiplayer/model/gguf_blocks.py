@@ -23,7 +23,7 @@ from skiplayer.model.llama import Linear, Transformer
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34}  # per block of 32 weights, in the file
 SUPER_BLOCK_BYTES = {"Q4_K": 144}  # per super-block of 256 weights
 KERNEL_FAMILY = {"Q4_0": "Q4", "Q4_1": "Q4", "Q5_0": "Q8", "Q8_0": "Q8", "Q4_K": "Q4K"}  # the layout each takes
-# In the kernels' layouts (kernels/qblocks.h): per row for the AVX2 / AVX-512 kernels, per 16 rows for AMX tiles.
+# In the kernels' layouts (kernels/qblocks.h): per row for the AVX2 / AVX-512 kernels, per 16 rows for the tiles (AMX or VNNI).
 KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36, "Q4K": 24, "Q4 tiles": 20, "Q8 tiles": 34}
 
 
@@ -37,12 +37,13 @@ def kernel_format(weight: torch.Tensor, in_features: int) -> str:
 
 
 def tiles_available() -> bool:
-    """Whether the native kernels run block products on AMX tiles here (kernels/amx.cpp); SKIPLAYER_GGUF_TILES=0
-    keeps the rows layout (AVX-512) for comparisons."""
+    """Whether the native kernels run block products in the tiles layout here: on AMX tiles (kernels/amx.cpp) or
+    with AVX-512 VNNI (kernels/avx512_vnni.cpp); SKIPLAYER_GGUF_TILES=0 keeps the rows layout (AVX-512) for
+    comparisons."""
     if os.environ.get("SKIPLAYER_GGUF_TILES", "1") == "0":
         return False
     try:
-        return torch.ops.skiplayer.kernel_isa("") == "amx"
+        return torch.ops.skiplayer.kernel_isa("") in ("amx", "vnni")
     except (AttributeError, RuntimeError):
         return False
 
@@ -95,7 +96,7 @@ def _file_parts(fmt: str, rows: np.ndarray):
 
 def pack_blocks(fmt: str, rows: np.ndarray, tiles: bool = False) -> torch.Tensor:
     """A file's (N, blocks * file bytes) uint8 rows of format `fmt` -> a kernels' layout (kernels/qblocks.h): the
-    rows layout, or with `tiles` (AMX; N % 16 == 0) the tiles layout. Same shape (N, nb * bytes per block)."""
+    rows layout, or with `tiles` (AMX or VNNI; N % 16 == 0) the tiles layout. Same shape (N, nb * bytes per block)."""
     d, m, q = _file_parts(fmt, rows)
     n, nb = d.shape
     if tiles and KERNEL_FAMILY[fmt] == "Q4K":

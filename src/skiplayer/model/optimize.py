@@ -13,8 +13,8 @@ It is also *batch invariant*: every output element is accumulated in the same or
 and threads, so a position's logits are bit-identical in a one-token step and inside a verification block.
 Speculative decoding then reproduces plain greedy decoding exactly, not just up to near-ties.
 
-The kernels' C++ is in kernels/ (common.h, ops.cpp; avx2.cpp for AVX2 + FMA + F16C; avx512.cpp and amx.cpp for the GGUF
-block products on CPUs with AVX-512 / AMX, model/gguf_blocks.py, chosen at run time). It is compiled once per
+The kernels' C++ is in kernels/ (common.h, ops.cpp; avx2.cpp for AVX2 + FMA + F16C; avx512.cpp, avx512_vnni.cpp and
+amx.cpp for the GGUF block products on CPUs with AVX-512 / VNNI / AMX, model/gguf_blocks.py, chosen at run time). It is compiled once per
 machine with `torch.utils.cpp_extension` (needs g++ and `ninja`, ~30-60 s, cached under ~/.cache/torch_extensions in a
 folder named by the torch version, the flags and the sources: `kernel_build_name`); without AVX2, a compiler or ninja
 everything falls back to stock PyTorch with a warning, and `SKIPLAYER_NATIVE_KERNELS=0` turns it off.
@@ -41,10 +41,10 @@ from skiplayer.model.packing import pack_pairs, unpack_pairs
 QUANTIZE = (None, "int8")
 
 # The kernels' C++ sources (kernels/): shared parts (common.h, ops.cpp: the op schemas) and one file per
-# instruction-set family: avx2.cpp with the build flags (AVX2 + FMA + F16C), avx512.cpp and amx.cpp under their own
-# target pragmas, called only where the CPU has those units (qblocks.h: their plain-C interface).
+# instruction-set family: avx2.cpp with the build flags (AVX2 + FMA + F16C); avx512.cpp, avx512_vnni.cpp and amx.cpp
+# under their own target pragmas, called only where the CPU has those units (qblocks.h: their plain-C interface).
 _KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-_KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "amx.cpp")  # compiled, in this order
+_KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "avx512_vnni.cpp", "amx.cpp")  # compiled, in this order
 _KERNEL_HEADERS = ("common.h", "qblocks.h")  # included: part of the build key, not compiled on their own
 _KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 _KERNEL_LDFLAGS = ("-fopenmp",)
@@ -280,7 +280,7 @@ def _compiled_mlp():
 
 def describe_weights(model: Transformer) -> str:
     """How the layer matrices and head are stored, for summaries: 'float16', 'int8', or the GGUF block layouts
-    ('GGUF blocks Q4, Q8 (AMX tiles)')."""
+    ('GGUF blocks Q4, Q8 (AMX tiles)', or '(tiles layout, VNNI)' on CPUs with AVX-512 VNNI and no AMX)."""
     from skiplayer.model.gguf_blocks import kernel_format
     kinds = set()
     for mod in model.modules():
@@ -292,7 +292,10 @@ def describe_weights(model: Transformer) -> str:
         return "/".join(sorted(kinds))
     names = sorted({k.split()[0] for k in blocks})
     rest = sorted(kinds - set(blocks))
-    return (f"GGUF blocks {', '.join(names)}" + (" (AMX tiles)" if any(k.endswith("tiles") for k in blocks) else "")
+    tiles = ""
+    if any(k.endswith("tiles") for k in blocks):
+        tiles = " (AMX tiles)" if torch.ops.skiplayer.kernel_isa("") == "amx" else " (tiles layout, VNNI)"
+    return (f"GGUF blocks {', '.join(names)}" + tiles
             + (f" + {'/'.join(rest)}" if rest else ""))
 
 

@@ -10,7 +10,8 @@
 // rest: relative error ~2^-16 of the block's largest |x|, finer than float16 activations), stored as a + 128 and
 // l + 128 for the unsigned-by-signed product (TDPBUSD): C_a = sum (a + 128) q, C_l = sum (l + 128) q in int32,
 // exact. Then per row and weight row: d dx ((C_a - 128 qsum) + (C_l - 128 qsum) / 254) + m xsum, accumulated in
-// fp32 block by block. Every step is per input row, whatever the other rows (batch invariance).
+// fp32 block by block. Every step is per input row, whatever the other rows (batch invariance). The split of x
+// (pack_int8_parts) lives in avx512_vnni.cpp, whose kernel does the same arithmetic without tiles.
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma,avx2")
 #include "qblocks.h"
 
@@ -30,38 +31,11 @@ struct alignas(64) TileConfig {
 // Tile registers (GCC's tile intrinsics take literal numbers): 0 = C (C_a rows, then C_l), 2 = A (a rows, then l
 // rows: one load and one product for both parts, hence at most 8 input rows a call), 4 = B.
 
-inline int iround(float v) { return static_cast<int>(__builtin_nearbyintf(v)); }
-inline int clamp127(int v) { return v < -127 ? -127 : v > 127 ? 127 : v; }
-
 }  // namespace
 
 bool amx_tiles_granted() {  // Linux hands out the tile state only on request (5.16+)
   static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return granted;
-}
-
-size_t amx_a_bytes(int64_t M, int64_t K) { return static_cast<size_t>(K / 32) * 2 * M * 32; }
-
-// A tiles for M <= 8 input rows: per block, the a part (M rows x 32 bytes) then the l part; dx (K / 32, 16) the
-// scale of each row's block, block-major.
-void amx_pack_a(int M, const float* x, int64_t K, uint8_t* a, float* dx) {
-  const int64_t nb = K / 32;
-  for (int64_t b = 0; b < nb; ++b)
-    for (int m = 0; m < M; ++m) {
-      const float* xb = x + m * K + 32 * b;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = __builtin_fmaxf(amax, __builtin_fabsf(xb[k]));
-      const float d = amax > 0.f ? amax / 127.f : 1.f;
-      dx[b * 16 + m] = d;
-      uint8_t* pa = a + (b * 2 * M + m) * 32;
-      uint8_t* pl = pa + M * 32;
-      for (int k = 0; k < 32; ++k) {
-        const float v = xb[k] / d;
-        const int q = clamp127(iround(v));
-        pa[k] = static_cast<uint8_t>(q + 128);
-        pl[k] = static_cast<uint8_t>(clamp127(iround((v - static_cast<float>(q)) * 254.f)) + 128);
-      }
-    }
 }
 
 // Weight rows n0..n1-1 (whole groups of 16 of the tiles layout) against M <= 8 input rows: y[m * N + n] (+ bias).

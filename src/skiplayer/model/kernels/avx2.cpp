@@ -300,36 +300,41 @@ void quant_rows_avx2(int M, const float* x, const float* xsum, const uint8_t* w,
   return quant_rows_fmt<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 
-// Which kernels the block-quantized products use: weights in the tiles layout always go to AMX (pack_blocks lays
-// them out so only where kernel_isa() says "amx": the CPU has AMX-INT8 and the OS grants the tiles); weights in the
-// rows layout go to AVX-512 where present (also under "amx"), else AVX2. kernel_isa() switches (tests run every path
-// the machine has). Each path is batch invariant on its own; they differ in the order of their sums (and AMX in an
-// int8 split of x), so one run must not switch between them.
-enum QuantIsa : int { kAvx2 = 0, kAvx512 = 1, kAmx = 2 };
+// Which kernels the block-quantized products use: weights in the tiles layout go to AMX under "amx", else to the
+// VNNI kernel (pack_blocks lays them out so only where kernel_isa() is "amx" or "vnni": AMX-INT8 with the OS granting
+// the tiles, or AVX-512 VNNI); weights in the rows layout go to AVX-512 where present (also under "amx" and "vnni"),
+// else AVX2. kernel_isa() switches (tests run every path the machine has). Each path is batch invariant on its own;
+// the rows paths differ in the order of their sums, the tiles paths from them in an int8 split of x (AMX and VNNI
+// agree bit for bit), so one run must not switch between rows and tiles.
+enum QuantIsa : int { kAvx2 = 0, kAvx512 = 1, kVnni = 2, kAmx = 3 };
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+bool cpu_has_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 bool cpu_has_amx() {
-  return cpu_has_avx512() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
-         __builtin_cpu_supports("avx512vnni") && amx_tiles_granted();
+  return cpu_has_vnni() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+         amx_tiles_granted();
 }
-std::atomic<int> quant_isa{cpu_has_amx() ? kAmx : cpu_has_avx512() ? kAvx512 : kAvx2};
+std::atomic<int> quant_isa{cpu_has_amx() ? kAmx : cpu_has_vnni() ? kVnni : cpu_has_avx512() ? kAvx512 : kAvx2};
 
 std::string kernel_isa(c10::string_view isa) {
   if (isa == "amx") {
     TORCH_CHECK(cpu_has_amx(), "kernel_isa: this CPU (or OS) gives no AMX tiles with int8");
     quant_isa = kAmx;
+  } else if (isa == "vnni") {
+    TORCH_CHECK(cpu_has_vnni(), "kernel_isa: this CPU has no AVX-512 VNNI");
+    quant_isa = kVnni;
   } else if (isa == "avx512") {
     TORCH_CHECK(cpu_has_avx512(), "kernel_isa: this CPU has no AVX-512 (F, BW, VL, DQ)");
     quant_isa = kAvx512;
   } else if (isa == "avx2") {
     quant_isa = kAvx2;
   } else {
-    TORCH_CHECK(isa.empty(), "kernel_isa: 'amx', 'avx512', 'avx2' or '' (query) expected");
+    TORCH_CHECK(isa.empty(), "kernel_isa: 'amx', 'vnni', 'avx512', 'avx2' or '' (query) expected");
   }
   const int now = quant_isa;
-  return now == kAmx ? "amx" : now == kAvx512 ? "avx512" : "avx2";
+  return now == kAmx ? "amx" : now == kVnni ? "vnni" : now == kAvx512 ? "avx512" : "avx2";
 }
 
 // The block format of a uint8 weight (N, bytes) for K input columns, from its bytes per block (qblocks.h).
@@ -347,24 +352,26 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
   std::vector<float> xsum(M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
   for (int64_t i = 0; i < M * nb; ++i)
     for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
-  if (format == kQ4Tiles || format == kQ8Tiles) {  // A tiles, scales and block sums per chunk of <= 8 rows
-    TORCH_CHECK(cpu_has_amx(), "small_linear: weights in the AMX tiles layout on a machine without AMX tiles");
-    TORCH_CHECK(N % 16 == 0, "small_linear: the AMX tiles layout needs N % 16 == 0");
-    const std::vector<int64_t> first = chunk_starts(M, kQuantRowsAmx);
+  if (format == kQ4Tiles || format == kQ8Tiles) {  // x split in int8 parts, scales and block sums per chunk of <= 8 rows
+    const bool amx = quant_isa == kAmx;
+    TORCH_CHECK(amx || cpu_has_vnni(), "small_linear: weights in the tiles layout on a machine without AMX or AVX-512 VNNI");
+    TORCH_CHECK(N % 16 == 0, "small_linear: the tiles layout needs N % 16 == 0");
+    const std::vector<int64_t> first = chunk_starts(M, kQuantRowsTiles);
     const int64_t chunks = static_cast<int64_t>(first.size()) - 1;
     std::vector<std::vector<uint8_t>> a(chunks);
     std::vector<float> dx(chunks * nb * 16, 0.f), xsum_t(chunks * nb * 16, 0.f);
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t m0 = first[c], mc = first[c + 1] - m0;
-      a[c].resize(amx_a_bytes(mc, K));
-      amx_pack_a(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16);
+      a[c].resize(int8_parts_bytes(mc, K));
+      pack_int8_parts(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16);
       for (int64_t m = 0; m < mc; ++m)
         for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + m] = xsum[(m0 + m) * nb + j];
     }
-    run_blocks<64>(N, [&](int64_t n, int64_t ne) {  // 4 groups a task: one tile configuration for them
+    const auto tiles = amx ? quant_rows_amx : quant_rows_vnni;
+    run_blocks<64>(N, [&](int64_t n, int64_t ne) {  // 4 groups a task (AMX: one tile configuration for them)
       for (int64_t c = 0; c < chunks; ++c)
-        quant_rows_amx(static_cast<int>(first[c + 1] - first[c]), a[c].data(), dx.data() + c * nb * 16,
-                       xsum_t.data() + c * nb * 16, w, format, bias, y + first[c] * N, K, N, n, ne);
+        tiles(static_cast<int>(first[c + 1] - first[c]), a[c].data(), dx.data() + c * nb * 16,
+              xsum_t.data() + c * nb * 16, w, format, bias, y + first[c] * N, K, N, n, ne);
     });
     return;
   }

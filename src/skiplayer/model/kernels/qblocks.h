@@ -14,7 +14,7 @@
 //   A d stored as fp32 in front of its block feeds the multiply as an embedded broadcast, and the m of a Q4 row
 //   enter once per row as sum_b m_b * (sum of x over block b): the file's layout (two fp16 conversions and two
 //   broadcasts per block) cost twice the vector instructions, and 512-bit ones issue on two ports only.
-// Tiles (AMX kernel, amx.cpp), per group of 16 weight rows (N % 16 == 0) and block:
+// Tiles (AMX and VNNI kernels, amx.cpp and avx512_vnni.cpp), per group of 16 weight rows (N % 16 == 0) and block:
 //   Q4 (20 bytes): [16 fp16 d][16 fp16 m][256 bytes: the 32 x 16 quants in the tiles' order, two per byte]
 //   Q8 (34 bytes): [16 fp16 d][512 int8 in the tiles' order]
 //   The tiles' order is B[k / 4][4 n + k % 4] (k < 32 the column in the block, n < 16 the row in the group); in Q4,
@@ -41,14 +41,17 @@ void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* 
                        float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 constexpr int kQuantRowsAvx512 = 8;
 
-// AMX tiles + AVX-512 VNNI: amx.cpp. Weight rows n0..n1-1 (groups of 16) in the tiles layout against M <= 8 input rows,
-// on A tiles prepared once per product by amx_pack_a (dx: (K / 32, 16) block scales, xsum_t: (K / 32, 16) block sums
-// of x, both block-major).
-constexpr int kQuantRowsAmx = 8;
+// Tiles layout, on input rows split in two int8 parts per block (amx.cpp says how): pack_int8_parts prepares them
+// once per product for M <= 8 rows (dx: (K / 32, 16) block scales; xsum_t: (K / 32, 16) block sums of x, both
+// block-major); then weight rows n0..n1-1 (groups of 16) against them on AMX tiles (amx.cpp) or with AVX-512 VNNI
+// (avx512_vnni.cpp, which also holds pack_int8_parts): the same arithmetic, bit for bit.
+constexpr int kQuantRowsTiles = 8;
+size_t int8_parts_bytes(int64_t M, int64_t K);
+void pack_int8_parts(int M, const float* x, int64_t K, uint8_t* a, float* dx);
 bool amx_tiles_granted();
-size_t amx_a_bytes(int64_t M, int64_t K);
-void amx_pack_a(int M, const float* x, int64_t K, uint8_t* a, float* dx);
 void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
                     const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
+void quant_rows_vnni(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
+                     const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 
 }  // namespace skiplayer

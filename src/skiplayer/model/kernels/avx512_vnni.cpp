@@ -1,0 +1,131 @@
+// AVX-512 VNNI kernels, compiled with a target pragma and called only where the CPU has them (run-time dispatch in
+// avx2.cpp): products with GGUF block weights in the tiles layout (qblocks.h) on CPUs with VNNI but no AMX (AMD
+// Zen 4, Intel Ice Lake and later), and the int8 split of x that this kernel and the AMX one (amx.cpp) share.
+//
+// Why: from about 4 input rows on, the fp32 kernel (avx512.cpp) is bound by the FMA units (16 products per cycle
+// and core on Zen 4: a block of 8 positions cost 2.7x one row there), while vpdpbusd does 64 int8 products per
+// instruction. The arithmetic is amx.cpp's, with vpdpbusd doing the tile unit's products: per block of 32 columns
+// and 16 weight rows, C_a and C_l are the same exact int32 sums and the scaling is the same fp32 sequence, so a
+// product here is bit-identical to the AMX one (tested where both exist) and, like it, batch invariant.
+// No torch header here (qblocks.h says why).
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma,avx2")
+#include "qblocks.h"
+
+#include <immintrin.h>
+
+namespace skiplayer {
+namespace {
+
+inline int iround(float v) { return static_cast<int>(__builtin_nearbyintf(v)); }
+inline int clamp127(int v) { return v < -127 ? -127 : v > 127 ? 127 : v; }
+
+inline int32_t load32(const uint8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+
+// Weight rows n0..n1-1 (groups of 16) against M input rows, whole groups at a time: per block, the group's 8 B rows
+// (4 columns x 16 weight rows each, the tiles' order) stay in registers for all M input rows.
+template <int FMT, int M>
+void rows(const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, const float* bias, float* y,
+          int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int64_t group_bytes = FMT == kQ4Tiles ? 320 : 544;
+  const int64_t nb = K / 32;
+  const __m512i nib = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
+  const __m512 inv254 = _mm512_set1_ps(1.f / 254.f);
+  for (; n0 < n1; n0 += 16) {
+    const uint8_t* g = w + (n0 / 16) * nb * group_bytes;
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = g + b * group_bytes;
+      for (int64_t l = 0; l < group_bytes; l += 64)  // the next group's block, into L2 (amx.cpp says why)
+        _mm_prefetch(reinterpret_cast<const char*>(p + nb * group_bytes + l), _MM_HINT_T1);
+      __m512i B[8];
+      __m512i qsum = _mm512_setzero_si512();
+      if constexpr (FMT == kQ4Tiles) {
+        for (int t = 0; t < 4; ++t) {  // 64 bytes of nibbles -> B rows 2t (low) and 2t + 1 (high)
+          const __m512i v = _mm512_loadu_si512(p + 64 + 64 * t);
+          B[2 * t] = _mm512_and_si512(v, nib);
+          B[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        }
+      } else {
+        for (int t = 0; t < 8; ++t) B[t] = _mm512_loadu_si512(p + 32 + 64 * t);
+      }
+      for (int t = 0; t < 8; ++t) qsum = _mm512_dpbusd_epi32(qsum, ones, B[t]);
+      // C - 128 qsum: the sums start at -128 qsum instead of subtracting it after (the same exact int32)
+      const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(qsum, 7));
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      const __m512 mv = FMT == kQ4Tiles ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)))
+                                        : _mm512_setzero_ps();
+      const uint8_t* ab = a + b * 2 * M * 32;  // this block's a rows, then its l rows
+      for (int m = 0; m < M; ++m) {
+        __m512i ca = start, cl = start;
+        for (int t = 0; t < 8; ++t) {
+          ca = _mm512_dpbusd_epi32(ca, _mm512_set1_epi32(load32(ab + m * 32 + 4 * t)), B[t]);
+          cl = _mm512_dpbusd_epi32(cl, _mm512_set1_epi32(load32(ab + (M + m) * 32 + 4 * t)), B[t]);
+        }
+        const __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(cl), inv254, _mm512_cvtepi32_ps(ca));
+        acc[m] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(dx[b * 16 + m])), acc[m]);
+        if constexpr (FMT == kQ4Tiles) acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum_t[b * 16 + m]), acc[m]);
+      }
+    }
+    const int64_t left = N - n0 < 16 ? N - n0 : 16;
+    const __mmask16 keep = static_cast<__mmask16>((1u << left) - 1);
+    for (int m = 0; m < M; ++m) {
+      __m512 v = acc[m];
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, bias + n0));
+      _mm512_mask_storeu_ps(y + m * N + n0, keep, v);
+    }
+  }
+}
+
+template <int FMT>
+void rows_any(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, const float* bias,
+              float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return rows<FMT, 1>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    case 2: return rows<FMT, 2>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    case 3: return rows<FMT, 3>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    case 4: return rows<FMT, 4>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    case 5: return rows<FMT, 5>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    case 6: return rows<FMT, 6>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    case 7: return rows<FMT, 7>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    default: return rows<FMT, 8>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+  }
+}
+
+}  // namespace
+
+size_t int8_parts_bytes(int64_t M, int64_t K) { return static_cast<size_t>(K / 32) * 2 * M * 32; }
+
+// Per block, the a parts of the M <= 8 rows (M x 32 bytes) then their l parts; dx (K / 32, 16) the scale of each
+// row's block, block-major (amx.cpp describes the split).
+void pack_int8_parts(int M, const float* x, int64_t K, uint8_t* a, float* dx) {
+  const int64_t nb = K / 32;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int m = 0; m < M; ++m) {
+      const float* xb = x + m * K + 32 * b;
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = __builtin_fmaxf(amax, __builtin_fabsf(xb[k]));
+      const float d = amax > 0.f ? amax / 127.f : 1.f;
+      dx[b * 16 + m] = d;
+      uint8_t* pa = a + (b * 2 * M + m) * 32;
+      uint8_t* pl = pa + M * 32;
+      for (int k = 0; k < 32; ++k) {
+        const float v = xb[k] / d;
+        const int q = clamp127(iround(v));
+        pa[k] = static_cast<uint8_t>(q + 128);
+        pl[k] = static_cast<uint8_t>(clamp127(iround((v - static_cast<float>(q)) * 254.f)) + 128);
+      }
+    }
+}
+
+void quant_rows_vnni(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
+                     const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  if (format == kQ4Tiles) return rows_any<kQ4Tiles>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+  return rows_any<kQ8Tiles>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+}
+
+}  // namespace skiplayer
