@@ -16,9 +16,6 @@
 namespace skiplayer {
 namespace {
 
-inline int iround(float v) { return static_cast<int>(__builtin_nearbyintf(v)); }
-inline int clamp127(int v) { return v < -127 ? -127 : v > 127 ? 127 : v; }
-
 inline int32_t load32(const uint8_t* p) {
   int32_t v;
   __builtin_memcpy(&v, p, 4);
@@ -101,23 +98,30 @@ void rows_any(int M, const uint8_t* a, const float* dx, const float* xsum_t, con
 size_t int8_parts_bytes(int64_t M, int64_t K) { return static_cast<size_t>(K / 32) * 2 * M * 32; }
 
 // Per block, the a parts of the M <= 8 rows (M x 32 bytes) then their l parts; dx (K / 32, 16) the scale of each
-// row's block, block-major (amx.cpp describes the split).
+// row's block, block-major (amx.cpp describes the split). Vectorised: done once per product on the calling thread,
+// the scalar loop cost 1.5 ns per element (a quarter of an 8-row product of the default model). IEEE division and
+// round-to-nearest-even conversions: the same bytes as the scalar definition, d = max|x| / 127,
+// a = clamp(round(x / d)), l = clamp(round((x / d - a) * 254)).
 void pack_int8_parts(int M, const float* x, int64_t K, uint8_t* a, float* dx) {
   const int64_t nb = K / 32;
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
+  const __m512 f254 = _mm512_set1_ps(254.f);
   for (int64_t b = 0; b < nb; ++b)
     for (int m = 0; m < M; ++m) {
       const float* xb = x + m * K + 32 * b;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = __builtin_fmaxf(amax, __builtin_fabsf(xb[k]));
+      const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
       const float d = amax > 0.f ? amax / 127.f : 1.f;
       dx[b * 16 + m] = d;
       uint8_t* pa = a + (b * 2 * M + m) * 32;
       uint8_t* pl = pa + M * 32;
-      for (int k = 0; k < 32; ++k) {
-        const float v = xb[k] / d;
-        const int q = clamp127(iround(v));
-        pa[k] = static_cast<uint8_t>(q + 128);
-        pl[k] = static_cast<uint8_t>(clamp127(iround((v - static_cast<float>(q)) * 254.f)) + 128);
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v = _mm512_div_ps(h ? x1 : x0, _mm512_set1_ps(d));
+        const __m512i q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
+        const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(q)), f254);
+        const __m512i l = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(rest), lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pa + 16 * h), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(pl + 16 * h), _mm512_cvtepi32_epi8(_mm512_add_epi32(l, off)));
       }
     }
 }
