@@ -58,11 +58,14 @@ void rows(const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t*
                                         : _mm512_setzero_ps();
       const uint8_t* ab = a + b * 2 * M * 32;  // this block's a rows, then its l rows
       for (int m = 0; m < M; ++m) {
-        __m512i ca = start, cl = start;
-        for (int t = 0; t < 8; ++t) {
+        __m512i ca = start, cl = start, ca1 = _mm512_setzero_si512(), cl1 = _mm512_setzero_si512();
+        for (int t = 0; t < 8; t += 2) {  // two chains each: vpdpbusd's latency, not its throughput, bounded one
           ca = _mm512_dpbusd_epi32(ca, _mm512_set1_epi32(load32(ab + m * 32 + 4 * t)), B[t]);
           cl = _mm512_dpbusd_epi32(cl, _mm512_set1_epi32(load32(ab + (M + m) * 32 + 4 * t)), B[t]);
+          ca1 = _mm512_dpbusd_epi32(ca1, _mm512_set1_epi32(load32(ab + m * 32 + 4 * t + 4)), B[t + 1]);
+          cl1 = _mm512_dpbusd_epi32(cl1, _mm512_set1_epi32(load32(ab + (M + m) * 32 + 4 * t + 4)), B[t + 1]);
         }
+        ca = _mm512_add_epi32(ca, ca1), cl = _mm512_add_epi32(cl, cl1);
         const __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(cl), inv254, _mm512_cvtepi32_ps(ca));
         acc[m] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(dx[b * 16 + m])), acc[m]);
         if constexpr (FMT == kQ4Tiles) acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum_t[b * 16 + m]), acc[m]);
