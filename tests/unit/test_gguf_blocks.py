@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
-from skiplayer.model.gguf_blocks import (FILE_BLOCK_BYTES, KERNEL_FAMILY, dequantize_blocks, kernel_format, pack_blocks,
-                                         use_gguf_blocks)
+from skiplayer.model.gguf_blocks import (FILE_BLOCK_BYTES, KERNEL_FAMILY, block_rows, dequantize_blocks, kernel_format,
+                                         pack_blocks, use_gguf_blocks)
 from skiplayer.model.llama import Transformer
 from skiplayer.model.optimize import native_kernels_available, optimize_model
 from skiplayer.policies import PolicyConfig
@@ -251,6 +251,40 @@ def test_vnni_tiles_kernel_is_the_amx_kernel_bit_for_bit(fmt):
     finally:
         torch.ops.skiplayer.kernel_isa("amx")
     assert torch.equal(op(x, b, None, bias, True, False), vnni)
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_block_rows_are_those_rows_of_the_weights(fmt, tiles):
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(8))
+    b = pack_blocks(fmt, file_blocks(w, fmt), tiles=tiles)
+    full = dequantize_blocks(b, 96)
+    for ids in (torch.tensor([5, 63, 0, 17] * 8), torch.tensor([9, 2, 40])):  # whole groups of 16, and not
+        rows = block_rows(b, 96, ids)
+        assert kernel_format(rows, 96) == KERNEL_FAMILY[fmt] + (" tiles" if tiles and len(ids) % 16 == 0 else "")
+        assert torch.equal(dequantize_blocks(rows, 96), full[ids])
+
+
+@native
+def test_a_reduced_draft_head_reads_the_heads_blocks_and_stays_lossless(tmp_path):
+    from skiplayer.decoding.draft import DraftHead
+    from skiplayer.draft_artifact import Draft
+    float_model, model, _ = tiny_gguf_pair(tmp_path)
+    ids = torch.arange(4, 97, 2)
+    head = DraftHead(model, ids)
+    assert head.weight.dtype == torch.uint8 and torch.equal(dequantize_blocks(head.weight, 64),
+                                                            dequantize_blocks(model.lm_head.weight, 64)[ids])
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        expected = float_model.logits(x, float_model.head_rows(ids))[-1]  # the same Q8_0 values, as floats
+        assert torch.allclose(head(x, 4), expected, atol=1e-4, rtol=1e-4)
+    draft = Draft(ids, {}, {}, [2])
+    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16]):
+        def run(strategy):
+            config = GenerationConfig(max_steps=24, generation_strategy=strategy,
+                                      policy=PolicyConfig(exit_layer=2, num_speculations=2))
+            return generate_ids(model, prompt, config, tokenizer=FakeTokenizer(), draft=draft)[0]
+        assert run("self_speculative") == run("autoregressive"), prompt
 
 
 def q4k_file_rows(n: int, K: int, seed: int = 0) -> np.ndarray:

@@ -11,6 +11,7 @@ import torch
 
 from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
 from skiplayer.decoding.stats import Clock
+from skiplayer.model.gguf_blocks import block_rows
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer, TreeMask
 from skiplayer.model.packing import pack_pairs
@@ -28,13 +29,23 @@ class DraftHead:
     def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None, adapters: dict | None = None):
         from skiplayer.draft_artifact import AttentionAdapter
         self.model, self.vocab_ids, self.adapters = model, vocab_ids, adapters or {}
-        # a reduced head is stored like the model's (pair-packed when the native kernel streams it: ~20% faster)
-        self.packed = vocab_ids is not None and model.head_packed
-        rows = None if vocab_ids is None else model.head_rows(vocab_ids).contiguous()
-        self.weight = pack_pairs(rows) if self.packed else rows
+        # a reduced head is stored like the model's: pair-packed when the native kernel streams it (~20% faster), or
+        # as rows of the head's GGUF blocks (a quarter of float16's bytes: decoding on them is memory-bound)
+        self.packed = vocab_ids is not None and model.head_packed and not self.head_blocks(model)
+        if vocab_ids is None:
+            self.weight = None
+        elif self.head_blocks(model):
+            self.weight = block_rows(model.lm_head.weight, model.args.dim, vocab_ids)
+        else:
+            rows = model.head_rows(vocab_ids).contiguous()
+            self.weight = pack_pairs(rows) if self.packed else rows
         attention = sorted(e for e, a in self.adapters.items() if isinstance(a, AttentionAdapter))
         self.slots = {e: model.n_layers + j for j, e in enumerate(attention)}  # depth -> cache slot
         self.extra_layers = len(self.slots)
+
+    @staticmethod
+    def head_blocks(model: Transformer) -> bool:
+        return model.lm_head is not None and model.lm_head.weight.dtype == torch.uint8
 
     def __call__(self, h: torch.Tensor, depth: int, pos: int = 0, cache: KVCache | None = None,
                  exit_hidden: dict | None = None) -> torch.Tensor:

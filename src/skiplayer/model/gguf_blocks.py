@@ -154,6 +154,33 @@ def dequantize_blocks(weight: torch.Tensor, in_features: int) -> torch.Tensor:
     return torch.addcmul(m, q, d).reshape(n, in_features)  # d * q is exact: one rounding, as in ggml
 
 
+def block_rows(weight: torch.Tensor, in_features: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a block weight in a kernels' layout, as a block weight (a draft's reduced vocabulary read from
+    the model's quantized head: a quarter of the bytes of float16 rows). The tiles layout is kept where the rows
+    fill whole groups of 16, else the rows layout; the weights are the same bit for bit."""
+    fmt = kernel_format(weight, in_features)
+    if not fmt.endswith("tiles"):
+        return weight[ids].contiguous()  # the rows layouts are per row
+    n, nb = weight.shape[0], in_features // 32
+    g = n // 16
+    b = weight.numpy().reshape(g, nb, KERNEL_BLOCK_BYTES[fmt] * 16)
+    d = b[..., :32].copy().view(np.float16).transpose(0, 2, 1).reshape(n, nb, 1)  # the tiles hold 16 rows' d
+    if fmt == "Q8 tiles":
+        bq = b[..., 32:].view(np.int8).reshape(g, nb, 8, 64)
+    else:
+        nibbles = b[..., 64:].reshape(g, nb, 4, 1, 64)
+        bq = np.concatenate([nibbles & 15, nibbles >> 4], axis=3).reshape(g, nb, 8, 64)
+    q = bq.reshape(g, nb, 8, 16, 4).transpose(0, 3, 1, 2, 4).reshape(n, nb, 32)  # inverse of pack_blocks' order
+    if fmt == "Q8 tiles":  # the file's Q8_0 rows: [fp16 d][32 int8]
+        file_fmt, body = "Q8_0", np.concatenate([d.view(np.uint8), q.view(np.uint8)], axis=-1)
+    else:  # Q4_1 rows: [fp16 d][fp16 m][byte j: element j (low), j + 16 (high)]
+        m = b[..., 32:64].copy().view(np.float16).transpose(0, 2, 1).reshape(n, nb, 1)
+        packed = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+        file_fmt, body = "Q4_1", np.concatenate([d.view(np.uint8), m.view(np.uint8), packed], axis=-1)
+    rows = body.reshape(n, -1)[ids.numpy()]
+    return pack_blocks(file_fmt, rows, tiles=len(rows) % 16 == 0)
+
+
 def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
     """Undo the row order llama.cpp's converter gives q/k projections (rotary halves interleaved per head)."""
     n = rows.shape[0]
