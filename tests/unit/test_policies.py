@@ -161,6 +161,21 @@ def test_adaptive_prefers_cheap_layers_when_equally_good():
     assert e == min(pol.candidates) and k > 0
 
 
+def test_adaptive_learns_what_drafts_cost_inside_decoding():
+    """Drafts that take twice their profiled time (weights evicted between rounds) must stop being chosen where
+    they only paid at the profiled cost."""
+    pol = adaptive(0, 0)
+    pol.costs.step_seconds = 0.01
+    alphas = {e: 0.7 for e in pol.candidates}
+    assert pol.best_setting(alphas)[1] > 0
+    e = pol.exit
+    for _ in range(60):  # one draft at exit e per round, measured at twice the profile's prediction
+        profiled = (e * pol.costs.layer + pol.costs.head) * pol.costs.step_seconds
+        pol.update(RoundResult([DraftStep(5, e, confidence=0.5)], 0, [9], draft_seconds=2 * profiled))
+    assert 1.9 < pol.costs.draft_scale < 2.01
+    assert pol.best_setting(alphas)[1] == 0
+
+
 @pytest.mark.parametrize("kw,flag", [
     (dict(confidence_threshold=0.0), "--confidence_threshold"), (dict(confidence_threshold=1.5), "--confidence_threshold"),
     (dict(layer_skip_proportion=-0.1), "--layer_skip_proportion"), (dict(layer_skip_proportion=1.1), "--layer_skip_proportion"),

@@ -103,8 +103,10 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     nodes = room if s.tree_budget is None else min(room, s.tree_budget)
     if run:  # the policy shapes the tree: self-drafts beside the run, then how much of the run to keep
         budget = min(budget, s.policy.drafts_beside(order, len(run)))
+    drafting = stats.time_draft_layers + stats.time_draft_heads
     steps = draft_round(s.model, s.cache, pending, start, min(budget, nodes), s.policy, s.head, s.sampling,
                         s.generator, s.clock, s.stop_ids, s.tree_width) if s.self_draft and budget > 0 else []
+    drafting = stats.time_draft_layers + stats.time_draft_heads - drafting
     run = run[:min(s.policy.ngram_tokens(len(steps), order, len(run)), nodes - len(steps))]
     tree, siblings = build_tree(s, pending, steps, run)
     t = s.clock.now()
@@ -119,7 +121,7 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     new = [tree.tokens[node] for node in path[1:]] + [nxt]
     on_chain = min(len(steps), next((i for i, node in enumerate(path) if node != i), len(path)) - 1)  # self-drafts
     s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds, run, order, new, len(tree),
-                                [(c.step, c.rank, c.token) for c in siblings]))
+                                [(c.step, c.rank, c.token) for c in siblings], drafting))
     record(stats, tree, path, steps, on_chain)
     if s.ngram is not None:
         s.ngram.extend(new)

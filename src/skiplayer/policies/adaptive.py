@@ -32,6 +32,10 @@ class CostModel:
     head: float                                    # the draft's LM head, one position
     verify: list = field(default_factory=list)     # verify[n]: full pass over n positions (verify[0] unused)
     step_seconds: float = 0.0                      # seconds of one autoregressive step, as profiled
+    # measured draft steps / profiled ones, learned online: the profile times the draft head and layers back to
+    # back, with their weights in cache; inside decoding the full model streams between two drafts and evicts
+    # them (Zen 5, default model: a draft step cost twice its profiled time, so chains were chosen that lost 5%)
+    draft_scale: float = 1.0
 
     @classmethod
     def nominal(cls, n_layers: int, max_n: int = 16, head: float = 0.2, slope: float = 0.1) -> "CostModel":
@@ -40,7 +44,7 @@ class CostModel:
         return cls(n_layers, layer, head, [0.0] + [1 + slope * (n - 1) for n in range(1, max_n + 1)])
 
     def draft(self, exit_layer: int) -> float:
-        return exit_layer * self.layer + self.head
+        return (exit_layer * self.layer + self.head) * self.draft_scale
 
     def verify_from(self, exit_layer: int, n: int) -> float:
         """Verification of n positions starting at `exit_layer` (plus the last draft's shallow layers)."""
@@ -51,6 +55,12 @@ class CostModel:
     def observe_verify(self, n: int, seconds: float, weight: float = 0.1) -> None:
         if self.step_seconds > 0 and 0 < n < len(self.verify):
             self.verify[n] += weight * (seconds / self.step_seconds - self.verify[n])
+
+    def observe_draft(self, exit_layers: list[int], seconds: float, weight: float = 0.1) -> None:
+        """A round's draft steps (their exit layers) took `seconds` in all."""
+        profiled = sum(e * self.layer + self.head for e in exit_layers) * self.step_seconds
+        if profiled > 0 and seconds > 0:
+            self.draft_scale += weight * (seconds / profiled - self.draft_scale)
 
 
 # Drafting must promise this much more than autoregressive decoding: the start-up profile times layers, heads and
@@ -219,5 +229,9 @@ class Adaptive(DraftPolicy):
         for step, rank, token in result.siblings:  # observed when the chain reached the sibling's parent
             if result.accepted >= step:
                 self.rank_posterior.setdefault(rank, [1.0, 9.0])[0 if result.output[step] == token else 1] += 1
+        # Only passes with candidates: an autoregressive round observed into v(1) while v(2..) keep their profiled
+        # values made drafting look cheaper whenever decoding ran slower than the profile (HumanEval on Zen 5: 0.94x)
         if result.verify_seconds and (result.steps or result.ngram_run):
             self.costs.observe_verify(result.nodes or len(result.steps) + 1, result.verify_seconds)
+        if result.draft_seconds and result.steps:
+            self.costs.observe_draft([st.exit_layer for st in result.steps], result.draft_seconds)

@@ -49,6 +49,7 @@ class RoundResult:
     output: list = field(default_factory=list)     # every token the round produced (accepted + verified)
     nodes: int = 0                                 # tree nodes verified (the pending token included)
     siblings: list = field(default_factory=list)   # (step index, rank, token) of the draft-rank siblings verified
+    draft_seconds: float = 0.0                     # time of the round's draft steps (layers and heads)
 
 
 class DraftPolicy:
