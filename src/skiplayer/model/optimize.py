@@ -45,7 +45,7 @@ QUANTIZE = (None, "int8")
 # under their own target pragmas, called only where the CPU has those units (qblocks.h: their plain-C interface).
 _KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "avx512_vnni.cpp", "amx.cpp")  # compiled, in this order
-_KERNEL_HEADERS = ("common.h", "qblocks.h")  # included: part of the build key, not compiled on their own
+_KERNEL_HEADERS = ("common.h", "qblocks.h", "tiles.h")  # included: part of the build key, not compiled on their own
 _KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 _KERNEL_LDFLAGS = ("-fopenmp",)
 

@@ -14,6 +14,7 @@
 // (pack_int8_parts) lives in avx512_vnni.cpp, whose kernel does the same arithmetic without tiles.
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma,avx2")
 #include "qblocks.h"
+#include "tiles.h"
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -62,7 +63,6 @@ void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_
     __m512 acc[16];
     for (int m = 0; m < 16; ++m) acc[m] = _mm512_setzero_ps();
     const __m512i nib = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
-    const __m512 inv254 = _mm512_set1_ps(1.f / 254.f);
     int64_t qsum_at[2] = {0, 0};  // where the pending block's qsum lies in qsums
     auto scale = [&](int64_t b, int parity) {  // acc += block b's results, from cbuf[parity]
       const uint8_t* p = g + b * group_bytes;
@@ -70,13 +70,10 @@ void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_
       const __m512i bias128 = _mm512_slli_epi32(_mm512_load_si512(qsums + 16 * qsum_at[parity]), 7);
       const __m512 mv = format == kQ4Tiles ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)))
                                            : _mm512_setzero_ps();
-      for (int m = 0; m < M; ++m) {
-        const __m512 fa = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(cbuf[parity] + 16 * m), bias128));
-        const __m512 fl = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(cbuf[parity] + 16 * (M + m)), bias128));
-        const __m512 s = _mm512_fmadd_ps(fl, inv254, fa);
-        acc[m] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(dx[b * 16 + m])), acc[m]);
-        if (format == kQ4Tiles) acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum_t[b * 16 + m]), acc[m]);
-      }
+      for (int m = 0; m < M; ++m)
+        acc[m] = add_block(acc[m], _mm512_sub_epi32(_mm512_load_si512(cbuf[parity] + 16 * m), bias128),
+                           _mm512_sub_epi32(_mm512_load_si512(cbuf[parity] + 16 * (M + m)), bias128), d,
+                           dx[b * 16 + m], mv, xsum_t[b * 16 + m], format == kQ4Tiles);
     };
     for (int64_t c0 = 0; c0 < nb; c0 += kChunk) {
       const int64_t c1 = c0 + kChunk < nb ? c0 + kChunk : nb;
@@ -113,13 +110,7 @@ void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_
       }
       scale(c1 - 1, (c1 - 1) & 1);  // the chunk's last block (qsums is rewritten by the next chunk)
     }
-    const int64_t rows = N - n0 < 16 ? N - n0 : 16;
-    const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
-    for (int m = 0; m < M; ++m) {
-      __m512 v = acc[m];
-      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, bias + n0));
-      _mm512_mask_storeu_ps(y + m * N + n0, keep, v);
-    }
+    store_group(acc, M, bias, y, N, n0);
   }
   _tile_release();
 }

@@ -10,6 +10,7 @@
 // No torch header here (qblocks.h says why).
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma,avx2")
 #include "qblocks.h"
+#include "tiles.h"
 
 #include <immintrin.h>
 
@@ -30,7 +31,6 @@ void rows(const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t*
   constexpr int64_t group_bytes = FMT == kQ4Tiles ? 320 : 544;
   const int64_t nb = K / 32;
   const __m512i nib = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
-  const __m512 inv254 = _mm512_set1_ps(1.f / 254.f);
   for (; n0 < n1; n0 += 16) {
     const uint8_t* g = w + (n0 / 16) * nb * group_bytes;
     __m512 acc[M];
@@ -66,18 +66,10 @@ void rows(const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t*
           cl1 = _mm512_dpbusd_epi32(cl1, _mm512_set1_epi32(load32(ab + (M + m) * 32 + 4 * t + 4)), B[t + 1]);
         }
         ca = _mm512_add_epi32(ca, ca1), cl = _mm512_add_epi32(cl, cl1);
-        const __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(cl), inv254, _mm512_cvtepi32_ps(ca));
-        acc[m] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(dx[b * 16 + m])), acc[m]);
-        if constexpr (FMT == kQ4Tiles) acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum_t[b * 16 + m]), acc[m]);
+        acc[m] = add_block(acc[m], ca, cl, d, dx[b * 16 + m], mv, xsum_t[b * 16 + m], FMT == kQ4Tiles);
       }
     }
-    const int64_t left = N - n0 < 16 ? N - n0 : 16;
-    const __mmask16 keep = static_cast<__mmask16>((1u << left) - 1);
-    for (int m = 0; m < M; ++m) {
-      __m512 v = acc[m];
-      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(keep, bias + n0));
-      _mm512_mask_storeu_ps(y + m * N + n0, keep, v);
-    }
+    store_group(acc, M, bias, y, N, n0);
   }
 }
 
