@@ -31,10 +31,11 @@ class DraftHead:
         self.model, self.vocab_ids, self.adapters = model, vocab_ids, adapters or {}
         # a reduced head is stored like the model's: pair-packed when the native kernel streams it (~20% faster), or
         # as rows of the head's GGUF blocks (a quarter of float16's bytes: decoding on them is memory-bound)
-        self.packed = vocab_ids is not None and model.head_packed and not self.head_blocks(model)
+        blocks = model.lm_head is not None and model.lm_head.weight.dtype == torch.uint8
+        self.packed = vocab_ids is not None and model.head_packed and not blocks
         if vocab_ids is None:
             self.weight = None
-        elif self.head_blocks(model):
+        elif blocks:
             self.weight = block_rows(model.lm_head.weight, model.args.dim, vocab_ids)
         else:
             rows = model.head_rows(vocab_ids).contiguous()
@@ -42,10 +43,6 @@ class DraftHead:
         attention = sorted(e for e, a in self.adapters.items() if isinstance(a, AttentionAdapter))
         self.slots = {e: model.n_layers + j for j, e in enumerate(attention)}  # depth -> cache slot
         self.extra_layers = len(self.slots)
-
-    @staticmethod
-    def head_blocks(model: Transformer) -> bool:
-        return model.lm_head is not None and model.lm_head.weight.dtype == torch.uint8
 
     def __call__(self, h: torch.Tensor, depth: int, pos: int = 0, cache: KVCache | None = None,
                  exit_hidden: dict | None = None) -> torch.Tensor:

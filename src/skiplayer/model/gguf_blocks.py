@@ -97,10 +97,14 @@ def _file_parts(fmt: str, rows: np.ndarray):
 def pack_blocks(fmt: str, rows: np.ndarray, tiles: bool = False) -> torch.Tensor:
     """A file's (N, blocks * file bytes) uint8 rows of format `fmt` -> a kernels' layout (kernels/qblocks.h): the
     rows layout, or with `tiles` (AMX or VNNI; N % 16 == 0) the tiles layout. Same shape (N, nb * bytes per block)."""
-    d, m, q = _file_parts(fmt, rows)
-    n, nb = d.shape
     if tiles and KERNEL_FAMILY[fmt] == "Q4K":
         raise ValueError("Q4_K blocks have fp32 scales: the rows layout only")
+    return _pack_parts(*_file_parts(fmt, rows), tiles=tiles)
+
+
+def _pack_parts(d: np.ndarray, m: np.ndarray | None, q: np.ndarray, tiles: bool) -> torch.Tensor:
+    """Blocks given as (d (n, nb), m (n, nb) or None, q (n, nb, 32)) -> a kernels' layout (pack_blocks)."""
+    n, nb = d.shape
     if tiles:
         if n % 16:
             raise ValueError(f"the tiles layout needs a multiple of 16 rows, got {n}")
@@ -124,23 +128,33 @@ def pack_blocks(fmt: str, rows: np.ndarray, tiles: bool = False) -> torch.Tensor
     return torch.from_numpy(np.concatenate([body, m.view(np.uint8).reshape(n, -1)], axis=-1).copy())
 
 
+def _tiles_parts(weight: torch.Tensor, in_features: int):
+    """(d (n, nb) fp16, m (n, nb) fp16 or None, q (n, nb, 32) int8 / uint8) of a block weight in the tiles layout:
+    the inverse of _pack_parts' tiles order, as _file_parts gives them for a file's rows."""
+    fmt, n, nb = kernel_format(weight, in_features), weight.shape[0], in_features // 32
+    g = n // 16
+    b = weight.numpy().reshape(g, nb, KERNEL_BLOCK_BYTES[fmt] * 16)
+
+    def per_row(a: np.ndarray) -> np.ndarray:  # (g, nb, 16 rows) fp16 -> (n, nb)
+        return a.view(np.float16).transpose(0, 2, 1).reshape(n, nb)
+    d = per_row(b[..., :32].copy())
+    if fmt == "Q8 tiles":
+        m, bq = None, b[..., 32:].view(np.int8).reshape(g, nb, 8, 64)
+    else:
+        m = per_row(b[..., 32:64].copy())
+        nibbles = b[..., 64:].reshape(g, nb, 4, 1, 64)
+        bq = np.concatenate([nibbles & 15, nibbles >> 4], axis=3).reshape(g, nb, 8, 64)
+    q = bq.reshape(g, nb, 8, 16, 4).transpose(0, 3, 1, 2, 4).reshape(n, nb, 32)
+    return d, m, q
+
+
 def dequantize_blocks(weight: torch.Tensor, in_features: int) -> torch.Tensor:
     """(N, bytes) uint8 blocks in a kernels' layout -> (N, in_features) float32: the values ggml's dequantization
     gives for the file's blocks."""
     fmt, n, nb = kernel_format(weight, in_features), weight.shape[0], in_features // 32
     if fmt.endswith("tiles"):
-        g = n // 16
-        size = KERNEL_BLOCK_BYTES[fmt] * 16
-        b = weight.reshape(g, nb, size)
-        d = b[..., :32].contiguous().view(torch.float16).float()  # (g, nb, 16)
-        if fmt == "Q8 tiles":
-            m, bq = torch.zeros_like(d), b[..., 32:].contiguous().view(torch.int8).reshape(g, nb, 8, 64)
-        else:
-            m = b[..., 32:64].contiguous().view(torch.float16).float()
-            nib = b[..., 64:].reshape(g, nb, 4, 1, 64)
-            bq = torch.cat([nib & 15, nib >> 4], dim=3).reshape(g, nb, 8, 64)
-        q = bq.reshape(g, nb, 8, 16, 4).permute(0, 3, 1, 2, 4).reshape(g, 16, nb, 32).float()  # (g, row, nb, 32)
-        w = q * d.transpose(1, 2)[..., None] + m.transpose(1, 2)[..., None]
+        d, m, q = (None if a is None else torch.from_numpy(a).float() for a in _tiles_parts(weight, in_features))
+        w = q * d[..., None] + (0.0 if m is None else m[..., None])
         return w.reshape(n, in_features)
     if fmt == "Q8":
         b = weight.reshape(n, nb, 36)
@@ -158,27 +172,11 @@ def block_rows(weight: torch.Tensor, in_features: int, ids: torch.Tensor) -> tor
     """Rows `ids` of a block weight in a kernels' layout, as a block weight (a draft's reduced vocabulary read from
     the model's quantized head: a quarter of the bytes of float16 rows). The tiles layout is kept where the rows
     fill whole groups of 16, else the rows layout; the weights are the same bit for bit."""
-    fmt = kernel_format(weight, in_features)
-    if not fmt.endswith("tiles"):
+    if not kernel_format(weight, in_features).endswith("tiles"):
         return weight[ids].contiguous()  # the rows layouts are per row
-    n, nb = weight.shape[0], in_features // 32
-    g = n // 16
-    b = weight.numpy().reshape(g, nb, KERNEL_BLOCK_BYTES[fmt] * 16)
-    d = b[..., :32].copy().view(np.float16).transpose(0, 2, 1).reshape(n, nb, 1)  # the tiles hold 16 rows' d
-    if fmt == "Q8 tiles":
-        bq = b[..., 32:].view(np.int8).reshape(g, nb, 8, 64)
-    else:
-        nibbles = b[..., 64:].reshape(g, nb, 4, 1, 64)
-        bq = np.concatenate([nibbles & 15, nibbles >> 4], axis=3).reshape(g, nb, 8, 64)
-    q = bq.reshape(g, nb, 8, 16, 4).transpose(0, 3, 1, 2, 4).reshape(n, nb, 32)  # inverse of pack_blocks' order
-    if fmt == "Q8 tiles":  # the file's Q8_0 rows: [fp16 d][32 int8]
-        file_fmt, body = "Q8_0", np.concatenate([d.view(np.uint8), q.view(np.uint8)], axis=-1)
-    else:  # Q4_1 rows: [fp16 d][fp16 m][byte j: element j (low), j + 16 (high)]
-        m = b[..., 32:64].copy().view(np.float16).transpose(0, 2, 1).reshape(n, nb, 1)
-        packed = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
-        file_fmt, body = "Q4_1", np.concatenate([d.view(np.uint8), m.view(np.uint8), packed], axis=-1)
-    rows = body.reshape(n, -1)[ids.numpy()]
-    return pack_blocks(file_fmt, rows, tiles=len(rows) % 16 == 0)
+    d, m, q = _tiles_parts(weight, in_features)
+    rows = ids.numpy()
+    return _pack_parts(d[rows], None if m is None else m[rows], q[rows], tiles=len(rows) % 16 == 0)
 
 
 def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
