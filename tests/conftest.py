@@ -10,6 +10,19 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def _keep_gguf_activations():
+    """A test that sets the process-wide GGUF activations (gguf_blocks.set_gguf_activations, or load_model) leaves
+    them as it found them: those of the module's models (module fixtures are set up first), else the kernels' own
+    default, two int8 parts."""
+    ops = getattr(torch.ops, "skiplayer", None)
+    before = ops.activation_int8_parts(0) if ops is not None and hasattr(ops, "activation_int8_parts") else 2
+    yield
+    ops = getattr(torch.ops, "skiplayer", None)
+    if ops is not None and hasattr(ops, "activation_int8_parts"):
+        ops.activation_int8_parts(before)
+
+
 def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab_size: int = 97, n_layers: int = 4, tie: bool = False,
                   hidden_size: int = 32, n_heads: int = 4, n_kv_heads: int = 2):
     """A tiny random HF causal LM of the given architecture (llama, mistral, qwen2, gemma3). gemma3: sliding window

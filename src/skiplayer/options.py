@@ -30,6 +30,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q5_0/Q8_0/Q4_K blocks, unexpanded), int8 "
                         "(weight-only, per output channel), none (floats in --dtype); auto: gguf for a .gguf model where the "
                         "native kernels build, else none. Activations stay in --dtype")
+    g.add_argument("--gguf_activations", default="auto", choices=["auto", "int8", "int8x2"],
+                   help="with --quantize gguf on AMX / AVX-512 VNNI CPUs, how the integer kernels take activations: "
+                        "int8 (one int8 value per element and a scale per 32, as llama.cpp: half the integer products), "
+                        "int8x2 (two int8 parts, ~16 bits); auto: int8 on VNNI, int8x2 on AMX")
     g.add_argument("--prefill", default="auto", choices=["auto", "bfloat16", "native"],
                    help="how the prompt runs: bfloat16 (oneDNN matmuls + flash attention), native (the decoding "
                         "kernels); auto: bfloat16 on CPUs with AMX, else native")
@@ -106,6 +110,7 @@ def load_from_args(args):
     from skiplayer.model.load import load_model
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantize=getattr(args, "quantize", None),
                         prefill=getattr(args, "prefill", "auto"),
+                        gguf_activations=getattr(args, "gguf_activations", "auto"),
                         compile=getattr(args, "compile", False), offline=getattr(args, "offline", False))
     draft = None
     if getattr(args, "generation_strategy", "self_speculative") == "self_speculative" or getattr(args, "draft", None):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
-from skiplayer.model.gguf_blocks import (FILE_BLOCK_BYTES, KERNEL_FAMILY, block_rows, dequantize_blocks, kernel_format,
-                                         pack_blocks, use_gguf_blocks)
+from skiplayer.model.gguf_blocks import (FILE_BLOCK_BYTES, KERNEL_FAMILY, _tiles_parts, block_rows, dequantize_blocks,
+                                         kernel_format, pack_blocks, set_gguf_activations, use_gguf_blocks)
 from skiplayer.model.llama import Transformer
 from skiplayer.model.optimize import native_kernels_available, optimize_model
 from skiplayer.policies import PolicyConfig
@@ -33,6 +33,12 @@ def isas():
 def tiles_isas():
     """The kernels of the tiles layout: AVX-512 VNNI, and AMX tiles where the CPU has them."""
     return [pytest.param("vnni", marks=has_tiles), pytest.param("amx", marks=has_amx)]
+
+
+@pytest.fixture
+def activations(request):
+    """The GGUF activations of the tiles kernels for one test (process-wide like kernel_isa; conftest resets it)."""
+    return set_gguf_activations(request.param)
 
 
 @pytest.fixture
@@ -167,6 +173,7 @@ def layouts():
 @pytest.mark.parametrize("layout", layouts())
 @pytest.mark.parametrize("fmt,arch", [("Q4_1", "llama"), ("Q4_0", "llama"), ("Q8_0", "qwen2"), ("Q5_0", "llama")])
 def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
+    set_gguf_activations("int8x2")  # whatever an earlier test's model chose (conftest restores it)
     float_model, block_model, counts = tiny_gguf_pair(tmp_path, fmt, arch, tiles=layout == "tiles")
     expected = {"Q8_0": {"Q8_0": 17}, "Q5_0": {"Q5_0+Q8_0": 4, "Q5_0": 12, "Q8_0": 1}}.get(fmt, {fmt: 16, "Q8_0": 1})
     assert counts == expected  # 4 layers x 4 matrices + the head (Q5_0: q/k in Q5_0 and v in Q8_0, fused)
@@ -176,7 +183,7 @@ def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
     assert kernel_format(wqkv.weight, wqkv.in_features) == family + (" tiles" if layout == "tiles" else "")
     from skiplayer.model.optimize import describe_weights
     assert describe_weights(float_model) == "float32"
-    tiles = " (AMX tiles)" if DEFAULT_ISA == "amx" else " (tiles layout, VNNI)"
+    tiles = " (AMX tiles)" if DEFAULT_ISA == "amx" else " (tiles layout, VNNI, int8x2 activations)"
     assert describe_weights(block_model) == ("GGUF blocks Q8" if family == "Q8" else "GGUF blocks Q4, Q8") + (
         tiles if layout == "tiles" else "")
     tokens = torch.randint(4, 97, (12,), generator=torch.Generator().manual_seed(2))
@@ -189,9 +196,10 @@ def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
 
 
 @native
-@pytest.mark.parametrize("layout", layouts())
+@pytest.mark.parametrize("layout", layouts() + [pytest.param("tiles-int8", marks=has_tiles)])
 def test_self_speculation_on_file_blocks_is_lossless(tmp_path, layout):
-    _, model, _ = tiny_gguf_pair(tmp_path, tiles=layout == "tiles")
+    set_gguf_activations("int8" if layout == "tiles-int8" else "int8x2")  # conftest restores the earlier choice
+    _, model, _ = tiny_gguf_pair(tmp_path, tiles=layout.startswith("tiles"))
     for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16]):
         def run(strategy, **policy):
             config = GenerationConfig(max_steps=24, generation_strategy=strategy, policy=PolicyConfig(**policy))
@@ -216,9 +224,10 @@ def test_tiles_layout_holds_the_same_weights(fmt):
 
 
 @native
+@pytest.mark.parametrize("activations", ["int8x2"], indirect=True)
 @pytest.mark.parametrize("isa", tiles_isas(), indirect=True)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_tiles_products_close_and_batch_invariant(fmt, isa):
+def test_tiles_products_close_and_batch_invariant(fmt, isa, activations):
     g = torch.Generator().manual_seed(6)
     op = torch.ops.skiplayer.small_linear
     for M, K, N in [(1, 32, 16), (5, 96, 48), (19, 576, 64)]:  # M over several chunks of 8
@@ -237,10 +246,48 @@ def test_tiles_products_close_and_batch_invariant(fmt, isa):
             torch.set_num_threads(1)
 
 
+def int8_activations_reference(x: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The one-part arithmetic of the VNNI kernel in float64: per row and block of 32, dx = max|x| / 127 and
+    a = round(x / dx) (float32, ties to even, as the kernel), then d dx sum(q a) + m dx sum(a) per block: the file's
+    weights times the 8-bit x, as llama.cpp computes Q4_1 x Q8_1."""
+    M, K = x.shape
+    d, m, q = (None if t is None else torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in _tiles_parts(b, K))
+    xb = x.reshape(M, K // 32, 32)
+    dx = xb.abs().amax(-1) / 127
+    dx = torch.where(dx > 0, dx, torch.ones_like(dx))
+    a = (xb / dx[..., None]).round().clamp(-127, 127).double()
+    y = torch.einsum("mbk,nbk->mnb", a, q) * d[None] * dx.double()[:, None, :]
+    if m is not None:
+        y = y + m[None] * (dx.double() * a.sum(-1))[:, None, :]
+    return y.sum(-1) + bias.double()
+
+
+@native
+@has_tiles
+@pytest.mark.parametrize("activations", ["int8"], indirect=True)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int8_activations_are_one_int8_part_per_block_and_batch_invariant(fmt, activations):
+    g = torch.Generator().manual_seed(8)
+    op = torch.ops.skiplayer.small_linear
+    for M, K, N in [(1, 32, 16), (5, 96, 48), (19, 576, 64)]:
+        w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+        x[0, 32:64] = 0.0  # an all-zero block where K > 32 (dx = 1 there)
+        b = pack_blocks(fmt, file_blocks(w, fmt), tiles=True)
+        y = op(x, b, None, bias, True, False)
+        ref = int8_activations_reference(x, b, bias)
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), fmt  # fp32 sums of exact int32 products
+        exact = x.double() @ dequantize_blocks(b, K).double().T + bias.double()
+        if K > 32:  # it really is coarser than int8x2 (whose error is ~2^-16)
+            assert (y.double() - exact).abs().max() > 1e-4 * exact.abs().max()
+        for m_ in range(1, M + 1):
+            assert torch.equal(op(x[:m_], b, None, bias, True, False), y[:m_]), (fmt, M, m_)
+
+
 @native
 @has_amx
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_vnni_tiles_kernel_is_the_amx_kernel_bit_for_bit(fmt):
+    set_gguf_activations("int8x2")  # AMX runs two int8 parts only
     g = torch.Generator().manual_seed(7)
     op = torch.ops.skiplayer.small_linear
     w, x, bias = torch.randn(64, 576, generator=g), torch.randn(11, 576, generator=g) * 3, torch.randn(64, generator=g)
@@ -319,3 +366,12 @@ def test_q4k_products_exact_and_batch_invariant(isa):
     expected = (x.double() @ ref_w.T).float()
     assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
     assert torch.equal(y, rows)
+
+
+def test_unknown_gguf_activations_is_a_one_line_error():
+    from skiplayer.errors import UserError
+    from skiplayer.model.load import load_model
+    with pytest.raises(UserError, match="unknown GGUF activations 'int4': use one of auto, int8, int8x2"):
+        load_model("no-such-model.gguf", gguf_activations="int4")  # refused before looking for the file
+    with pytest.raises(ValueError, match="unknown GGUF activations"):
+        set_gguf_activations("fp16")

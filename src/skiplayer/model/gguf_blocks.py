@@ -48,6 +48,23 @@ def tiles_available() -> bool:
         return False
 
 
+GGUF_ACTIVATIONS = ("auto", "int8", "int8x2")
+
+
+def set_gguf_activations(choice: str = "auto") -> str:
+    """How the tiles kernels take x (process-wide, like kernel_isa): "int8x2" splits each block of 32 values in two
+    int8 parts (relative error ~2^-16 of the block's largest |x|; AMX and VNNI agree bit for bit), "int8" keeps one
+    (llama.cpp's 8-bit activations, ~2^-8: half the integer products, on the VNNI kernel). "auto": int8 where the
+    tiles run on VNNI (no AMX: the products there are bound by the integer dot products), int8x2 on AMX tiles.
+    Returns the choice made; rows-layout kernels compute in fp32 whatever the choice."""
+    if choice not in GGUF_ACTIVATIONS:
+        raise ValueError(f"unknown GGUF activations '{choice}': use one of {', '.join(GGUF_ACTIVATIONS)}")
+    if choice == "auto":
+        choice = "int8" if torch.ops.skiplayer.kernel_isa("") == "vnni" else "int8x2"
+    torch.ops.skiplayer.activation_int8_parts(1 if choice == "int8" else 2)
+    return choice
+
+
 def _q4k_parts(rows: np.ndarray):
     """Q4_K rows as 32-weight blocks: (d (n, nb) fp32, m (n, nb) fp32, q (n, nb, 32) uint8), w = d * q + m exactly as
     ggml dequantizes (d = d_super * scale, m = -(dmin * min), both exact in fp32)."""

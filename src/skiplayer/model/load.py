@@ -230,13 +230,14 @@ def _release_freed_memory() -> None:
 
 def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32", device: str = "cpu",
                quantize: str | None = "auto", compile: bool | str = False, offline: bool = False,
-               prefill: str = "auto") -> LoadedModel:
+               prefill: str = "auto", gguf_activations: str = "auto") -> LoadedModel:
     """Load a Llama-family or Gemma 3 model into our forward. `model`: HF directory, hub id, .gguf path or alias; a hub id is
     downloaded through HF (and cached) unless `offline` or HF_HUB_OFFLINE=1, which keep to the local HF cache.
     `dtype`: weights and activations; "auto" (or None) picks per family (auto_dtype).
     `quantize`: None or "none" (float weights in `dtype`), "int8" (weight-only), "gguf" (a GGUF file's own Q4_0 /
     Q4_1 / Q8_0 blocks, model/gguf_blocks.py), or "auto" (the default: gguf for a .gguf file where the native kernels
     build, else floats).
+    `gguf_activations`: how the GGUF tiles kernels take activations (gguf_blocks.set_gguf_activations; process-wide).
     `compile` and `prefill` go to model.optimize.optimize_model, which also turns on the native CPU kernels where
     they can be built."""
     if isinstance(dtype, str):
@@ -247,6 +248,8 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "fl
         raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
     if quantize is not None and quantize not in QUANTIZE + ("gguf", "auto", "none"):  # fail before the slow load
         raise UserError(f"unknown quantization '{quantize}': use one of auto, gguf, int8, none")
+    if gguf_activations not in ("auto", "int8", "int8x2"):
+        raise UserError(f"unknown GGUF activations '{gguf_activations}': use one of auto, int8, int8x2")
     path = source = resolve_model_path(model)  # `path` becomes the converted HF directory for a .gguf file
     auto = quantize == "auto"
     if auto:  # the file's own blocks where they can run: fewer bytes per token, the file's exact values
@@ -275,9 +278,10 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "fl
         if not native_kernels_available():
             raise UserError("--quantize gguf needs the native CPU kernels (g++ and ninja; see the warning above): "
                             "drop --quantize gguf to run the float copy")
-        from skiplayer.model.gguf_blocks import use_gguf_blocks
+        from skiplayer.model.gguf_blocks import set_gguf_activations, use_gguf_blocks
         if not use_gguf_blocks(ours, source) and not auto:
             raise UserError(f"'{model}' holds no Q4_0 / Q4_1 / Q8_0 matrices: drop --quantize gguf")
+        set_gguf_activations(gguf_activations)
     if device == "cpu":
         ours = optimize_model(ours, quantize=None if quantize == "gguf" else quantize, compile=compile,
                               prefill=prefill)

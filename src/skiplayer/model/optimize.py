@@ -294,7 +294,9 @@ def describe_weights(model: Transformer) -> str:
     rest = sorted(kinds - set(blocks))
     tiles = ""
     if any(k.endswith("tiles") for k in blocks):
-        tiles = " (AMX tiles)" if torch.ops.skiplayer.kernel_isa("") == "amx" else " (tiles layout, VNNI)"
+        one = torch.ops.skiplayer.activation_int8_parts(0) == 1
+        tiles = (" (AMX tiles)" if torch.ops.skiplayer.kernel_isa("") == "amx" and not one
+                 else f" (tiles layout, VNNI, {'int8' if one else 'int8x2'} activations)")
     return (f"GGUF blocks {', '.join(names)}" + tiles
             + (f" + {'/'.join(rest)}" if rest else ""))
 

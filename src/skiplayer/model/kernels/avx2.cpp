@@ -318,6 +318,16 @@ bool cpu_has_amx() {
 }
 std::atomic<int> quant_isa{cpu_has_amx() ? kAmx : cpu_has_vnni() ? kVnni : cpu_has_avx512() ? kAvx512 : kAvx2};
 
+// How many int8 parts x is split in for the tiles kernels: 2 (default: ~16 bits per block, AMX and VNNI bit for bit)
+// or 1 (llama.cpp's 8-bit activations: half the integer products, VNNI kernel). Like kernel_isa, one run keeps one.
+std::atomic<int> activation_parts{2};
+
+int64_t activation_int8_parts(int64_t parts) {
+  TORCH_CHECK(parts == 0 || parts == 1 || parts == 2, "activation_int8_parts: 1, 2 or 0 (query) expected");
+  if (parts) activation_parts = static_cast<int>(parts);
+  return activation_parts;
+}
+
 std::string kernel_isa(c10::string_view isa) {
   if (isa == "amx") {
     TORCH_CHECK(cpu_has_amx(), "kernel_isa: this CPU (or OS) gives no AMX tiles with int8");
@@ -349,11 +359,13 @@ int block_format(const at::Tensor& w, int64_t K) {
 void quant_product(const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t M, int64_t K,
                    int64_t N) {
   const int64_t nb = K / 32;
-  std::vector<float> xsum(M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
-  for (int64_t i = 0; i < M * nb; ++i)
+  const int parts = activation_parts;
+  const bool one_part = parts == 1 && (format == kQ4Tiles || format == kQ8Tiles);
+  std::vector<float> xsum(one_part ? 0 : M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i)
     for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
   if (format == kQ4Tiles || format == kQ8Tiles) {  // x split in int8 parts, scales and block sums per chunk of <= 8 rows
-    const bool amx = quant_isa == kAmx;
+    const bool amx = quant_isa == kAmx && parts == 2;
     TORCH_CHECK(amx || cpu_has_vnni(), "small_linear: weights in the tiles layout on a machine without AMX or AVX-512 VNNI");
     TORCH_CHECK(N % 16 == 0, "small_linear: the tiles layout needs N % 16 == 0");
     const std::vector<int64_t> first = chunk_starts(M, kQuantRowsTiles);
@@ -362,16 +374,20 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
     std::vector<float> dx(chunks * nb * 16, 0.f), xsum_t(chunks * nb * 16, 0.f);
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t m0 = first[c], mc = first[c + 1] - m0;
-      a[c].resize(int8_parts_bytes(mc, K));
-      pack_int8_parts(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16);
+      a[c].resize(int8_parts_bytes(mc, K, parts));
+      pack_int8_parts(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16, parts,
+                      amx || format == kQ8Tiles, one_part ? xsum_t.data() + c * nb * 16 : nullptr);
+      if (one_part) continue;
       for (int64_t m = 0; m < mc; ++m)
         for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + m] = xsum[(m0 + m) * nb + j];
     }
-    const auto tiles = amx ? quant_rows_amx : quant_rows_vnni;
     run_blocks<64>(N, [&](int64_t n, int64_t ne) {  // 4 groups a task (AMX: one tile configuration for them)
-      for (int64_t c = 0; c < chunks; ++c)
-        tiles(static_cast<int>(first[c + 1] - first[c]), a[c].data(), dx.data() + c * nb * 16,
-              xsum_t.data() + c * nb * 16, w, format, bias, y + first[c] * N, K, N, n, ne);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int mc = static_cast<int>(first[c + 1] - first[c]);
+        const float *dxc = dx.data() + c * nb * 16, *xs = xsum_t.data() + c * nb * 16;
+        if (amx) quant_rows_amx(mc, a[c].data(), dxc, xs, w, format, bias, y + first[c] * N, K, N, n, ne);
+        else quant_rows_vnni(mc, a[c].data(), dxc, xs, w, format, parts, bias, y + first[c] * N, K, N, n, ne);
+      }
     });
     return;
   }
@@ -972,6 +988,9 @@ void register_cpu_kernels(torch::Library& m) {
   m.impl("decoder_layers", &decoder_layers);
 }
 
-void register_kernel_isa(torch::Library& m) { m.def("kernel_isa(str isa='') -> str", &kernel_isa); }
+void register_kernel_isa(torch::Library& m) {
+  m.def("kernel_isa(str isa='') -> str", &kernel_isa);
+  m.def("activation_int8_parts(int parts=0) -> int", &activation_int8_parts);
+}
 
 }  // namespace skiplayer

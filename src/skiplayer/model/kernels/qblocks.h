@@ -20,7 +20,7 @@
 //   The tiles' order is B[k / 4][4 n + k % 4] (k < 32 the column in the block, n < 16 the row in the group); in Q4,
 //   byte i of the 64-byte chunk t holds B row 2t (low nibble) and 2t + 1 (high nibble) at position i.
 // Rows kernels compute sum_b (d_b q_b) . x_b + sum_b m_b xsum_b in fp32 with the file's exact weights (d * q is
-// exact); the tiles kernel splits x in two int8 parts first (amx.cpp).
+// exact); the tiles kernels split x in int8 parts first (amx.cpp).
 #pragma once
 
 #include <cstddef>
@@ -41,17 +41,22 @@ void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* 
                        float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 constexpr int kQuantRowsAvx512 = 8;
 
-// Tiles layout, on input rows split in two int8 parts per block (amx.cpp says how): pack_int8_parts prepares them
-// once per product for M <= 8 rows (dx: (K / 32, 16) block scales; xsum_t: (K / 32, 16) block sums of x, both
+// Tiles layout, on input rows split in int8 parts per block (amx.cpp says how): pack_int8_parts prepares them once
+// per product for M <= 8 rows (dx: (K / 32, 16) block scales; xsum_t: (K / 32, 16) block sums of x, both
 // block-major); then weight rows n0..n1-1 (groups of 16) against them on AMX tiles (amx.cpp) or with AVX-512 VNNI
-// (avx512_vnni.cpp, which also holds pack_int8_parts): the same arithmetic, bit for bit.
+// (avx512_vnni.cpp, which also holds pack_int8_parts): the same arithmetic, bit for bit. `parts`: 2 (a and l, the
+// default), or 1 (a alone, llama.cpp's 8-bit activations: half the integer products; VNNI kernel only). With one
+// part the m terms of Q4 take the block sums of the int8 x (xsum_a), not of x: the product is then exactly that of
+// the file's weights with the 8-bit x, whose errors in d q x and m x cancel as in llama.cpp (with x's own sums the
+// whole model's logits erred twice as much).
 constexpr int kQuantRowsTiles = 8;
-size_t int8_parts_bytes(int64_t M, int64_t K);
-void pack_int8_parts(int M, const float* x, int64_t K, uint8_t* a, float* dx);
+size_t int8_parts_bytes(int64_t M, int64_t K, int parts);
+void pack_int8_parts(int M, const float* x, int64_t K, uint8_t* a, float* dx, int parts, bool offset,
+                     float* xsum_a);
 bool amx_tiles_granted();
 void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
                     const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 void quant_rows_vnni(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
-                     const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
+                     int parts, const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 
 }  // namespace skiplayer

@@ -17,6 +17,12 @@ static inline __m512 add_block(__m512 acc, __m512i ca, __m512i cl, __m512 d, flo
   return q4 ? _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum), acc) : acc;
 }
 
+// The same with x as one int8 part (llama.cpp's 8-bit activations): acc + d dx C_a (+ m xsum in Q4).
+static inline __m512 add_block_int8(__m512 acc, __m512i ca, __m512 d, float dx, __m512 mv, float xsum, bool q4) {
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ca), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc);
+  return q4 ? _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum), acc) : acc;
+}
+
 // y[m * N + n] = acc[m] lane n - n0 (+ bias[n]) for the group's weight rows n0 <= n < min(n0 + 16, N).
 static inline void store_group(const __m512* acc, int M, const float* bias, float* y, int64_t N, int64_t n0) {
   const int64_t rows = N - n0 < 16 ? N - n0 : 16;
