@@ -176,6 +176,27 @@ def test_adaptive_learns_what_drafts_cost_inside_decoding():
     assert pol.best_setting(alphas)[1] == 0
 
 
+def test_adaptive_keeps_its_plan_when_passes_run_slower_than_the_profile():
+    """At a long context every pass, plain steps included, runs slower than the start-up profile at 64 tokens; v(n)
+    must keep its profiled shape (learning it in units of the profiled step made every pass look dearer than plain
+    decoding, and n-gram runs shrink below what pays)."""
+    fresh, slow = adaptive(0, 0), adaptive(0, 0)
+    for pol in (fresh, slow):
+        pol.costs.step_seconds = 0.01
+        pol.ngram_posterior[(2, 1)] = [30.0, 10.0]
+        pol.ngram_posterior[(2, 2)] = [20.0, 10.0]
+    e, c = slow.exit, slow.costs
+    for _ in range(80):  # a round of 2 drafts at their profiled cost, its pass over 3 positions and a plain step: 1.4x
+        drafts = 2 * (e * c.layer + c.head) * c.step_seconds
+        slow.update(RoundResult([DraftStep(5, e, confidence=0.5), DraftStep(6, e, confidence=0.5)], 1, [5, 6],
+                                verify_seconds=1.4 * c.verify_from(e, 3) * c.step_seconds, draft_seconds=drafts))
+        slow.update(RoundResult([], 0, [9], verify_seconds=1.4 * c.verify[1] * c.step_seconds))
+    assert slow.costs.verify == fresh.costs.verify and abs(slow.costs.draft_scale - 1) < 1e-6
+    assert slow.ngram_tokens(0, 2, 2) == fresh.ngram_tokens(0, 2, 2) == 2
+    alphas = {x: 0.6 for x in slow.candidates}
+    assert slow.best_setting(alphas)[:2] == fresh.best_setting(alphas)[:2]
+
+
 @pytest.mark.parametrize("kw,flag", [
     (dict(confidence_threshold=0.0), "--confidence_threshold"), (dict(confidence_threshold=1.5), "--confidence_threshold"),
     (dict(layer_skip_proportion=-0.1), "--layer_skip_proportion"), (dict(layer_skip_proportion=1.1), "--layer_skip_proportion"),

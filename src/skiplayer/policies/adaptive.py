@@ -52,10 +52,6 @@ class CostModel:
         shallow = exit_layer * self.layer
         return self.verify[n] * (1 - shallow) + shallow
 
-    def observe_verify(self, n: int, seconds: float, weight: float = 0.1) -> None:
-        if self.step_seconds > 0 and 0 < n < len(self.verify):
-            self.verify[n] += weight * (seconds / self.step_seconds - self.verify[n])
-
     def observe_draft(self, exit_layers: list[int], seconds: float, weight: float = 0.1) -> None:
         """A round's draft steps (their exit layers) took `seconds` in all."""
         profiled = sum(e * self.layer + self.head for e in exit_layers) * self.step_seconds
@@ -229,9 +225,9 @@ class Adaptive(DraftPolicy):
         for step, rank, token in result.siblings:  # observed when the chain reached the sibling's parent
             if result.accepted >= step:
                 self.rank_posterior.setdefault(rank, [1.0, 9.0])[0 if result.output[step] == token else 1] += 1
-        # Only passes with candidates: an autoregressive round observed into v(1) while v(2..) keep their profiled
-        # values made drafting look cheaper whenever decoding ran slower than the profile (HumanEval on Zen 5: 0.94x)
-        if result.verify_seconds and (result.steps or result.ngram_run):
-            self.costs.observe_verify(result.nodes or len(result.steps) + 1, result.verify_seconds)
+        # v(n) keeps its profiled values: learned online in units of the profiled step (until 2026-12-06), every pass
+        # at a long context looked dearer than plain decoding (a step at 700 tokens runs 1.3x the profile's at 64),
+        # and adaptive verified fewer n-gram tokens than a fixed run of 2 (Zen 5, xsum: 1.10x against 1.18x); a
+        # scale shared by all n, dividing the draft cost too, made self-drafts look cheap (gsm8k chains 0.92x)
         if result.draft_seconds and result.steps:
             self.costs.observe_draft([st.exit_layer for st in result.steps], result.draft_seconds)
