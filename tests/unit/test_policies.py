@@ -197,6 +197,30 @@ def test_adaptive_keeps_its_plan_when_passes_run_slower_than_the_profile():
     assert slow.best_setting(alphas)[:2] == fresh.best_setting(alphas)[:2]
 
 
+def test_adaptive_verifies_less_at_a_long_context_where_passes_cost_more():
+    """v(n) profiled at 64 and at 576 tokens: the policy plans with the profile nearest its current context."""
+    pol = adaptive(0, 0)
+    pol.costs.verify = [0.0] + [1 + 0.05 * (n - 1) for n in range(1, 6)]
+    pol.costs.verify_long, pol.costs.long_context = [0.0] + [1 + 0.6 * (n - 1) for n in range(1, 6)], 576
+    pol.ngram_posterior[(2, 1)], pol.ngram_posterior[(2, 2)] = [30.0, 20.0], [20.0, 20.0]
+    plans = []
+    for context in (64, 320, 576, 2000):
+        pol.update(RoundResult([], 0, [9], context=context))
+        plans.append(pol.ngram_tokens(0, 2, 2))
+    assert pol.costs.context == 2000 and abs(pol.costs.verify_at(2) - (1 + 0.05 + 1.5 * 0.55)) < 1e-9
+    assert plans[0] == 2 and plans[-1] == 0 and plans == sorted(plans, reverse=True)
+
+
+def test_profile_times_verification_at_two_contexts():
+    from skiplayer.decoding.costs import profile_costs
+    from skiplayer.model.llama import Transformer
+    from tests.conftest import tiny_hf_model
+    model = Transformer.from_hf(tiny_hf_model("llama", seed=1))  # 256 positions: the long profile at 256 - 4 - 1
+    costs = profile_costs(model, 4)
+    assert costs.long_context == 251 and len(costs.verify_long) == len(costs.verify) == 5
+    assert costs.verify_long[1] == pytest.approx(1.0, rel=0.5) and all(v > 0 for v in costs.verify_long[1:])
+
+
 @pytest.mark.parametrize("kw,flag", [
     (dict(confidence_threshold=0.0), "--confidence_threshold"), (dict(confidence_threshold=1.5), "--confidence_threshold"),
     (dict(layer_skip_proportion=-0.1), "--layer_skip_proportion"), (dict(layer_skip_proportion=1.1), "--layer_skip_proportion"),

@@ -121,7 +121,7 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     new = [tree.tokens[node] for node in path[1:]] + [nxt]
     on_chain = min(len(steps), next((i for i, node in enumerate(path) if node != i), len(path)) - 1)  # self-drafts
     s.policy.update(RoundResult(steps, on_chain, new[:on_chain + 1], verify_seconds, run, order, new, len(tree),
-                                [(c.step, c.rank, c.token) for c in siblings], drafting))
+                                [(c.step, c.rank, c.token) for c in siblings], drafting, start))
     record(stats, tree, path, steps, on_chain)
     if s.ngram is not None:
         s.ngram.extend(new)

@@ -36,6 +36,12 @@ class CostModel:
     # back, with their weights in cache; inside decoding the full model streams between two drafts and evicts
     # them (Zen 5, default model: a draft step cost twice its profiled time, so chains were chosen that lost 5%)
     draft_scale: float = 1.0
+    # v(n) timed again at a long context (each extra position attends to all of it): verify_at interpolates between
+    # the two profiles by the current context, which the policy takes from the rounds
+    verify_long: list = field(default_factory=list)
+    profile_context: int = 64
+    long_context: int = 0
+    context: int = 0
 
     @classmethod
     def nominal(cls, n_layers: int, max_n: int = 16, head: float = 0.2, slope: float = 0.1) -> "CostModel":
@@ -46,11 +52,20 @@ class CostModel:
     def draft(self, exit_layer: int) -> float:
         return (exit_layer * self.layer + self.head) * self.draft_scale
 
+    def verify_at(self, n: int) -> float:
+        """v(n) at the current context: the short profile, moved towards the long one (extrapolated up to half
+        as far again beyond it)."""
+        v = self.verify[n]
+        if self.verify_long and self.context > self.profile_context:
+            w = min(1.5, (self.context - self.profile_context) / (self.long_context - self.profile_context))
+            v += w * (self.verify_long[n] - v)
+        return v
+
     def verify_from(self, exit_layer: int, n: int) -> float:
         """Verification of n positions starting at `exit_layer` (plus the last draft's shallow layers)."""
         n = min(n, len(self.verify) - 1)
         shallow = exit_layer * self.layer
-        return self.verify[n] * (1 - shallow) + shallow
+        return self.verify_at(n) * (1 - shallow) + shallow
 
     def observe_draft(self, exit_layers: list[int], seconds: float, weight: float = 0.1) -> None:
         """A round's draft steps (their exit layers) took `seconds` in all."""
@@ -225,9 +240,12 @@ class Adaptive(DraftPolicy):
         for step, rank, token in result.siblings:  # observed when the chain reached the sibling's parent
             if result.accepted >= step:
                 self.rank_posterior.setdefault(rank, [1.0, 9.0])[0 if result.output[step] == token else 1] += 1
-        # v(n) keeps its profiled values: learned online in units of the profiled step (until 2026-12-06), every pass
-        # at a long context looked dearer than plain decoding (a step at 700 tokens runs 1.3x the profile's at 64),
-        # and adaptive verified fewer n-gram tokens than a fixed run of 2 (Zen 5, xsum: 1.10x against 1.18x); a
-        # scale shared by all n, dividing the draft cost too, made self-drafts look cheap (gsm8k chains 0.92x)
+        # v(n) keeps its profiled values (two contexts, verify_at): learned online in units of the profiled step
+        # (until 2026-12-06), every pass at a long context looked dearer than plain decoding (a step at 700 tokens
+        # runs 1.3x the profile's at 64), and adaptive verified fewer n-gram tokens than a fixed run of 2 (Zen 5,
+        # xsum: 1.10x against 1.18x); a scale shared by all n, dividing the draft cost too, made self-drafts look
+        # cheap (gsm8k chains 0.92x)
+        if result.context:
+            self.costs.context = result.context
         if result.draft_seconds and result.steps:
             self.costs.observe_draft([st.exit_layer for st in result.steps], result.draft_seconds)

@@ -50,6 +50,7 @@ class RoundResult:
     nodes: int = 0                                 # tree nodes verified (the pending token included)
     siblings: list = field(default_factory=list)   # (step index, rank, token) of the draft-rank siblings verified
     draft_seconds: float = 0.0                     # time of the round's draft steps (layers and heads)
+    context: int = 0                               # tokens in the cache before the round (what each position attends to)
 
 
 class DraftPolicy:
