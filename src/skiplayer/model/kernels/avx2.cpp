@@ -195,16 +195,10 @@ void run(const float* x, const W* w, const float* scale, const float* bias, floa
 }
 
 // ---- GGUF block-quantized weights (qblocks.h): the AVX2 path, 8 lanes; avx512.cpp has the 16-lane one. ----
-inline float f32_at(const uint8_t* p) {
-  float f;
-  std::memcpy(&f, p, 4);
-  return f;
-}
-
 // The 32 weights of one block without m, d * q, as four fp32 vectors of 8 (elements 0..7, 8..15, 16..23, 24..31).
 template <int FMT>
 inline void block_weights(const uint8_t* blk, __m256 wv[4]) {
-  const __m256 d = _mm256_set1_ps(f32_at(blk));
+  const __m256 d = _mm256_set1_ps(load4<float>(blk));
   if constexpr (FMT == kQ8) {
     for (int i = 0; i < 4; ++i)
       wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 4 + 8 * i)))), d);
@@ -231,7 +225,7 @@ template <int FMT>
 inline float m_tail(const uint8_t* m, const float* xsum, int64_t nb, float s) {
   for (int64_t b = nb & ~int64_t(7); b < nb; ++b) {
     if constexpr (FMT == kQ4K) {
-      s += f32_at(m + 4 * b) * xsum[b];
+      s += load4<float>(m + 4 * b) * xsum[b];
     } else {
       uint16_t h;
       std::memcpy(&h, m + 2 * b, 2);

@@ -9,16 +9,10 @@
 namespace skiplayer {
 namespace {
 
-inline float f32_at(const uint8_t* p) {
-  float f;
-  __builtin_memcpy(&f, p, 4);
-  return f;
-}
-
 // The 32 weights of one block without m, d * q, as two fp32 vectors: elements 0..15 and 16..31.
 template <int FMT>
 inline void block_weights(const uint8_t* blk, __m512& lo, __m512& hi) {
-  const __m512 d = _mm512_set1_ps(f32_at(blk));
+  const __m512 d = _mm512_set1_ps(load4<float>(blk));
   if constexpr (FMT == kQ8) {
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 4)))), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 20)))), d);

@@ -20,20 +20,14 @@
 namespace skiplayer {
 namespace {
 
-inline int32_t load32(const uint8_t* p) {
-  int32_t v;
-  __builtin_memcpy(&v, p, 4);
-  return v;
-}
-
 // 4 columns of one input row's part times B (4 columns x 16 weight rows). Q4 quants are unsigned nibbles, so they
 // take vpdpbusd's unsigned side and x its signed one (packed without the + 128 for this kernel): the exact sum of q x,
 // with no 128 qsum to take off. Q8 quants are signed, so x (stored + 128) is the unsigned side and `start` takes the
 // 128 qsum off. The same int32 sums either way, as the AMX kernel's.
 template <int FMT>
 inline __m512i dot4(__m512i c, const uint8_t* x4, __m512i B) {
-  if constexpr (FMT == kQ4Tiles) return _mm512_dpbusd_epi32(c, B, _mm512_set1_epi32(load32(x4)));
-  return _mm512_dpbusd_epi32(c, _mm512_set1_epi32(load32(x4)), B);
+  if constexpr (FMT == kQ4Tiles) return _mm512_dpbusd_epi32(c, B, _mm512_set1_epi32(load4<int32_t>(x4)));
+  return _mm512_dpbusd_epi32(c, _mm512_set1_epi32(load4<int32_t>(x4)), B);
 }
 
 // Weight rows n0..n1-1 (groups of 16) against M input rows, whole groups at a time: per block, the group's 8 B rows

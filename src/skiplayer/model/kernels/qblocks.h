@@ -28,6 +28,16 @@
 
 namespace skiplayer {
 
+// The 4 bytes at p as a T (an fp32 d, 4 int8 of x): an unaligned load. `static`: each file's own copy, compiled for
+// its own target (see above).
+template <typename T>
+static inline T load4(const uint8_t* p) {
+  static_assert(sizeof(T) == 4, "load4 reads 4 bytes");
+  T v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+
 enum BlockFormat : int { kQ4 = 22, kQ8 = 36, kQ4K = 24, kQ4Tiles = 20, kQ8Tiles = 34 };  // bytes per block of 32
 
 // y[m * N + n] = sum_k x[m * K + k] w(n, k) (+ bias[n]) for input rows m < M and weight rows n0 <= n < n1; xsum (M,
