@@ -6,6 +6,7 @@ import argparse
 
 from skiplayer.decoding.generate import STRATEGIES, GenerationConfig
 from skiplayer.decoding.sampling import SamplingConfig
+from skiplayer.model.gguf_blocks import GGUF_ACTIVATIONS
 from skiplayer.model.load import ALIASES, DEFAULT_MODEL, DTYPES
 from skiplayer.policies import DRAFT_SOURCES, MODES, PolicyConfig
 
@@ -30,7 +31,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q5_0/Q8_0/Q4_K blocks, unexpanded), int8 "
                         "(weight-only, per output channel), none (floats in --dtype); auto: gguf for a .gguf model where the "
                         "native kernels build, else none. Activations stay in --dtype")
-    g.add_argument("--gguf_activations", default="auto", choices=["auto", "int8", "int8x2"],
+    g.add_argument("--gguf_activations", default="auto", choices=list(GGUF_ACTIVATIONS),
                    help="with --quantize gguf on AMX / AVX-512 VNNI CPUs, how the integer kernels take activations: "
                         "int8 (one int8 value per element and a scale per 32, as llama.cpp: half the integer products), "
                         "int8x2 (two int8 parts, ~16 bits); auto: int8 on VNNI, int8x2 on AMX")

@@ -23,6 +23,7 @@ import torch
 
 from skiplayer.errors import UserError
 from skiplayer.hub import OFFLINE_HOW, is_offline, looks_like_local_path
+from skiplayer.model.gguf_blocks import GGUF_ACTIVATIONS
 from skiplayer.model.llama import SUPPORTED_ARCHITECTURES, Transformer
 from skiplayer.model.optimize import QUANTIZE, native_kernels_available, optimize_model
 
@@ -248,8 +249,8 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "fl
         raise UserError(f"device '{device}' requested but CUDA is not available here: use --device cpu")
     if quantize is not None and quantize not in QUANTIZE + ("gguf", "auto", "none"):  # fail before the slow load
         raise UserError(f"unknown quantization '{quantize}': use one of auto, gguf, int8, none")
-    if gguf_activations not in ("auto", "int8", "int8x2"):
-        raise UserError(f"unknown GGUF activations '{gguf_activations}': use one of auto, int8, int8x2")
+    if gguf_activations not in GGUF_ACTIVATIONS:
+        raise UserError(f"unknown GGUF activations '{gguf_activations}': use one of {', '.join(GGUF_ACTIVATIONS)}")
     path = source = resolve_model_path(model)  # `path` becomes the converted HF directory for a .gguf file
     auto = quantize == "auto"
     if auto:  # the file's own blocks where they can run: fewer bytes per token, the file's exact values
