@@ -32,50 +32,48 @@ def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | No
     cached = _PROFILES.setdefault(model, {})
     if key in cached:
         return _copy(cached[key])
-    device = model.tok_embeddings.weight.device
-    cache = model.new_cache(context + max_n + 1)
-    tokens = torch.arange(context + max_n, device=device) % model.args.vocab_size
-    model(tokens[:context], 0, cache)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run(fn):
-        def wrapped():
-            fn()
-            sync()
-            cache.rollback(context)
-        return wrapped
-
-    h = model.embed(tokens[context:context + 1])
-    step = _median_seconds(run(lambda: model(tokens[context:context + 1], context, cache)), repeats + 2)
-    layers = _median_seconds(run(lambda: model.forward_layers(h, context, cache, 0, model.n_layers)), repeats)
-    head = _median_seconds(run(lambda: model.logits(h, head_weight, head_packed)), repeats)
-    verify = [0.0] + [_median_seconds(run(lambda n=n: model(tokens[context:context + n], context, cache)), repeats)
-                      / step for n in range(1, max_n + 1)]
+    at = _AtContext(model, context, max_n)
+    step, verify = at.verify_passes(max_n, repeats)
+    h = model.embed(at.tokens[context:context + 1])
+    layers = at.seconds(lambda: model.forward_layers(h, context, at.cache, 0, model.n_layers), repeats)
+    head = at.seconds(lambda: model.logits(h, head_weight, head_packed), repeats)
     costs = CostModel(model.n_layers, layers / model.n_layers / step, head / step, verify, step,
                       profile_context=context)
     long_context = min(long_context, model.max_seq_len - max_n - 1)
     if long_context >= 2 * context:
-        costs.verify_long, costs.long_context = _verify_passes(model, max_n, long_context, repeats), long_context
+        costs.verify_long = _AtContext(model, long_context, max_n).verify_passes(max_n, repeats)[1]
+        costs.long_context = long_context
     cached[key] = costs
     return _copy(costs)
 
 
-def _verify_passes(model: Transformer, max_n: int, context: int, repeats: int) -> list[float]:
-    """[0, v(1) = 1, v(2), ..., v(max_n)]: passes over n positions at `context` tokens over one step there."""
-    device = model.tok_embeddings.weight.device
-    cache = model.new_cache(context + max_n + 1)
-    tokens = torch.arange(context + max_n, device=device) % model.args.vocab_size
-    model(tokens[:context], 0, cache)
+class _AtContext:
+    """A prompt of `context` tokens in a fresh cache, and the times of forwards that follow it (the cache rolled
+    back to the prompt after each)."""
 
-    def pass_of(n: int):
+    def __init__(self, model: Transformer, context: int, max_n: int):
+        device = model.tok_embeddings.weight.device
+        self.model, self.context, self.cuda = model, context, device.type == "cuda"
+        self.cache = model.new_cache(context + max_n + 1)
+        self.tokens = torch.arange(context + max_n, device=device) % model.args.vocab_size
+        model(self.tokens[:context], 0, self.cache)
+
+    def seconds(self, fn, repeats: int) -> float:
         def run():
-            model(tokens[context:context + n], context, cache)
-            if device.type == "cuda":
+            fn()
+            if self.cuda:
                 torch.cuda.synchronize()
-            cache.rollback(context)
-        return run
-    step = _median_seconds(pass_of(1), repeats + 2)
-    return [0.0] + [_median_seconds(pass_of(n), repeats) / step for n in range(1, max_n + 1)]
+            self.cache.rollback(self.context)
+        return _median_seconds(run, repeats)
+
+    def verify_passes(self, max_n: int, repeats: int) -> tuple[float, list[float]]:
+        """(seconds of one step, [0, v(1), ..., v(max_n)]): passes over n positions over one step, here."""
+        c = self.context
+
+        def pass_of(n: int):
+            return lambda: self.model(self.tokens[c:c + n], c, self.cache)
+        step = self.seconds(pass_of(1), repeats + 2)
+        return step, [0.0] + [self.seconds(pass_of(n), repeats) / step for n in range(1, max_n + 1)]
 
 
 def _copy(c: CostModel) -> CostModel:
