@@ -77,8 +77,9 @@ def parse_config(spec: str) -> tuple[str, str | None, str, str]:
 
 def use_config(spec: str) -> None:
     """Set the process-wide kernel choices of a config (GGUF activations) before running it."""
-    if parse_config(spec)[1] in ("gguf", "auto"):
-        set_gguf_activations(parse_config(spec)[3])
+    _, quantize, _, activations = parse_config(spec)
+    if quantize in ("gguf", "auto"):
+        set_gguf_activations(activations)
 
 
 def ours(model, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
@@ -88,15 +89,22 @@ def ours(model, ids: list[int], n_new: int) -> tuple[float, float, list[int]]:
     return stats.prefill_time, (len(tokens) - 1) / (stats.wall_time - stats.prefill_time), tokens
 
 
-def llama_cpp_runner(path: str, threads: int):
+def open_llama(path: str, threads: int, logits_all: bool = False):
+    """The file in llama.cpp (llama-cpp-python) on `threads` threads, or None where it is not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
+        return None
+    return Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=1024,
+                 logits_all=logits_all, verbose=False)
+
+
+def llama_cpp_runner(path: str, threads: int):
+    llm = open_llama(path, threads)
+    if llm is None:
         print("[vs_llamacpp] llama-cpp-python is not installed: llama.cpp rows skipped (see --help to build it)")
         return None
     import llama_cpp
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=1024,
-                verbose=False)
 
     def argmax() -> int:  # the last position's logits (Llama.scores stays empty without logits_all)
         return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))))
@@ -117,12 +125,9 @@ def llama_cpp_runner(path: str, threads: int):
 
 def llama_cpp_logits(path: str, threads: int, ids: list[int]) -> torch.Tensor | None:
     """llama.cpp's logits (len(ids), vocab) for one prompt, or None without llama-cpp-python."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    llm = open_llama(path, threads, logits_all=True)
+    if llm is None:
         return None
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=1024,
-                logits_all=True, verbose=False)
     llm.eval(ids)
     return torch.from_numpy(np.array(llm.scores[:len(ids)]))
 
