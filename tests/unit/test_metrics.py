@@ -195,8 +195,11 @@ def test_human_eval_pass_at_1_when_executed(he0):
     assert score("human_eval", he0.reference, he0, execute_code=True)["pass@1"] == 1.0
     assert score("human_eval", "    return False\n", he0, execute_code=True)["pass@1"] == 0.0
     # A chat-style answer with the whole function in a fenced block also counts.
-    full = "Here you go:\n```python\n" + he0.prompt + he0.reference + "```\nDone."
+    full = "Here you go:\n```python\n" + he0.extra["problem"]["prompt"] + he0.reference + "```\nDone."
     assert code.pass_at_1(full, he0, execute=True) == {"pass@1": 1.0}
+    # The model continues the prompt without its trailing newline, so its body starts with one.
+    assert not he0.prompt.endswith("\n")
+    assert score("human_eval", "\n" + he0.reference, he0, execute_code=True)["pass@1"] == 1.0
 
 
 def test_subprocess_runner(he0):

@@ -454,7 +454,10 @@ HUMAN_EVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_p
 
 def _human_eval(row: dict, index: int, args: LoadArgs) -> Sample:
     problem = {key: _text(row, key, "human_eval") for key in HUMAN_EVAL_FIELDS}
-    return Sample(id=problem["task_id"], prompt=problem["prompt"], reference=problem["canonical_solution"],
+    # The model sees the prompt without its trailing newline (as bigcode-evaluation-harness feeds it): a lone "\n"
+    # token is not how BPE tokenizers split "\n    return", so after it SmolLM2 writes ``` prose or "\n#" instead
+    # of the body. The program is still built from the original prompt (an extra blank line is valid Python).
+    return Sample(id=problem["task_id"], prompt=problem["prompt"].rstrip(), reference=problem["canonical_solution"],
                   extra={"problem": problem})
 
 
