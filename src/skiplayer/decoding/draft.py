@@ -7,6 +7,8 @@ any draft did not run exactly, so the output stays lossless.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
@@ -33,13 +35,7 @@ class DraftHead:
         # as rows of the head's GGUF blocks (a quarter of float16's bytes: decoding on them is memory-bound)
         blocks = model.lm_head is not None and model.lm_head.weight.dtype == torch.uint8
         self.packed = vocab_ids is not None and model.head_packed and not blocks
-        if vocab_ids is None:
-            self.weight = None
-        elif blocks:
-            self.weight = block_rows(model.lm_head.weight, model.args.dim, vocab_ids)
-        else:
-            rows = model.head_rows(vocab_ids).contiguous()
-            self.weight = pack_pairs(rows) if self.packed else rows
+        self.weight = None if vocab_ids is None else _reduced_head(model, vocab_ids, blocks, self.packed)
         attention = sorted(e for e, a in self.adapters.items() if isinstance(a, AttentionAdapter))
         self.slots = {e: model.n_layers + j for j, e in enumerate(attention)}  # depth -> cache slot
         self.extra_layers = len(self.slots)
@@ -70,6 +66,26 @@ class DraftHead:
         if self.vocab_ids is None:
             return probs
         return torch.zeros(self.model.args.vocab_size, dtype=probs.dtype).scatter(0, self.vocab_ids, probs)
+
+
+# model -> [(source head, vocab_ids, rows)]: a draft's rows are gathered once per model, head storage and draft (35 ms
+# for the default model's blocks), not at every generation
+_REDUCED_HEADS: "weakref.WeakKeyDictionary[Transformer, list]" = weakref.WeakKeyDictionary()
+
+
+def _reduced_head(model: Transformer, vocab_ids: torch.Tensor, blocks: bool, packed: bool) -> torch.Tensor:
+    source = model.lm_head.weight if blocks else model.head_weight
+    cached = _REDUCED_HEADS.setdefault(model, [])
+    for head, ids, rows in cached:
+        if head is source and ids is vocab_ids:
+            return rows
+    if blocks:
+        rows = block_rows(source, model.args.dim, vocab_ids)
+    else:
+        rows = model.head_rows(vocab_ids).contiguous()
+        rows = pack_pairs(rows) if packed else rows
+    cached[:] = cached[-3:] + [(source, vocab_ids, rows)]   # a few drafts at most: no unbounded growth
+    return rows
 
 
 def draft_round(model: Transformer, cache: KVCache, token: int, start: int, budget: int, policy: DraftPolicy,

@@ -98,7 +98,8 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     emit = on_tokens or (lambda tokens: None)
 
     if speculative:  # set up outside the timed region (the adaptive policy's cost profile is measured once)
-        head = DraftHead(model, *((draft.vocab_ids, draft.adapters) if draft else ()))
+        # n-gram drafts alone never run the draft head: its attention adapters' K/V need not be kept up to date
+        head = DraftHead(model, *((draft.vocab_ids, draft.adapters) if draft and p.self_draft else ()))
         if policy is None:
             costs = None
             if config.policy.dynamic_early_exit_mode == "adaptive":
