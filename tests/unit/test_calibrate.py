@@ -404,3 +404,31 @@ def test_calibrate_command_reuses_its_saved_outputs(tiny_dirs, capsys):
     assert main(other) == 2  # other capture layers: refused, one line
     err = capsys.readouterr().err
     assert "other settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_attention_adapter_kv_deferred_over_rounds_is_written_when_a_draft_reads_it(model):
+    """Verification hands the adapter the exact states of the positions it keeps; their K/V are written in one call
+    when a draft next reads the slot, over what drafting wrote there meanwhile, and equal K/V written at once."""
+    from skiplayer.decoding.draft import DraftHead
+    torch.manual_seed(0)
+    adapter = attention_adapter_from_layer(model, 2, 8)
+    torch.nn.init.normal_(adapter.mlp.up.weight, std=0.1)
+    tokens = torch.randint(0, model.args.vocab_size, (13,))
+    exact = {}
+    ref_cache = model.new_cache(16, extra_layers=1)
+    ref = DraftHead(model, None, {2: adapter})
+    model.prefill(tokens[:12], ref_cache, {2: lambda h: (exact.setdefault(2, h), ref.write_kv(2, h, 0, ref_cache))})
+    states, slot = exact[2], model.n_layers
+
+    cache = model.new_cache(16, extra_layers=1)
+    head = DraftHead(model, None, {2: adapter})
+    model.prefill(tokens[:5], cache, head.taps(0, cache))
+    head.write_kv(2, torch.randn(2, model.args.dim), 5, cache)  # a draft's approximate entries at 5, 6
+    for start, end in ((5, 8), (8, 9), (9, 12)):  # three rounds keep 3, 1 and 3 positions
+        head.defer_kv({2: states[start:end]}, start, cache)
+    assert cache.lengths[slot] == 5  # nothing written while no draft reads the slot
+    h = torch.randn(1, model.args.dim)
+    torch.testing.assert_close(head(h, 2, 12, cache, {}), ref(h, 2, 12, ref_cache, {}))
+    assert cache.lengths[slot] == 13
+    torch.testing.assert_close(cache.k[slot, :, :13], ref_cache.k[slot, :, :13])
+    torch.testing.assert_close(cache.v[slot, :, :13], ref_cache.v[slot, :, :13])

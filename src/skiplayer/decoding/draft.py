@@ -15,7 +15,7 @@ from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
 from skiplayer.decoding.stats import Clock
 from skiplayer.model.gguf_blocks import block_rows
 from skiplayer.model.kv_cache import KVCache
-from skiplayer.model.llama import Transformer, TreeMask
+from skiplayer.model.llama import Transformer
 from skiplayer.model.packing import pack_pairs
 from skiplayer.policies.base import DraftPolicy, DraftStep
 
@@ -25,8 +25,9 @@ class DraftHead:
     state before the norm) and may score only a reduced vocabulary (rows of the head) to make exits cheap.
 
     An attention adapter (draft_artifact.AttentionAdapter) attends over the states at its depth of all earlier
-    positions, kept as K/V in an extra cache slot (`extra_layers`): drafting writes them for drafted tokens,
-    verification rewrites them from exact states for every position it keeps (see self_speculative.verify)."""
+    positions, kept as K/V in an extra cache slot (`extra_layers`): drafting writes them for drafted tokens;
+    verification hands back the exact states of the positions it keeps (`defer_kv`), whose K/V are written in one
+    call when a draft next reads the slot: rounds that draft nothing (adaptive, n-gram runs) cost no adapter work."""
 
     def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None, adapters: dict | None = None):
         from skiplayer.draft_artifact import AttentionAdapter
@@ -39,11 +40,14 @@ class DraftHead:
         attention = sorted(e for e, a in self.adapters.items() if isinstance(a, AttentionAdapter))
         self.slots = {e: model.n_layers + j for j, e in enumerate(attention)}  # depth -> cache slot
         self.extra_layers = len(self.slots)
+        self.pending: dict[int, list[torch.Tensor]] = {e: [] for e in self.slots}  # exact states not yet written
+        self.pending_from: dict[int, int] = {}  # position of each depth's first pending state
 
     def __call__(self, h: torch.Tensor, depth: int, pos: int = 0, cache: KVCache | None = None,
                  exit_hidden: dict | None = None) -> torch.Tensor:
         adapter = self.adapters.get(depth)
         if depth in self.slots:
+            self.flush_kv(depth, cache)
             gap = cache.lengths[self.slots[depth]]
             if gap < pos:  # earlier drafts of this round did not stop here: approximate K/V from their last states
                 self.write_kv(depth, torch.cat([exit_hidden[p] for p in range(gap, pos)]), gap, cache)
@@ -52,12 +56,29 @@ class DraftHead:
             h = adapter(h)
         return self.model.logits(h, self.weight, self.packed)[-1]
 
-    def write_kv(self, depth: int, h: torch.Tensor, start: int, cache: KVCache, tree: TreeMask | None = None) -> None:
-        self.adapters[depth].write_kv(h, *self.model.rope(start, h.shape[0], tree), cache, self.slots[depth], start)
+    def write_kv(self, depth: int, h: torch.Tensor, start: int, cache: KVCache) -> None:
+        """K/V at the adapter's slot for states h (T, dim) at positions start..start+T-1."""
+        self.adapters[depth].write_kv(h, *self.model.rope(start, h.shape[0]), cache, self.slots[depth], start)
 
-    def taps(self, start: int, cache: KVCache, tree: TreeMask | None = None) -> dict:
+    def defer_kv(self, states: dict[int, torch.Tensor], start: int, cache: KVCache) -> None:
+        """Exact states (T, dim) entering each adapter depth at the kept positions start..start+T-1: the slot forgets
+        what drafting wrote from `start` on, and the states wait for flush_kv."""
+        for e, h in states.items():
+            if not self.pending[e]:
+                self.pending_from[e] = start
+            self.pending[e].append(h)
+            slot = self.slots[e]
+            cache.lengths[slot] = min(cache.lengths[slot], self.pending_from[e])
+
+    def flush_kv(self, depth: int, cache: KVCache) -> None:
+        """Write the K/V of the states deferred at this depth, in one call."""
+        if self.pending.get(depth):
+            self.write_kv(depth, torch.cat(self.pending[depth]), self.pending_from[depth], cache)
+            self.pending[depth].clear()
+
+    def taps(self, start: int, cache: KVCache) -> dict:
         """forward_layers taps that store the K/V the attention adapters read from a block's exact states."""
-        return {n: lambda h, n=n: self.write_kv(n, h, start, cache, tree) for n in self.slots}
+        return {n: lambda h, n=n: self.write_kv(n, h, start, cache) for n in self.slots}
 
     def to_full(self, index: int) -> int:
         return index if self.vocab_ids is None else int(self.vocab_ids[index])

@@ -49,9 +49,11 @@ def tree_mask(tree: TokenTree, start: int, first: int = 0, device="cpu") -> Tree
     return TreeMask(tree.attention_paths(start, first).to(device), positions)
 
 
-def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep], start: int) -> torch.Tensor:
-    """Full-model logits (len(tree), vocab) for every node of `tree`; node i is written at cache slot start + i.
-    Nodes 0..len(steps)-1 (the root and the chain's drafts but the last) ran the draft layers while drafting."""
+def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep],
+           start: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Full-model logits (len(tree), vocab) for every node of `tree`, node i written at cache slot start + i, and
+    the exact states (len(tree), dim) entering each attention adapter's depth. Nodes 0..len(steps)-1 (the root and
+    the chain's drafts but the last) ran the draft layers while drafting."""
     model, cache, head = s.model, s.cache, s.head
     layer, k = min((st.exact_until for st in steps), default=0), len(steps)
     # The other nodes never ran through the model: bring them to `layer` exactly, as one block.
@@ -64,11 +66,10 @@ def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep], start: int) -
         return torch.cat([st.hiddens[n] for st in steps] + [rest[n]])
 
     mask = tree_mask(tree, start, device=cache.k.device)
-    for e in head.slots:  # attention adapters read exact states of every kept position (deeper ones: taps)
-        if e <= layer:
-            head.write_kv(e, states(e), start, cache, mask)
-    h = model.forward_layers(states(layer), start, cache, layer, model.n_layers, head.taps(start, cache, mask), mask)
-    return model.logits(h)
+    exact = {e: states(e) for e in head.slots if e <= layer}  # what attention adapters read (deeper ones: taps)
+    taps = {e: (lambda h, e=e: exact.__setitem__(e, h)) for e in head.slots if e > layer}
+    h = model.forward_layers(states(layer), start, cache, layer, model.n_layers, taps, mask)
+    return model.logits(h), exact
 
 
 def ngram_run(s: RoundState, room: int) -> list[int]:
@@ -110,12 +111,13 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     run = run[:min(s.policy.ngram_tokens(len(steps), order, len(run)), nodes - len(steps))]
     tree, siblings = build_tree(s, pending, steps, run)
     t = s.clock.now()
-    logits = verify(s, tree, steps, start)
+    logits, exact = verify(s, tree, steps, start)
     if s.sampling.sample:
         path, nxt = accept_tree_sampling(tree, probabilities(logits, s.sampling), s.generator)
     else:
         path, nxt = accept_tree_greedy(tree, logits)
     s.cache.keep(start, [start + node for node in path])  # the pending token and the accepted candidates
+    s.head.defer_kv({e: h[path] for e, h in exact.items()}, start, s.cache)
     verify_seconds = s.clock.now() - t
     stats.time_verify += verify_seconds
     new = [tree.tokens[node] for node in path[1:]] + [nxt]
