@@ -23,7 +23,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 @torch.inference_mode()
-def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | None = None, repeats: int = 3,
+def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | None = None, repeats: int = 5,
                   context: int = 64, head_packed: bool = False, long_context: int = 576) -> CostModel:
     """Measure on this machine, relative to one autoregressive step; cached per model and draft head. Verification
     passes are timed at `context` and again at `long_context` tokens (where the model allows it): each extra position
@@ -67,13 +67,19 @@ class _AtContext:
         return _median_seconds(run, repeats)
 
     def verify_passes(self, max_n: int, repeats: int) -> tuple[float, list[float]]:
-        """(seconds of one step, [0, v(1), ..., v(max_n)]): passes over n positions over one step, here."""
+        """(seconds of one step, [0, v(1) = 1, v(2), ..., v(max_n)]): v(n) is the median over `repeats` of a pass
+        over n positions over the one-position pass timed just before it. Ratios of neighbours cancel the drift of a
+        shared VM's speed, which made v(n) from separately timed medians vary by +-10% from one start to the next."""
         c = self.context
 
-        def pass_of(n: int):
-            return lambda: self.model(self.tokens[c:c + n], c, self.cache)
-        step = self.seconds(pass_of(1), repeats + 2)
-        return step, [0.0] + [self.seconds(pass_of(n), repeats) / step for n in range(1, max_n + 1)]
+        def seconds(n: int) -> float:
+            return self.seconds(lambda: self.model(self.tokens[c:c + n], c, self.cache), 1)
+        steps, ratios = [], {n: [] for n in range(2, max_n + 1)}
+        for _ in range(repeats):
+            for n in ratios:
+                steps.append(seconds(1))
+                ratios[n].append(seconds(n) / steps[-1])
+        return statistics.median(steps), [0.0, 1.0] + [statistics.median(ratios[n]) for n in ratios]
 
 
 def _copy(c: CostModel) -> CostModel:
