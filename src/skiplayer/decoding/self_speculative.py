@@ -58,9 +58,10 @@ def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep],
     layer, k = min((st.exact_until for st in steps), default=0), len(steps)
     # The other nodes never ran through the model: bring them to `layer` exactly, as one block.
     rest = {0: model.embed(torch.tensor(tree.tokens[k:], device=cache.k.device))}
-    taps = {n: (lambda h, n=n: rest.__setitem__(n, h)) for n in range(1, layer)}
-    rest[layer] = model.forward_layers(rest[0], start + k, cache, 0, layer, taps,
-                                         tree_mask(tree, start, k, cache.k.device))
+    if layer > 0:
+        taps = {n: (lambda h, n=n: rest.__setitem__(n, h)) for n in range(1, layer)}
+        rest[layer] = model.forward_layers(rest[0], start + k, cache, 0, layer, taps,
+                                             tree_mask(tree, start, k, cache.k.device))
 
     def states(n: int) -> torch.Tensor:  # exact input of layer n <= `layer` for every node
         return torch.cat([st.hiddens[n] for st in steps] + [rest[n]])
@@ -117,7 +118,8 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
     else:
         path, nxt = accept_tree_greedy(tree, logits)
     s.cache.keep(start, [start + node for node in path])  # the pending token and the accepted candidates
-    s.head.defer_kv({e: h[path] for e, h in exact.items()}, start, s.cache)
+    kept = slice(0, len(path)) if path == list(range(len(path))) else path  # a chain prefix: a view, no copy
+    s.head.defer_kv({e: h[kept] for e, h in exact.items()}, start, s.cache)
     verify_seconds = s.clock.now() - t
     stats.time_verify += verify_seconds
     new = [tree.tokens[node] for node in path[1:]] + [nxt]
