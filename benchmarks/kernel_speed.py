@@ -9,7 +9,8 @@ of one pass with M = 1 row, the effective GB/s (weight bytes / time) and v(M) = 
   small_linear fp32/bf16/fp16/int8 [packed]        our batch-invariant AVX2 kernel (model/kernels/), on row-major
                                                    weights or on pair-packed ones (model/packing.py, the default)
   small_linear GGUF Q4_1/Q8_0 amx|vnni|avx512|avx2 GGUF blocks (model/gguf_blocks.py) on each instruction-set path;
-                                                   on the tiles (amx, vnni) with x as two int8 parts or one
+                                                   on the tiles (amx, vnni) with x as two int8 parts or one,
+                                                   on avx2 with x in fp32 or as one int8 part
   _weight_int8pack_mm (bf16 activations)            PyTorch's int8 weight-only op
   quantize_dynamic int8 (fp32 activations)          torch.ao dynamic quantization (fbgemm)
   --compile: torch.compile + inductor freezing (weight prepacking) of the same stack, fp32 and bf16, one graph per M
@@ -79,8 +80,10 @@ def build(args):
                 tiles = isa in ("amx", "vnni")
                 qb = [pack_blocks(fmt, quants.quantize(w.numpy(), GGMLQuantizationType[fmt]), tiles=tiles)
                       for w in ws]
-                # tiles: x as two int8 parts, or one (--gguf_activations int8; the VNNI kernel only)
-                for parts, act in ((2, "int8x2 act"), (1, "int8 act")) if tiles else ((2, "fp32 act"),):
+                # tiles: x as two int8 parts, or one (--gguf_activations int8); rows: fp32 x, or on AVX2 one int8 part
+                choices = (((2, "int8x2 act"), (1, "int8 act")) if tiles else
+                           ((2, "fp32 act"), (1, "int8 act")) if isa == "avx2" else ((2, "fp32 act"),))
+                for parts, act in choices:
                     if isa == "amx" and parts == 1:
                         continue
                     kernels[f"small_linear GGUF {fmt} {isa} ({act})"] = (

@@ -18,6 +18,8 @@ Systems (all greedy, 128 forced new tokens, no stop at EOS):
                            -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install llama-cpp-python
                        (drop the AVX512 flags on an AVX2-only CPU). Timed around its eval() calls.
   HF bfloat16 / fp32   (--hf) `generate` on the converted float model; prefill = a 1-token generate, decode = the rest.
+--kernel_isa avx2 runs our kernels as on an AVX2-only CPU (gguf-int8: 8-bit x and integer dot products, the default
+there; gguf-int8x2: x in fp32), for a comparison on a machine that has more.
 Prompts: a chat question (~40 tokens with the template), a gsm8k question, and a 613-token cnn_dm article (both from
 ../shared/datasets when present, else built-in text). Prefill tok/s = prompt tokens / prefill seconds; decode tok/s
 = (new tokens - 1) / seconds after the prefill. Every system runs once per repeat, in rotating order; medians.
@@ -176,8 +178,15 @@ def main(argv=None):
     p.add_argument("--output_json", type=output_file)
     p.add_argument("--update_doc", help="write the tables between <!-- MARKER:start/end --> of this file")
     p.add_argument("--marker", default="vs_llamacpp", help="the marker --update_doc writes between (default %(default)s)")
+    p.add_argument("--kernel_isa", choices=["avx2", "avx512", "vnni", "amx"], default=None,
+                   help="run our kernels on this instruction-set path only (e.g. avx2: an AVX2-only CPU's kernels on "
+                        "a CPU with more; default: the best this CPU has)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.kernel_isa:
+        from skiplayer.model.optimize import native_kernels_available
+        native_kernels_available()  # builds and loads the kernels, whose op sets the path for the whole process
+        torch.ops.skiplayer.kernel_isa(a.kernel_isa)
 
     runs, models, specs = {}, {}, {}
     for spec in a.configs.split(","):

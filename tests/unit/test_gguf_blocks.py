@@ -70,9 +70,10 @@ def test_dequantize_blocks_is_ggml_dequantization(fmt):
 
 
 @native
+@pytest.mark.parametrize("activations", ["int8x2"], indirect=True)  # the rows kernels then take x in fp32
 @pytest.mark.parametrize("isa", isas(), indirect=True)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_block_products_exact_and_batch_invariant(fmt, isa):
+def test_block_products_exact_and_batch_invariant(fmt, isa, activations):
     g = torch.Generator().manual_seed(1)
     op = torch.ops.skiplayer.small_linear
     for M, K, N in [(1, 32, 5), (7, 96, 33), (19, 576, 70)]:  # odd N (tile tails), M over several chunks
@@ -196,10 +197,20 @@ def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
 
 
 @native
-@pytest.mark.parametrize("layout", layouts() + [pytest.param("tiles-int8", marks=has_tiles)])
+@pytest.mark.parametrize("layout", layouts() + [pytest.param("tiles-int8", marks=has_tiles), "rows-avx2-int8"])
 def test_self_speculation_on_file_blocks_is_lossless(tmp_path, layout):
-    set_gguf_activations("int8" if layout == "tiles-int8" else "int8x2")  # conftest restores the earlier choice
-    _, model, _ = tiny_gguf_pair(tmp_path, tiles=layout.startswith("tiles"))
+    set_gguf_activations("int8" if layout.endswith("int8") else "int8x2")  # conftest restores the earlier choice
+    before = torch.ops.skiplayer.kernel_isa("")
+    if layout == "rows-avx2-int8":  # the AVX2 kernel with 8-bit x, on any CPU (every x86-64 one here has AVX2)
+        torch.ops.skiplayer.kernel_isa("avx2")
+    try:
+        _, model, _ = tiny_gguf_pair(tmp_path, tiles=layout.startswith("tiles"))
+        check_self_speculation_is_lossless(model)
+    finally:
+        torch.ops.skiplayer.kernel_isa(before)
+
+
+def check_self_speculation_is_lossless(model):
     for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16]):
         def run(strategy, **policy):
             config = GenerationConfig(max_steps=24, generation_strategy=strategy, policy=PolicyConfig(**policy))
@@ -208,7 +219,6 @@ def test_self_speculation_on_file_blocks_is_lossless(tmp_path, layout):
         for E, k in ((1, 1), (2, 3), (3, 2)):
             assert run("self_speculative", exit_layer=E, num_speculations=k) == ar, (prompt, E, k)
         assert run("self_speculative", exit_layer=2, num_speculations=2, draft_source="both") == ar
-
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -246,12 +256,14 @@ def test_tiles_products_close_and_batch_invariant(fmt, isa, activations):
             torch.set_num_threads(1)
 
 
-def int8_activations_reference(x: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The one-part arithmetic of the VNNI kernel in float64: per row and block of 32, dx = max|x| / 127 and
-    a = round(x / dx) (float32, ties to even, as the kernel), then d dx sum(q a) + m dx sum(a) per block: the file's
-    weights times the 8-bit x, as llama.cpp computes Q4_1 x Q8_1."""
+def int8_activations_reference(x: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, parts=None) -> torch.Tensor:
+    """The one-part arithmetic of the VNNI and AVX2 kernels in float64: per row and block of 32, dx = max|x| / 127
+    and a = round(x / dx) (float32, ties to even, as the kernels), then d dx sum(q a) + m dx sum(a) per block: the
+    file's weights times the 8-bit x, as llama.cpp computes Q4_1 x Q8_1. `parts`: (d, m, q) of the blocks (default:
+    those of the tiles weight b)."""
     M, K = x.shape
-    d, m, q = (None if t is None else torch.from_numpy(np.asarray(t, dtype=np.float64)) for t in _tiles_parts(b, K))
+    d, m, q = (None if t is None else torch.from_numpy(np.asarray(t, dtype=np.float64))
+               for t in (parts or _tiles_parts(b, K)))
     xb = x.reshape(M, K // 32, 32)
     dx = xb.abs().amax(-1) / 127
     dx = torch.where(dx > 0, dx, torch.ones_like(dx))
@@ -281,6 +293,35 @@ def test_int8_activations_are_one_int8_part_per_block_and_batch_invariant(fmt, a
             assert (y.double() - exact).abs().max() > 1e-4 * exact.abs().max()
         for m_ in range(1, M + 1):
             assert torch.equal(op(x[:m_], b, None, bias, True, False), y[:m_]), (fmt, M, m_)
+
+
+@native
+@pytest.mark.parametrize("activations", ["int8"], indirect=True)
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
+@pytest.mark.parametrize("fmt", FORMATS + ["Q4_K"])
+def test_avx2_int8_activations_are_llamacpp_arithmetic_and_batch_invariant(fmt, isa, activations):
+    """The AVX2 rows kernel with 8-bit x (the default on AVX2-only CPUs): integer dot products of the file's quants
+    with one int8 part per block of 32, exactly the arithmetic of the VNNI kernel's one part, batch invariant."""
+    from skiplayer.model.gguf_blocks import _file_parts
+    g = torch.Generator().manual_seed(9)
+    op = torch.ops.skiplayer.small_linear
+    for M, K, N in [(1, 256, 5), (6, 512, 33), (19, 768, 40)]:  # odd N (two-row tiles' tail), M over chunks of 4
+        w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+        x[0, 32:64] = 0.0  # an all-zero block (dx = 1 there)
+        raw = q4k_file_rows(N, K, seed=M) if fmt == "Q4_K" else file_blocks(w, fmt)
+        b = pack_blocks(fmt, raw)
+        y = op(x, b, None, bias, True, False)
+        ref = int8_activations_reference(x, b, bias, _file_parts(fmt, raw))
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), fmt  # fp32 sums of exact int32 products
+        exact = x.double() @ dequantize_blocks(b, K).double().T + bias.double()
+        assert (y.double() - exact).abs().max() > 1e-4 * exact.abs().max()  # it does take x in 8 bits
+        for m_ in range(1, M + 1):
+            assert torch.equal(op(x[:m_], b, None, bias, True, False), y[:m_]), (fmt, M, m_)
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(op(x, b, None, bias, True, False), y)
+        finally:
+            torch.set_num_threads(1)
 
 
 @native
@@ -354,8 +395,9 @@ def test_q4k_blocks_are_ggml_dequantization():
 
 
 @native
+@pytest.mark.parametrize("activations", ["int8x2"], indirect=True)
 @pytest.mark.parametrize("isa", isas(), indirect=True)
-def test_q4k_products_exact_and_batch_invariant(isa):
+def test_q4k_products_exact_and_batch_invariant(isa, activations):
     raw = q4k_file_rows(40, 768, seed=1)
     w = pack_blocks("Q4_K", raw)
     ref_w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K)).double()

@@ -52,15 +52,16 @@ GGUF_ACTIVATIONS = ("auto", "int8", "int8x2")
 
 
 def set_gguf_activations(choice: str = "auto") -> str:
-    """How the tiles kernels take x (process-wide, like kernel_isa): "int8x2" splits each block of 32 values in two
-    int8 parts (relative error ~2^-16 of the block's largest |x|; AMX and VNNI agree bit for bit), "int8" keeps one
-    (llama.cpp's 8-bit activations, ~2^-8: half the integer products, on the VNNI kernel). "auto": int8 where the
-    tiles run on VNNI (no AMX: the products there are bound by the integer dot products), int8x2 on AMX tiles.
-    Returns the choice made; rows-layout kernels compute in fp32 whatever the choice."""
+    """How the block kernels take x (process-wide, like kernel_isa): "int8x2" splits each block of 32 values in two
+    int8 parts on the tiles kernels (relative error ~2^-16 of the block's largest |x|; AMX and VNNI agree bit for
+    bit), "int8" keeps one (llama.cpp's 8-bit activations, ~2^-8: half the integer products on the VNNI kernel, and
+    integer dot products instead of fp32 FMAs on the AVX2 kernel). "auto": int8 where the products run on VNNI or
+    AVX2 alone (bound by their dot products), int8x2 on AMX tiles. Returns the choice made. The AVX-512 rows kernel,
+    and the AVX2 one under int8x2, take x in fp32."""
     if choice not in GGUF_ACTIVATIONS:
         raise ValueError(f"unknown GGUF activations '{choice}': use one of {', '.join(GGUF_ACTIVATIONS)}")
     if choice == "auto":
-        choice = "int8" if torch.ops.skiplayer.kernel_isa("") == "vnni" else "int8x2"
+        choice = "int8" if torch.ops.skiplayer.kernel_isa("") in ("vnni", "avx2") else "int8x2"
     torch.ops.skiplayer.activation_int8_parts(1 if choice == "int8" else 2)
     return choice
 

@@ -292,13 +292,20 @@ def describe_weights(model: Transformer) -> str:
         return "/".join(sorted(kinds))
     names = sorted({k.split()[0] for k in blocks})
     rest = sorted(kinds - set(blocks))
-    tiles = ""
+    one, isa, tiles = torch.ops.skiplayer.activation_int8_parts(0) == 1, torch.ops.skiplayer.kernel_isa(""), ""
     if any(k.endswith("tiles") for k in blocks):
-        one = torch.ops.skiplayer.activation_int8_parts(0) == 1
-        tiles = (" (AMX tiles)" if torch.ops.skiplayer.kernel_isa("") == "amx" and not one
+        tiles = (" (AMX tiles)" if isa == "amx" and not one
                  else f" (tiles layout, VNNI, {'int8' if one else 'int8x2'} activations)")
+    elif one and isa == "avx2":
+        tiles = " (AVX2, int8 activations)"
     return (f"GGUF blocks {', '.join(names)}" + tiles
             + (f" + {'/'.join(rest)}" if rest else ""))
+
+
+def int8_activations(model: Transformer) -> bool:
+    """Whether the model's block products take x as one int8 value per element (llama.cpp's 8-bit activations):
+    the `int8` GGUF activations on the VNNI tiles kernel or the AVX2 rows kernel."""
+    return "int8 activations)" in describe_weights(model)
 
 
 def weight_bytes_per_token(model: Transformer) -> int:

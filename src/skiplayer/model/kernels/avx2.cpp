@@ -286,6 +286,121 @@ void quant_rows_fmt(int M, const float* x, const float* xsum, const uint8_t* w, 
   }
 }
 
+// ---- The same rows layout with 8-bit activations (`--gguf_activations int8`, the default on AVX2-only CPUs): x as
+// one int8 value per element and an fp32 scale per block of 32 (pack_int8_parts' definition), the products as
+// integer dot products (vpmaddubsw + vpmaddwd: 32 products in two instructions, against four fp32 FMAs of 8 and the
+// weights' conversion to fp32), llama.cpp's Q4_1 x Q8_1 arithmetic: d dx sum(q a) per block, plus m dx sum(a). ----
+
+// Each block of 32 of x (M rows of K) -> 32 int8 a = clamp(round(x / dx), +-127) with dx = max|x| / 127 (IEEE division,
+// ties to even; 1 for an all-zero block), and xs = dx sum(a): the 8-bit x's block sums (the m terms of Q4 rows).
+void quantize_int8_blocks(int64_t M, const float* x, int64_t K, int8_t* a, float* dx, float* xs) {
+  const int64_t nb = K / 32;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo the packs' per-lane interleaving
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* p = x + 32 * i;  // block b of row m is block m nb + b of x: rows are contiguous
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[j] = _mm256_loadu_ps(p + 8 * j)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float d = amax > 0.f ? amax / 127.f : 1.f;
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j)
+      q[j] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_div_ps(v[j], _mm256_set1_ps(d))), lo), hi);
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 32 * i), _mm256_permutevar8x32_epi32(bytes, order));
+    dx[i] = d;
+    xs[i] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// The 32 quants of a block as bytes in element order: Q4's nibbles (unsigned, 0..15), Q8's int8.
+template <int FMT>
+inline __m256i block_quants(const uint8_t* q) {
+  if constexpr (FMT == kQ8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)), mask = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask), _mm_and_si128(v, mask));
+}
+
+// sum q a over a block as 8 int32 lanes (exact: vpmaddubsw's pair sums stay below 2^15). vpmaddubsw multiplies
+// unsigned by signed bytes: Q4 quants are unsigned already; a Q8 quant gives its magnitude and its sign to a.
+template <int FMT>
+inline __m256i block_dot(__m256i q, __m256i a) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (FMT == kQ8) return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q)), ones);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones);
+}
+
+// M input rows against R weight rows from n0, one accumulator per output, one FMA per block in a fixed order.
+template <int FMT, int M, int R>
+inline void quant_tile_int8(const int8_t* a, const float* dx, const float* xs, const uint8_t* w, const float* bias,
+                            float* y, int64_t K, int64_t N, int64_t n0) {
+  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ8 ? 36 : 20;
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i q[R];
+    float d[R];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* blk = w + (n0 + r) * row_bytes + b * step;
+      d[r] = load4<float>(blk);
+      q[r] = block_quants<FMT>(blk + 4);
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + m * K + 32 * b));
+      for (int r = 0; r < R; ++r)
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<FMT>(q[r], av)), _mm256_set1_ps(d[r] * dx[m * nb + b]),
+                                    acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s;
+      if (FMT != kQ8) {
+        const uint8_t* mr = w + (n0 + r) * row_bytes + nb * 20;
+        s = m_tail<FMT>(mr, xs + m * nb, nb, hsum8(add_m_terms<FMT>(mr, xs + m * nb, nb, acc[r][m])));
+      } else {
+        s = hsum8(acc[r][m]);
+      }
+      if (bias) s += bias[n0 + r];
+      y[m * N + n0 + r] = s;
+    }
+}
+
+template <int FMT, int M>
+void quant_rows_int8(const int8_t* a, const float* dx, const float* xs, const uint8_t* w, const float* bias, float* y,
+                     int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  constexpr int R = M <= 2 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) quant_tile_int8<FMT, M, R>(a, dx, xs, w, bias, y, K, N, n);
+  for (; n < n1; ++n) quant_tile_int8<FMT, M, 1>(a, dx, xs, w, bias, y, K, N, n);
+}
+
+template <int FMT>
+void quant_rows_int8_fmt(int M, const int8_t* a, const float* dx, const float* xs, const uint8_t* w, const float* bias,
+                         float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return quant_rows_int8<FMT, 1>(a, dx, xs, w, bias, y, K, N, n0, n1);
+    case 2: return quant_rows_int8<FMT, 2>(a, dx, xs, w, bias, y, K, N, n0, n1);
+    case 3: return quant_rows_int8<FMT, 3>(a, dx, xs, w, bias, y, K, N, n0, n1);
+    default: return quant_rows_int8<FMT, 4>(a, dx, xs, w, bias, y, K, N, n0, n1);
+  }
+}
+
+void quant_rows_avx2_int8(int M, const int8_t* a, const float* dx, const float* xs, const uint8_t* w, int format,
+                          const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  if (format == kQ4) return quant_rows_int8_fmt<kQ4>(M, a, dx, xs, w, bias, y, K, N, n0, n1);
+  if (format == kQ4K) return quant_rows_int8_fmt<kQ4K>(M, a, dx, xs, w, bias, y, K, N, n0, n1);
+  return quant_rows_int8_fmt<kQ8>(M, a, dx, xs, w, bias, y, K, N, n0, n1);
+}
+
 constexpr int kQuantRowsAvx2 = 4;
 void quant_rows_avx2(int M, const float* x, const float* xsum, const uint8_t* w, int format, const float* bias,
                      float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
@@ -355,6 +470,16 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
   const int64_t nb = K / 32;
   const int parts = activation_parts;
   const bool one_part = parts == 1 && (format == kQ4Tiles || format == kQ8Tiles);
+  if (parts == 1 && quant_isa == kAvx2 && format != kQ4Tiles && format != kQ8Tiles) {  // 8-bit x, AVX2 integer dots
+    std::vector<int8_t> a(M * K);
+    std::vector<float> dx(M * nb), xs(M * nb);
+    quantize_int8_blocks(M, x, K, a.data(), dx.data(), xs.data());
+    run_chunks(M, N, kQuantRowsAvx2, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
+      quant_rows_avx2_int8(static_cast<int>(mc), a.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb, w,
+                           format, bias, y + m0 * N, K, N, n, ne);
+    });
+    return;
+  }
   std::vector<float> xsum(one_part ? 0 : M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
   for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i)
     for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
