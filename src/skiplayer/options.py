@@ -32,9 +32,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "(weight-only, per output channel), none (floats in --dtype); auto: gguf for a .gguf model where the "
                         "native kernels build, else none. Activations stay in --dtype")
     g.add_argument("--gguf_activations", default="auto", choices=list(GGUF_ACTIVATIONS),
-                   help="with --quantize gguf on AMX / AVX-512 VNNI CPUs, how the integer kernels take activations: "
-                        "int8 (one int8 value per element and a scale per 32, as llama.cpp: half the integer products), "
-                        "int8x2 (two int8 parts, ~16 bits); auto: int8 on VNNI, int8x2 on AMX")
+                   help="with --quantize gguf, how the block kernels take activations: int8 (one int8 value per "
+                        "element and a scale per 32, as llama.cpp: integer dot products on AVX-512 VNNI and AVX2), "
+                        "int8x2 (two int8 parts, ~16 bits, on AMX / VNNI; fp32 on AVX2); auto: int8x2 on AMX, "
+                        "else int8")
     g.add_argument("--prefill", default="auto", choices=["auto", "bfloat16", "native"],
                    help="how the prompt runs: bfloat16 (oneDNN matmuls + flash attention), native (the decoding "
                         "kernels); auto: bfloat16 on CPUs with AMX, else native")
