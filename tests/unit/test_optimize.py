@@ -156,6 +156,44 @@ def test_native_attention_block_equals_rows_and_reference(dtype, D):
 
 
 @native
+@pytest.mark.skipif(native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
+                    reason="this CPU has no AVX-512: prompts keep the one-row attention loops")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,D", [(64, 64), (150, 64), (83, 128)])
+def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dtype, T, D):
+    """A prompt (a block at position 0, at least 64 rows) takes the AVX-512 attention with the keys in the lanes: the
+    one-row loops' result within the dtype's rounding, the same bits on every call and thread count; blocks that
+    start later (verification passes) keep the one-row loops."""
+    H, G = 6, 2
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    op = torch.ops.skiplayer.rope_cache_attention
+
+    def run():
+        kc, vc = torch.zeros(G, T + 4, D, dtype=dtype), torch.zeros(G, T + 4, D, dtype=dtype)
+        return op(qkv, cos, sin, kc, vc, 0, H, G, True), kc
+    wide, kc = run()
+    before = torch.ops.skiplayer.kernel_isa("")
+    try:
+        torch.ops.skiplayer.kernel_isa("avx2")  # the one-row loops
+        rows, kc_rows = run()
+    finally:
+        torch.ops.skiplayer.kernel_isa(before)
+    assert torch.equal(kc, kc_rows)  # the cache writes are the same
+    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
+    assert (wide.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
+    assert not torch.equal(wide, rows) or dtype != torch.float32  # it did take the other path
+    assert torch.equal(run()[0], wide)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(run()[0], wide)
+    finally:
+        torch.set_num_threads(1)
+
+
+@native
 def test_native_matches_torch_path_and_fill_kv():
     eager = Transformer.from_hf(tiny_hf_model("llama", seed=4))
     fast = optimize_model(Transformer.from_hf(tiny_hf_model("llama", seed=4)))

@@ -11,10 +11,13 @@ layers runs as one native call (`decoder_layers`), without the Python overhead o
 
 It is also *batch invariant*: every output element is accumulated in the same order whatever the number of rows
 and threads, so a position's logits are bit-identical in a one-token step and inside a verification block.
-Speculative decoding then reproduces plain greedy decoding exactly, not just up to near-ties.
+Speculative decoding then reproduces plain greedy decoding exactly, not just up to near-ties. The one exception is
+a prompt's attention on AVX-512 CPUs (kernels/attention.h: a block of 64+ positions at position 0, deterministic,
+within rounding of the one-row loops): both strategies run the same prefill, and verification blocks never start at 0.
 
 The kernels' C++ is in kernels/ (common.h, ops.cpp; avx2.cpp for AVX2 + FMA + F16C; avx512.cpp, avx512_vnni.cpp and
-amx.cpp for the GGUF block products on CPUs with AVX-512 / VNNI / AMX, model/gguf_blocks.py, chosen at run time). It is compiled once per
+amx.cpp for the GGUF block products on CPUs with AVX-512 / VNNI / AMX, model/gguf_blocks.py, and a prompt's attention,
+chosen at run time). It is compiled once per
 machine with `torch.utils.cpp_extension` (needs g++ and `ninja`, ~30-60 s, cached under ~/.cache/torch_extensions in a
 folder named by the torch version, the flags and the sources: `kernel_build_name`); without AVX2, a compiler or ninja
 everything falls back to stock PyTorch with a warning, and `SKIPLAYER_NATIVE_KERNELS=0` turns it off.
@@ -45,7 +48,7 @@ QUANTIZE = (None, "int8")
 # under their own target pragmas, called only where the CPU has those units (qblocks.h: their plain-C interface).
 _KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _KERNEL_SOURCES = ("ops.cpp", "avx2.cpp", "avx512.cpp", "avx512_vnni.cpp", "amx.cpp")  # compiled, in this order
-_KERNEL_HEADERS = ("common.h", "qblocks.h", "tiles.h")  # included: part of the build key, not compiled on their own
+_KERNEL_HEADERS = ("common.h", "qblocks.h", "tiles.h", "attention.h")  # included: part of the build key, not compiled on their own
 _KERNEL_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp")
 _KERNEL_LDFLAGS = ("-fopenmp",)
 

@@ -2,6 +2,7 @@
 // RMSNorm, silu * up, RoPE + KV-cache write + attention, and whole decoder layers. Why they exist and what they
 // guarantee (batch invariance, bit-identical to the Python model): skiplayer/model/optimize.py.
 #include "common.h"
+#include "attention.h"
 #include "qblocks.h"
 
 #include <immintrin.h>
@@ -951,6 +952,25 @@ void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
   });
 }
 
+// A prompt's attention (a block at position 0) on AVX-512, head by head: attention.h.
+template <typename A>
+void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
+                      int64_t H, int64_t G, int64_t D, int64_t L) {
+  const int64_t row = (H + 2 * G) * D, group = H / G;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int kv = std::is_same<A, float>::value ? 0 : std::is_same<A, at::Half>::value ? 1 : 2;
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> q((T + 15) / 16 * 16 * D, 0.f), o(T * D), scratch(prefill_attention_scratch(T, D));
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t t = 0; t < T; ++t) rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data() + t * D, D);
+      prefill_attention_avx512(q.data(), kc + (h / group) * L * D, vc + (h / group) * L * D, kv, T, D, scale,
+                               o.data(), scratch.data());
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t d = 0; d < D; d += 8) store8(out + t * H * D + h * D + d, _mm256_loadu_ps(o.data() + t * D + d));
+    }
+  });
+}
+
 template <typename A>
 void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
                     int64_t H, int64_t G, int64_t D, int64_t L, bool attend, const int64_t* paths, int64_t W,
@@ -973,6 +993,8 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
     return tree_attention(qkv, cos, sin, kc, vc, out, T, start + T, H, G, D, L, paths, W, window);
   if (window > 0 && start + T > window)  // some row's window leaves out early keys
     return window_attention(qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window);
+  if (start == 0 && T >= kPrefillAttentionRows && D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2)
+    return prompt_attention(qkv, cos, sin, kc, vc, out, T, H, G, D, L);  // a prompt: never a verification pass
   const int64_t S = start + T, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off

@@ -1,7 +1,9 @@
 // AVX-512 kernels (F, BW, VL, DQ + F16C), compiled with a target pragma and called only where the CPU has them
-// (run-time dispatch in avx2.cpp). Today: products with GGUF block-quantized weights (qblocks.h), 16 lanes at a time.
+// (run-time dispatch in avx2.cpp): products with GGUF block-quantized weights (qblocks.h), 16 lanes at a time, and a
+// prompt's causal attention (attention.h).
 // No torch header here: see qblocks.h for why.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,avx2")
+#include "attention.h"
 #include "qblocks.h"
 
 #include <immintrin.h>
@@ -96,6 +98,129 @@ void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* 
   if (format == kQ4) return rows_any<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1);
   if (format == kQ4K) return rows_any<kQ4K>(M, x, xsum, w, bias, y, K, N, n0, n1);
   return rows_any<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
+}
+
+// ---- A prompt's causal attention (attention.h). ----
+namespace {
+
+// exp(x) for x <= 0 (scores minus their row's max): 2^k e^r with k = round(x / ln 2) and r = x - k ln 2 (ln 2 in two
+// parts), e^r by its degree-7 polynomial, 2^k by vscalefps.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, k);
+}
+
+// 16 values of a K or V row from element i, as fp32.
+template <int KV>
+inline __m512 load16(const void* base, int64_t i) {
+  if constexpr (KV == 0) return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+  if constexpr (KV == 1) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Scores of 16 query rows against 16 keys at a time (one accumulator per row; kt holds the keys in the lanes).
+inline void block_scores(const float* q, const float* kt, int64_t kbs, int64_t D, float scale, float* p, int64_t S) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t kb = 0; kb < kbs; ++kb) {
+    __m512 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    const float* kk = kt + kb * D * 16;
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 kd = _mm512_loadu_ps(kk + d * 16);
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + d]), kd, acc[r]);
+    }
+    for (int r = 0; r < 16; ++r) _mm512_storeu_ps(p + r * S + kb * 16, _mm512_mul_ps(acc[r], sc));
+  }
+}
+
+// p[0, n) = exp(p - max), p[n, end) = 0; returns 1 / sum.
+inline float softmax16(float* p, int64_t n, int64_t end) {
+  __m512 mv = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, p + j));
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  __m512 sv = _mm512_setzero_ps();
+  for (int64_t j = 0; j < end; j += 16) {
+    const __mmask16 k = j >= n ? 0 : n - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - j)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m)));
+    _mm512_storeu_ps(p + j, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sv);
+}
+
+// out rows of 4 query rows (stride D) += p v over keys [0, keys), 64 columns at a time, times their 1 / sum.
+template <int KV>
+inline void block_values(const float* p, int64_t S, const void* v, int64_t keys, int64_t D, const float* inv,
+                         int rows, float* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512 acc[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < keys; ++j) {
+      __m512 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = load16<KV>(v, j * D + d0 + 16 * c);
+      for (int r = 0; r < 4; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r * S + j]);
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(pj, vv[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < 4; ++c)
+        _mm512_storeu_ps(out + r * D + d0 + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+  }
+}
+
+template <int KV>
+void prefill_attention(const float* q, const void* k, const void* v, int64_t T, int64_t D, float scale, float* out,
+                       float* scratch) {
+  const int64_t nkb = (T + 15) / 16, S = nkb * 16;
+  float* kt = scratch;      // (nkb, D, 16): the keys in the lanes, zeros past T
+  float* p = kt + S * D;    // (16, S): one block of rows' scores, then weights
+  alignas(64) float tmp[16];
+  for (int64_t key = 0; key < S; ++key)
+    for (int64_t d = 0; d < D; d += 16) {
+      _mm512_store_ps(tmp, key < T ? load16<KV>(k, key * D + d) : _mm512_setzero_ps());
+      for (int i = 0; i < 16; ++i) kt[((key / 16) * D + d + i) * 16 + key % 16] = tmp[i];
+    }
+  for (int64_t r0 = 0; r0 < T; r0 += 16) {
+    const int64_t rows = T - r0 < 16 ? T - r0 : 16, keys = r0 + rows;  // row r0 + r sees keys 0..r0 + r
+    const int64_t end = (keys + 15) / 16 * 16;
+    block_scores(q + r0 * D, kt, end / 16, D, scale, p, S);
+    float inv[16] = {};
+    for (int64_t r = 0; r < 16; ++r) inv[r] = softmax16(p + r * S, r < rows ? r0 + r + 1 : 0, end);
+    for (int r = 0; r < rows; r += 4)
+      block_values<KV>(p + r * S, S, v, keys, D, inv + r, static_cast<int>(rows - r < 4 ? rows - r : 4),
+                       out + (r0 + r) * D);
+  }
+}
+
+}  // namespace
+
+size_t prefill_attention_scratch(int64_t T, int64_t D) {
+  const int64_t S = (T + 15) / 16 * 16;
+  return static_cast<size_t>(S * D + 16 * S);
+}
+
+void prefill_attention_avx512(const float* q, const void* k, const void* v, int kv_dtype, int64_t T, int64_t D,
+                              float scale, float* out, float* scratch) {
+  if (kv_dtype == 0) return prefill_attention<0>(q, k, v, T, D, scale, out, scratch);
+  if (kv_dtype == 1) return prefill_attention<1>(q, k, v, T, D, scale, out, scratch);
+  return prefill_attention<2>(q, k, v, T, D, scale, out, scratch);
 }
 
 }  // namespace skiplayer
