@@ -45,3 +45,16 @@ def test_models_without_a_builtin_draft_get_none(builtin):
     said = []
     assert resolve_draft(None, LoadedModel(builtin, None, "some/model", "x", [2], "abc123"), said.append) is None
     assert said == []
+
+
+def test_python_api_generates_with_the_builtin_draft(builtin):
+    """The README's Python example: skiplayer.resolve_draft(None, loaded) then generate(..., draft=draft)."""
+    import skiplayer
+    from tests.helpers import FakeTokenizer
+    loaded = LoadedModel(builtin, FakeTokenizer(), "tiny", "tiny", [2], "abc123")
+    draft = skiplayer.resolve_draft(None, loaded, lambda line: None)
+    ids, _, stats = skiplayer.generate_ids(builtin, [1, 5, 7], skiplayer.GenerationConfig(
+        max_steps=12, generation_strategy="self_speculative",
+        policy=skiplayer.PolicyConfig(exit_layer=2, num_speculations=2, draft_source="both")), draft=draft)
+    plain, _, _ = skiplayer.generate_ids(builtin, [1, 5, 7], skiplayer.GenerationConfig(max_steps=12))
+    assert draft is not None and ids == plain and stats.rounds > 0
