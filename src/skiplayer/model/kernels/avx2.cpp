@@ -236,6 +236,25 @@ inline float m_tail(const uint8_t* m, const float* xsum, int64_t nb, float s) {
   return s;
 }
 
+// y of an R x M tile from its accumulators: each one's sum, plus the m terms of Q4 rows against xsum (M, nb: the
+// block sums of the x the products took), plus the bias; the same order for fp32 and 8-bit x.
+template <int FMT, int M, int R>
+inline void store_tile(const __m256 (&acc)[R][M], const float* xsum, const uint8_t* w, const float* bias, float* y,
+                       int64_t nb, int64_t N, int64_t n0) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s;
+      if (FMT != kQ8) {
+        const uint8_t* mr = w + (n0 + r) * nb * FMT + nb * 20;
+        s = m_tail<FMT>(mr, xsum + m * nb, nb, hsum8(add_m_terms<FMT>(mr, xsum + m * nb, nb, acc[r][m])));
+      } else {
+        s = hsum8(acc[r][m]);
+      }
+      if (bias) s += bias[n0 + r];
+      y[m * N + n0 + r] = s;
+    }
+}
+
 // M input rows against R weight rows from n0: one accumulator per output, four FMAs per block in a fixed order.
 template <int FMT, int M, int R>
 inline void quant_tile(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
@@ -253,18 +272,7 @@ inline void quant_tile(const float* x, const float* xsum, const uint8_t* w, cons
         for (int r = 0; r < R; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r][i], xv, acc[r][m]);
       }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) {
-      float s;
-      if (FMT != kQ8) {
-        const uint8_t* mr = w + (n0 + r) * row_bytes + nb * 20;
-        s = m_tail<FMT>(mr, xsum + m * nb, nb, hsum8(add_m_terms<FMT>(mr, xsum + m * nb, nb, acc[r][m])));
-      } else {
-        s = hsum8(acc[r][m]);
-      }
-      if (bias) s += bias[n0 + r];
-      y[m * N + n0 + r] = s;
-    }
+  store_tile<FMT, M, R>(acc, xsum, w, bias, y, nb, N, n0);
 }
 
 template <int FMT, int M>
@@ -361,18 +369,7 @@ inline void quant_tile_int8(const int8_t* a, const float* dx, const float* xs, c
                                     acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) {
-      float s;
-      if (FMT != kQ8) {
-        const uint8_t* mr = w + (n0 + r) * row_bytes + nb * 20;
-        s = m_tail<FMT>(mr, xs + m * nb, nb, hsum8(add_m_terms<FMT>(mr, xs + m * nb, nb, acc[r][m])));
-      } else {
-        s = hsum8(acc[r][m]);
-      }
-      if (bias) s += bias[n0 + r];
-      y[m * N + n0 + r] = s;
-    }
+  store_tile<FMT, M, R>(acc, xs, w, bias, y, nb, N, n0);
 }
 
 template <int FMT, int M>

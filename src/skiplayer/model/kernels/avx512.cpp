@@ -103,8 +103,8 @@ void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* 
 // ---- A prompt's causal attention (attention.h). ----
 namespace {
 
-// exp(x) for x <= 0 (scores minus their row's max): 2^k e^r with k = round(x / ln 2) and r = x - k ln 2 (ln 2 in two
-// parts), e^r by its degree-7 polynomial, 2^k by vscalefps.
+// exp(x) for x <= 0 (scores minus their row's max): avx2.cpp's exp8 on 16 lanes (same reduction and constants; each
+// instruction-set file keeps its own copy), with 2^k by vscalefps.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
