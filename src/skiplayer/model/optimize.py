@@ -284,31 +284,43 @@ def _compiled_mlp():
 def describe_weights(model: Transformer) -> str:
     """How the layer matrices and head are stored, for summaries: 'float16', 'int8', or the GGUF block layouts
     ('GGUF blocks Q4, Q8 (AMX tiles)', or '(tiles layout, VNNI)' on CPUs with AVX-512 VNNI and no AMX)."""
-    from skiplayer.model.gguf_blocks import kernel_format
-    kinds = set()
-    for mod in model.modules():
-        if isinstance(mod, Linear) and mod is not model.output:
-            w = mod.weight
-            kinds.add(kernel_format(w, mod.in_features) if w.dtype == torch.uint8 else str(w.dtype).replace("torch.", ""))
+    kinds = _weight_kinds(model)
     blocks = sorted(k for k in kinds if k.startswith("Q"))
     if not blocks:
         return "/".join(sorted(kinds))
     names = sorted({k.split()[0] for k in blocks})
     rest = sorted(kinds - set(blocks))
-    one, isa, tiles = torch.ops.skiplayer.activation_int8_parts(0) == 1, torch.ops.skiplayer.kernel_isa(""), ""
-    if any(k.endswith("tiles") for k in blocks):
-        tiles = (" (AMX tiles)" if isa == "amx" and not one
-                 else f" (tiles layout, VNNI, {'int8' if one else 'int8x2'} activations)")
-    elif one and isa == "avx2":
-        tiles = " (AVX2, int8 activations)"
-    return (f"GGUF blocks {', '.join(names)}" + tiles
+    kernel = _block_kernel(blocks)[0]
+    return (f"GGUF blocks {', '.join(names)}" + (f" ({kernel})" if kernel else "")
             + (f" + {'/'.join(rest)}" if rest else ""))
 
 
 def int8_activations(model: Transformer) -> bool:
     """Whether the model's block products take x as one int8 value per element (llama.cpp's 8-bit activations):
     the `int8` GGUF activations on the VNNI tiles kernel or the AVX2 rows kernel."""
-    return "int8 activations)" in describe_weights(model)
+    blocks = [k for k in _weight_kinds(model) if k.startswith("Q")]
+    return bool(blocks) and _block_kernel(blocks)[1]
+
+
+def _weight_kinds(model: Transformer) -> set[str]:
+    """The storage of every layer matrix and of the head: a block layout ('Q4', 'Q8 tiles', ...) or a dtype."""
+    from skiplayer.model.gguf_blocks import kernel_format
+    return {kernel_format(m.weight, m.in_features) if m.weight.dtype == torch.uint8
+            else str(m.weight.dtype).replace("torch.", "")
+            for m in model.modules() if isinstance(m, Linear) and m is not model.output}
+
+
+def _block_kernel(blocks: list[str]) -> tuple[str, bool]:
+    """(the kernel that runs these block layouts, as summaries name it, or '' for the fp32 rows kernels; whether it
+    takes 8-bit activations), from the process-wide kernel_isa and GGUF activations."""
+    one, isa = torch.ops.skiplayer.activation_int8_parts(0) == 1, torch.ops.skiplayer.kernel_isa("")
+    if any(k.endswith("tiles") for k in blocks):
+        if isa == "amx" and not one:
+            return "AMX tiles", False
+        return f"tiles layout, VNNI, {'int8' if one else 'int8x2'} activations", one
+    if one and isa == "avx2":
+        return "AVX2, int8 activations", True
+    return "", False
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
