@@ -58,6 +58,19 @@ def blocks(w: torch.Tensor, fmt: str) -> torch.Tensor:
     return pack_blocks(fmt, file_blocks(w, fmt))
 
 
+def assert_batch_and_thread_invariant(b: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> None:
+    """Every block size of x's first rows, and a two-thread split, give y's bits (what keeps self-speculation
+    token-identical)."""
+    op = torch.ops.skiplayer.small_linear
+    for m in range(1, len(x) + 1):
+        assert torch.equal(op(x[:m], b, None, bias, True, False), y[:m]), (len(x), m)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(op(x, b, None, bias, True, False), y)
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_blocks_is_ggml_dequantization(fmt):
     w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
@@ -82,13 +95,7 @@ def test_block_products_exact_and_batch_invariant(fmt, isa, activations):
         ref = (x.double() @ dequantize_blocks(b, K).double().T + bias.double()).float()
         y = op(x, b, None, bias, True, False)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
-        for m in range(1, M + 1):  # every block size gives every row's bits
-            assert torch.equal(op(x[:m], b, None, bias, True, False), y[:m]), (fmt, isa, M, m)
-        torch.set_num_threads(2)  # and so does a different thread split
-        try:
-            assert torch.equal(op(x, b, None, bias, True, False), y)
-        finally:
-            torch.set_num_threads(1)
+        assert_batch_and_thread_invariant(b, x, bias, y)
         half = op(x.half(), b, None, None, False, False)  # activations in the model dtype, fp32 sums
         assert half.dtype == torch.float16
         torch.testing.assert_close(half.float(), (x.half().float() @ dequantize_blocks(b, K).T), rtol=2e-3, atol=2e-2)
@@ -247,13 +254,7 @@ def test_tiles_products_close_and_batch_invariant(fmt, isa, activations):
         y = op(x, b, None, bias, True, False)
         # x enters as two int8 parts per block of 32 (amx.cpp): ~2^-16 of the block's largest |x|; same on both kernels
         assert (y - ref).abs().max() <= 2e-4 * ref.abs().max(), fmt
-        for m in range(1, M + 1):
-            assert torch.equal(op(x[:m], b, None, bias, True, False), y[:m]), (fmt, M, m)
-        torch.set_num_threads(2)
-        try:
-            assert torch.equal(op(x, b, None, bias, True, False), y)
-        finally:
-            torch.set_num_threads(1)
+        assert_batch_and_thread_invariant(b, x, bias, y)
 
 
 def int8_activations_reference(x: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, parts=None) -> torch.Tensor:
@@ -315,13 +316,7 @@ def test_avx2_int8_activations_are_llamacpp_arithmetic_and_batch_invariant(fmt, 
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), fmt  # fp32 sums of exact int32 products
         exact = x.double() @ dequantize_blocks(b, K).double().T + bias.double()
         assert (y.double() - exact).abs().max() > 1e-4 * exact.abs().max()  # it does take x in 8 bits
-        for m_ in range(1, M + 1):
-            assert torch.equal(op(x[:m_], b, None, bias, True, False), y[:m_]), (fmt, M, m_)
-        torch.set_num_threads(2)
-        try:
-            assert torch.equal(op(x, b, None, bias, True, False), y)
-        finally:
-            torch.set_num_threads(1)
+        assert_batch_and_thread_invariant(b, x, bias, y)
 
 
 @native
