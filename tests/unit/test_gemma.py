@@ -17,9 +17,11 @@ from tests.helpers import FakeTokenizer, chi_square_pvalue, exact_sequence_distr
 PROMPTS = [[1, 5, 7, 9, 11, 13, 17, 19], [30, 31]]  # 8 tokens: past the window of 5 from the start
 
 
-def gemma_model(seed: int = 0, n_layers: int = 6, vocab_size: int = 97, deep_scale: float = 0.3) -> Transformer:
+def gemma_model(seed: int = 0, n_layers: int = 6, vocab_size: int = 97, deep_scale: float = 0.3,
+                head_dim: int = 8) -> Transformer:
     """Layers after the first two add little (their output norms scaled down), so early exits often agree."""
-    model = Transformer.from_hf(tiny_hf_model("gemma3", seed=seed, n_layers=n_layers, vocab_size=vocab_size))
+    model = Transformer.from_hf(tiny_hf_model("gemma3", seed=seed, n_layers=n_layers, vocab_size=vocab_size,
+                                              hidden_size=4 * head_dim))
     with torch.no_grad():
         for block in model.layers[2:]:
             block.post_attention_norm.weight.mul_(deep_scale)
@@ -27,10 +29,11 @@ def gemma_model(seed: int = 0, n_layers: int = 6, vocab_size: int = 97, deep_sca
     return model
 
 
-@pytest.fixture(scope="module", params=["torch", "native"])
+@pytest.fixture(scope="module", params=["torch", "native", "native-d64"])
 def model(request):
-    m = gemma_model()
-    if request.param == "native":
+    """native-d64: head_dim 64, where the AVX-512 decoding attention runs (sliding windows, trees) if the CPU has it."""
+    m = gemma_model(head_dim=64 if request.param == "native-d64" else 8)
+    if request.param != "torch":
         if not native_kernels_available():
             pytest.skip("native kernels unavailable here (no compiler)")
         optimize_model(m)

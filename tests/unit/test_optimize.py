@@ -124,11 +124,12 @@ def test_prefill_uses_native_kernel_bitwise(dtype, quantize):
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [16, 24])
+@pytest.mark.parametrize("D", [16, 24, 64, 128])
 def test_native_attention_block_equals_rows_and_reference(dtype, D):
     """rope_cache_attention over blocks longer than its row chunks (16, taken 5 rows at a time), with 3 query heads
-    per KV head and head sizes with and without a last 8 columns: a T-row block equals T one-row calls bit for bit
-    (outputs and cache), and fp32 math on the same inputs."""
+    per KV head and head sizes with and without a last 8 columns (D % 64 == 0: the AVX-512 decoding attention where
+    the CPU has it): a T-row block equals T one-row calls bit for bit (outputs and cache), and fp32 math on the same
+    inputs."""
     from skiplayer.model.llama import apply_rope
     H, G, L, start, T = 6, 2, 160, 75, 21
     g = torch.Generator().manual_seed(11)
@@ -162,8 +163,7 @@ def test_native_attention_block_equals_rows_and_reference(dtype, D):
 @pytest.mark.parametrize("T,D", [(64, 64), (150, 64), (83, 128)])
 def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dtype, T, D):
     """A prompt (a block at position 0, at least 64 rows) takes the AVX-512 attention with the keys in the lanes: the
-    one-row loops' result within the dtype's rounding, the same bits on every call and thread count; blocks that
-    start later (verification passes) keep the one-row loops."""
+    one-row loops' result within the dtype's rounding, the same bits on every call and thread count."""
     H, G = 6, 2
     g = torch.Generator().manual_seed(12)
     qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
@@ -191,6 +191,46 @@ def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dty
         assert torch.equal(run()[0], wide)
     finally:
         torch.set_num_threads(1)
+
+
+@native
+@pytest.mark.skipif(native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
+                    reason="this CPU has no AVX-512: decoding keeps the one-row attention loops")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("start,T,D", [(75, 1, 64), (300, 5, 64), (40, 21, 128), (16, 3, 64)])
+def test_decode_attention_on_avx512_close_to_the_row_loops_and_thread_invariant(dtype, start, T, D):
+    """Blocks after a prompt (one-token steps and verification passes) take the AVX-512 decoding attention where the
+    CPU has it and D % 64 == 0: the one-row loops' result within the dtype's rounding, and the same bits at 1 and 2
+    threads."""
+    H, G, L = 6, 2, start + T + 3
+    g = torch.Generator().manual_seed(13)
+    qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    kc0, vc0 = torch.randn(G, L, D, generator=g).to(dtype), torch.randn(G, L, D, generator=g).to(dtype)
+    op = torch.ops.skiplayer.rope_cache_attention
+
+    def run():
+        kc, vc = kc0.clone(), vc0.clone()
+        return op(qkv, cos, sin, kc, vc, start, H, G, True), kc
+    wide, kc = run()
+    before = torch.ops.skiplayer.kernel_isa("")
+    try:
+        torch.ops.skiplayer.kernel_isa("avx2")  # the one-row loops
+        rows, kc_rows = run()
+    finally:
+        torch.ops.skiplayer.kernel_isa(before)
+    assert torch.equal(kc, kc_rows)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
+    assert (wide.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
+    assert not torch.equal(wide, rows) or dtype != torch.float32  # it did take the other path
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(run()[0], wide)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @native

@@ -880,6 +880,32 @@ void attend_rows(const float* q, const A* kh, const A* vh, int64_t keys, int64_t
   for (int r = 1; r < NR; ++r) weighted_sum_any(p + r * S, vh, keys, keys + r, D, acc + r * D);
 }
 
+// Decoding attention on AVX-512 (attention.h) where the CPU has it and the kernels are not held to AVX2: then every
+// block that is not a long prompt goes there (one-token steps, chains, trees, sliding windows), so rows stay
+// bit-identical across them.
+inline bool decode_attention_512(int64_t D) { return D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2; }
+
+template <typename A>
+constexpr int kv_dtype_code() { return std::is_same<A, float>::value ? 0 : std::is_same<A, at::Half>::value ? 1 : 2; }
+
+// Rows t0..t1-1 of one head through decode_attention_avx512 (keys as attention.h describes), RoPE on q first and the
+// result stored in A. q, o, scratch: the calling thread's buffers.
+template <typename A>
+void attend_512(const A* qkv, const A* cos, const A* sin, const A* kh, const A* vh, A* out, int64_t t0, int64_t t1,
+                int64_t h, int64_t H, int64_t G, int64_t D, int64_t lo, int64_t c1, const int64_t* extra, int64_t W,
+                std::vector<float>& q, std::vector<float>& o, std::vector<float>& scratch) {
+  const int64_t R = t1 - t0, row = (H + 2 * G) * D;
+  q.resize(R * D);
+  o.resize(R * D);
+  scratch.resize(decode_attention_scratch(R, c1 - lo, extra ? W : R, D));
+  for (int64_t t = t0; t < t1; ++t)
+    rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data() + (t - t0) * D, D);
+  decode_attention_avx512(q.data(), R, kh, vh, kv_dtype_code<A>(), D, 1.f / std::sqrt(static_cast<float>(D)), lo, c1,
+                          extra, W, o.data(), scratch.data());
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t d = 0; d < D; d += 8) store8(out + t * H * D + h * D + d, _mm256_loadu_ps(o.data() + (t - t0) * D + d));
+}
+
 // Token-tree attention (decoding/self_speculative.py): row t attends to keys [0, path[0]) and to the slots of
 // path = paths[t * W ..] (its ancestors and itself, ascending, -1 padded). The scores of those keys are laid out
 // contiguously, as a chain holding the same keys would hold them, and every key goes through the one-row loops in
@@ -890,6 +916,24 @@ void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const
                     int64_t window) {
   const int64_t row = (H + 2 * G) * D, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  auto window_lo = [&](const int64_t* path) {  // the node's window start (0 without a window)
+    int64_t n = 0;
+    while (n < W && path[n] >= 0) ++n;
+    return window > 0 ? std::max<int64_t>(0, path[0] + n - window) : 0;
+  };
+  if (decode_attention_512(D)) {  // rows with the same prefix and window start go through together
+    at::parallel_for(0, H, T * S * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> q, o, scratch;
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t t0 = 0, t1; t0 < T; t0 = t1) {
+          const int64_t prefix = paths[t0 * W], lo = window_lo(paths + t0 * W);
+          for (t1 = t0 + 1; t1 < T && paths[t1 * W] == prefix && window_lo(paths + t1 * W) == lo; ++t1) {}
+          attend_512(qkv, cos, sin, kc + (h / group) * L * D, vc + (h / group) * L * D, out, t0, t1, h, H, G, D, lo,
+                     prefix, paths + t0 * W, W, q, o, scratch);
+        }
+    });
+    return;
+  }
   at::parallel_for(0, H, T * S * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> q(D), p(S), acc(D);
     for (int64_t h = h0; h < h1; ++h) {
@@ -929,6 +973,18 @@ void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
                       int64_t start, int64_t H, int64_t G, int64_t D, int64_t L, int64_t window) {
   const int64_t row = (H + 2 * G) * D, group = H / G, S = start + T;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  if (decode_attention_512(D)) {  // row by row: each has its own window start
+    at::parallel_for(0, H, T * window * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> q, o, scratch;
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t end = start + t + 1;
+          attend_512(qkv, cos, sin, kc + (h / group) * L * D, vc + (h / group) * L * D, out, t, t + 1, h, H, G, D,
+                     std::max<int64_t>(0, end - window), end, nullptr, 0, q, o, scratch);
+        }
+    });
+    return;
+  }
   at::parallel_for(0, H, T * window * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> q(D), p(S), acc(D);
     for (int64_t h = h0; h < h1; ++h) {
@@ -995,6 +1051,15 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   const int64_t S = start + T, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
+  if (decode_attention_512(D)) {  // row t: keys [0, start + 1), then its own start + 1 .. start + t
+    at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
+      std::vector<float> q, o, scratch;
+      for (int64_t h = h0; h < h1; ++h)
+        attend_512(qkv, cos, sin, kc + (h / group) * L * D, vc + (h / group) * L * D, out, 0, T, h, H, G, D, 0,
+                   start + 1, nullptr, 0, q, o, scratch);
+    });
+    return;
+  }
   // Rows of a head are taken up to NR = 5 at a time (a verification block of k + 1 <= 5 positions in one go): each
   // K and V vector is converted once for all of them. A single row keeps the one-row loops (four keys at a time).
   constexpr int64_t ROWS = 16, NR = 5;

@@ -6,6 +6,7 @@
 #include "attention.h"
 #include "qblocks.h"
 
+#include <algorithm>
 #include <immintrin.h>
 
 namespace skiplayer {
@@ -209,7 +210,154 @@ void prefill_attention(const float* q, const void* k, const void* v, int64_t T, 
   }
 }
 
+// ---- Decoding attention (attention.h): rows of one head after a prompt. ----
+
+// Lane i = the sum of a[i]'s 16 lanes, for every i by the same tree whatever the other accumulators hold:
+// ((l0 + l2) + (l1 + l3)) within each 128-bit chunk, then (c0 + c1) + (c2 + c3). A key's score therefore does not
+// depend on its place in a tile of keys, which is what makes a row's result independent of the block around it.
+inline __m512 sum16x16(const __m512 (&a)[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+// p[0, nk) = scale * q . key_i for the nk <= 16 keys of a tile, key i at key(i) (fp32 rows of D, or cache rows
+// converted on the fly): one FMA chain per key over 16-column chunks in order, then sum16x16.
+template <typename Key>
+inline void score_tile(const float* q, int nk, int64_t D, __m512 sc, float* p, const Key& key) {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+  if (nk == 16) {  // a whole tile: no bound checks, the 16 chains stay in registers
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 qd = _mm512_loadu_ps(q + d);
+      for (int i = 0; i < 16; ++i) a[i] = _mm512_fmadd_ps(qd, key(i, d), a[i]);
+    }
+  } else {
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 qd = _mm512_loadu_ps(q + d);
+      for (int i = 0; i < nk; ++i) a[i] = _mm512_fmadd_ps(qd, key(i, d), a[i]);
+    }
+  }
+  const __mmask16 keep = nk >= 16 ? __mmask16(0xffff) : __mmask16((1u << nk) - 1);
+  _mm512_mask_storeu_ps(p, keep, _mm512_mul_ps(sum16x16(a), sc));
+}
+
+// Sums of p[r * S + j - j0] v_j over keys j0 <= j < j1 for rows r < NR, 64 columns at a time, in two sets by the
+// parity of j (acc rows of 2D: even keys' sums, then odd keys'): with one row, four chains over the keys waited on
+// the FMA latency; two sets make eight. Each V row is converted once for all NR rows, and per row, column and set
+// the sum runs over the keys in order, whatever NR and wherever the keys' range starts or ends.
+template <int KV, int NR>
+inline void value_rows(const float* p, int64_t S, const void* v, int64_t j0, int64_t j1, int64_t D, float* acc2) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512 acc[NR][2][4];
+    for (int r = 0; r < NR; ++r)
+      for (int e = 0; e < 2; ++e)
+        for (int c = 0; c < 4; ++c) acc[r][e][c] = _mm512_loadu_ps(acc2 + (2 * r + e) * D + d0 + 16 * c);
+    auto add = [&](int64_t j, int e) {
+      __m512 vv[4];
+      for (int c = 0; c < 4; ++c) vv[c] = load16<KV>(v, j * D + d0 + 16 * c);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r * S + j - j0]);
+        for (int c = 0; c < 4; ++c) acc[r][e][c] = _mm512_fmadd_ps(pj, vv[c], acc[r][e][c]);
+      }
+    };
+    int64_t j = j0;
+    if (j < j1 && (j & 1)) add(j++, 1);
+    for (; j + 1 < j1; j += 2) {
+      add(j, 0);
+      add(j + 1, 1);
+    }
+    if (j < j1) add(j, 0);
+    for (int r = 0; r < NR; ++r)
+      for (int e = 0; e < 2; ++e)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc2 + (2 * r + e) * D + d0 + 16 * c, acc[r][e][c]);
+  }
+}
+
+template <int KV>
+void value_rows_any(int nr, const float* p, int64_t S, const void* v, int64_t j0, int64_t j1, int64_t D, float* acc2) {
+  switch (nr) {
+    case 1: return value_rows<KV, 1>(p, S, v, j0, j1, D, acc2);
+    case 2: return value_rows<KV, 2>(p, S, v, j0, j1, D, acc2);
+    default: return value_rows<KV, 3>(p, S, v, j0, j1, D, acc2);
+  }
+}
+
+template <int KV>
+void decode_attention(const float* q, int64_t R, const void* k, const void* v, int64_t D, float scale, int64_t lo,
+                      int64_t c1, const int64_t* extra, int64_t W, float* out, float* scratch) {
+  const int64_t S = decode_attention_stride(c1 - lo, extra ? W : R);
+  float* p = scratch;            // (R, S): row r's scores of keys lo.., then its weights
+  float* kb = p + R * S;         // (16, D): a tile of keys in fp32, shared by all rows
+  float* inv = kb + 16 * D;      // (R): 1 / each row's sum of weights
+  float* acc2 = inv + R;         // (R, 2, D): each row's weighted sums over even and odd keys
+  const __m512 sc = _mm512_set1_ps(scale);
+  auto n_extra = [&](int64_t r) {
+    if (extra == nullptr) return r;
+    int64_t n = 0;
+    while (n < W && extra[r * W + n] >= 0) ++n;
+    return n;
+  };
+  auto slot = [&](int64_t r, int64_t m) { return extra == nullptr ? c1 + m : extra[r * W + m]; };
+  for (int64_t j0 = lo; j0 < c1; j0 += 16) {  // the keys every row sees
+    const int nk = static_cast<int>(std::min<int64_t>(16, c1 - j0));
+    if (R == 1) {  // one row: convert as it reads (the same values: fp16 and bf16 widen exactly)
+      score_tile(q, nk, D, sc, p + j0 - lo, [&](int i, int64_t d) { return load16<KV>(k, (j0 + i) * D + d); });
+      continue;
+    }
+    for (int i = 0; i < nk; ++i)
+      for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(kb + i * D + d, load16<KV>(k, (j0 + i) * D + d));
+    for (int64_t r = 0; r < R; ++r)
+      score_tile(q + r * D, nk, D, sc, p + r * S + j0 - lo,
+                 [&](int i, int64_t d) { return _mm512_loadu_ps(kb + i * D + d); });
+  }
+  for (int64_t r = 0; r < R; ++r) {  // each row's own keys, at logical places c1, c1 + 1, ...
+    const int64_t n = n_extra(r);
+    for (int64_t m0 = 0; m0 < n; m0 += 16) {
+      const int nk = static_cast<int>(std::min<int64_t>(16, n - m0));
+      score_tile(q + r * D, nk, D, sc, p + r * S + c1 - lo + m0,
+                 [&](int i, int64_t d) { return load16<KV>(k, slot(r, m0 + i) * D + d); });
+    }
+    inv[r] = softmax16(p + r * S, c1 - lo + n, (c1 - lo + n + 15) / 16 * 16);
+  }
+  std::fill(acc2, acc2 + 2 * R * D, 0.f);
+  for (int64_t r0 = 0; r0 < R; r0 += 3) {
+    const int nr = static_cast<int>(std::min<int64_t>(3, R - r0));
+    value_rows_any<KV>(nr, p + r0 * S, S, v, lo, c1, D, acc2 + 2 * r0 * D);
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = n_extra(r);
+    for (int64_t m = 0; m < n; ++m)  // key c1 + m is V row slot(r, m): offset the base so value_rows reads it
+      value_rows<KV, 1>(p + r * S + c1 - lo + m, S, static_cast<const char*>(v) +
+                        (slot(r, m) - (c1 + m)) * D * (KV == 0 ? 4 : 2), c1 + m, c1 + m + 1, D, acc2 + 2 * r * D);
+    const __m512 iv = _mm512_set1_ps(inv[r]);
+    const float *even = acc2 + 2 * r * D, *odd = even + D;
+    for (int64_t d = 0; d < D; d += 16)
+      _mm512_storeu_ps(out + r * D + d, _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(even + d), _mm512_loadu_ps(odd + d)), iv));
+  }
+}
+
 }  // namespace
+
+int64_t decode_attention_stride(int64_t shared, int64_t most_extra) { return (shared + most_extra + 31) / 16 * 16; }
+
+size_t decode_attention_scratch(int64_t R, int64_t shared, int64_t most_extra, int64_t D) {
+  return static_cast<size_t>(R * decode_attention_stride(shared, most_extra) + 16 * D + R + 2 * R * D);
+}
+
+void decode_attention_avx512(const float* q, int64_t R, const void* k, const void* v, int kv_dtype, int64_t D,
+                             float scale, int64_t lo, int64_t c1, const int64_t* extra, int64_t W, float* out,
+                             float* scratch) {
+  if (kv_dtype == 0) return decode_attention<0>(q, R, k, v, D, scale, lo, c1, extra, W, out, scratch);
+  if (kv_dtype == 1) return decode_attention<1>(q, R, k, v, D, scale, lo, c1, extra, W, out, scratch);
+  return decode_attention<2>(q, R, k, v, D, scale, lo, c1, extra, W, out, scratch);
+}
 
 size_t prefill_attention_scratch(int64_t T, int64_t D) {
   const int64_t S = (T + 15) / 16 * 16;
