@@ -201,8 +201,8 @@ def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dty
 def test_decode_attention_on_avx512_close_to_the_row_loops_and_thread_invariant(dtype, start, T, D):
     """Blocks after a prompt (one-token steps and verification passes) take the AVX-512 decoding attention where the
     CPU has it and D % 64 == 0: the one-row loops' result within the dtype's rounding, and the same bits at 1 and 2
-    threads."""
-    H, G, L = 6, 2, start + T + 3
+    threads (3 KV heads: on one thread each goes through with its 3 query heads, on two head by head)."""
+    H, G, L = 9, 3, start + T + 3
     g = torch.Generator().manual_seed(13)
     qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
     angles = torch.rand(T, D // 2, generator=g) * 6

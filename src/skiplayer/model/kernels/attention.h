@@ -27,13 +27,15 @@ void prefill_attention_avx512(const float* q, const void* k, const void* v, int 
 // token trees alike, so that a row's result is bit-identical whichever of them computes it. The one-row loops
 // (avx2.cpp) sum each key's score in 8 lanes and convert every K and V vector once per row; here a score is 16-lane
 // FMAs and one fixed reduction tree per key (sum16x16), and each tile of 16 keys and each V row is converted once for
-// all rows of a block. One head: q (R, D) fp32 with RoPE applied; k, v (L, D) the cache rows of its KV head in
-// `kv_dtype`. Row r's keys, in order: cache keys [lo, c1), then its own: the slots extra[r * W + m] (-1 padded), or
-// with extra == nullptr the slots c1 .. c1 + r - 1 (a chain block's earlier rows). out (R, D) fp32.
+// all rows of a call: the query heads that share a KV head go through together, so their K and V are read once.
+// q (R, D) fp32 with RoPE applied, R = heads x T block positions (row r is position r % T); k, v (L, D) the cache
+// rows of the KV head in `kv_dtype`. Row r's keys, in order: cache keys [lo, c1), then its own: the slots
+// extra[(r % T) * W + m] (-1 padded), or with extra == nullptr the slots c1 .. c1 + r % T - 1 (a chain block's
+// earlier positions). out (R, D) fp32.
 int64_t decode_attention_stride(int64_t shared, int64_t most_extra);
 size_t decode_attention_scratch(int64_t R, int64_t shared, int64_t most_extra, int64_t D);
-void decode_attention_avx512(const float* q, int64_t R, const void* k, const void* v, int kv_dtype, int64_t D,
-                             float scale, int64_t lo, int64_t c1, const int64_t* extra, int64_t W, float* out,
-                             float* scratch);
+void decode_attention_avx512(const float* q, int64_t R, int64_t T, const void* k, const void* v, int kv_dtype,
+                             int64_t D, float scale, int64_t lo, int64_t c1, const int64_t* extra, int64_t W,
+                             float* out, float* scratch);
 
 }  // namespace skiplayer

@@ -290,21 +290,21 @@ void value_rows_any(int nr, const float* p, int64_t S, const void* v, int64_t j0
 }
 
 template <int KV>
-void decode_attention(const float* q, int64_t R, const void* k, const void* v, int64_t D, float scale, int64_t lo,
-                      int64_t c1, const int64_t* extra, int64_t W, float* out, float* scratch) {
-  const int64_t S = decode_attention_stride(c1 - lo, extra ? W : R);
+void decode_attention(const float* q, int64_t R, int64_t T, const void* k, const void* v, int64_t D, float scale,
+                      int64_t lo, int64_t c1, const int64_t* extra, int64_t W, float* out, float* scratch) {
+  const int64_t S = decode_attention_stride(c1 - lo, extra ? W : T);
   float* p = scratch;            // (R, S): row r's scores of keys lo.., then its weights
   float* kb = p + R * S;         // (16, D): a tile of keys in fp32, shared by all rows
   float* inv = kb + 16 * D;      // (R): 1 / each row's sum of weights
   float* acc2 = inv + R;         // (R, 2, D): each row's weighted sums over even and odd keys
   const __m512 sc = _mm512_set1_ps(scale);
-  auto n_extra = [&](int64_t r) {
-    if (extra == nullptr) return r;
+  auto n_extra = [&](int64_t r) {  // row r is block position r % T of one of the heads
+    if (extra == nullptr) return r % T;
     int64_t n = 0;
-    while (n < W && extra[r * W + n] >= 0) ++n;
+    while (n < W && extra[(r % T) * W + n] >= 0) ++n;
     return n;
   };
-  auto slot = [&](int64_t r, int64_t m) { return extra == nullptr ? c1 + m : extra[r * W + m]; };
+  auto slot = [&](int64_t r, int64_t m) { return extra == nullptr ? c1 + m : extra[(r % T) * W + m]; };
   for (int64_t j0 = lo; j0 < c1; j0 += 16) {  // the keys every row sees
     const int nk = static_cast<int>(std::min<int64_t>(16, c1 - j0));
     if (R == 1) {  // one row: convert as it reads (the same values: fp16 and bf16 widen exactly)
@@ -351,12 +351,12 @@ size_t decode_attention_scratch(int64_t R, int64_t shared, int64_t most_extra, i
   return static_cast<size_t>(R * decode_attention_stride(shared, most_extra) + 16 * D + R + 2 * R * D);
 }
 
-void decode_attention_avx512(const float* q, int64_t R, const void* k, const void* v, int kv_dtype, int64_t D,
-                             float scale, int64_t lo, int64_t c1, const int64_t* extra, int64_t W, float* out,
-                             float* scratch) {
-  if (kv_dtype == 0) return decode_attention<0>(q, R, k, v, D, scale, lo, c1, extra, W, out, scratch);
-  if (kv_dtype == 1) return decode_attention<1>(q, R, k, v, D, scale, lo, c1, extra, W, out, scratch);
-  return decode_attention<2>(q, R, k, v, D, scale, lo, c1, extra, W, out, scratch);
+void decode_attention_avx512(const float* q, int64_t R, int64_t T, const void* k, const void* v, int kv_dtype,
+                             int64_t D, float scale, int64_t lo, int64_t c1, const int64_t* extra, int64_t W,
+                             float* out, float* scratch) {
+  if (kv_dtype == 0) return decode_attention<0>(q, R, T, k, v, D, scale, lo, c1, extra, W, out, scratch);
+  if (kv_dtype == 1) return decode_attention<1>(q, R, T, k, v, D, scale, lo, c1, extra, W, out, scratch);
+  return decode_attention<2>(q, R, T, k, v, D, scale, lo, c1, extra, W, out, scratch);
 }
 
 size_t prefill_attention_scratch(int64_t T, int64_t D) {
