@@ -104,7 +104,8 @@ def row(name: str, speeds: list[dict], ar: list[dict], mismatches: int) -> dict:
             "nodes_per_pass": agg["drafted"] / rounds + 1 if rounds else None,
             "acceptance": agg.get("acceptance_rate"),
             "accepted_self": agg.get("self_accepted", 0), "accepted_ngram": agg.get("ngram_accepted", 0),
-            "accepted_sibling": agg.get("sibling_accepted", 0), "acceptance_by_rank": agg.get("acceptance_by_rank"),
+            "accepted_sibling": agg.get("sibling_accepted", 0), "accepted_table": agg.get("table_accepted", 0),
+            "acceptance_by_rank": agg.get("acceptance_by_rank"),
             "prefill_share": agg["prefill_time"] / agg["wall_time"] if agg["wall_time"] else None,
             "mismatches": mismatches, "samples": len(speeds)}
 
@@ -113,12 +114,12 @@ def markdown(title: str, rows: list[dict], hf: dict | None) -> list[str]:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
     out = [f"**{title}**", "", "| configuration | tok/s | speedup | decode-only | tokens/pass | nodes/pass | "
-           "acceptance | accepted self / sibling / ngram | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "acceptance | accepted self / sibling / ngram / table | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['configuration']} | {r['tokens_per_second']:.1f} | {f(r['speedup'], '.2f')}x | "
                    f"{f(r['decode_speedup'], '.2f')}x | {f(r['tokens_per_pass'], '.2f')} | {f(r['nodes_per_pass'], '.2f')} | "
                    f"{f(r['acceptance'], '.2f')} | {r['accepted_self']} / {r.get('accepted_sibling', 0)} / "
-                   f"{r['accepted_ngram']} | "
+                   f"{r['accepted_ngram']} / {r.get('accepted_table', 0)} | "
                    f"{r['samples'] - r['mismatches']}/{r['samples']} |")
     for name, h in (hf or {}).items():
         out.append(f"| {name} (HF reference, {h['samples']} samples) | {h['tokens_per_second']:.1f} | "
@@ -141,6 +142,8 @@ def main():
     p.add_argument("--tree_width", type=int, default=4, help="draft-head candidates per position in trees")
     p.add_argument("--draft", default=None, help="calibrated draft (default: the built-in one for the default model)")
     p.add_argument("--no_self_draft", action="store_true", help="run only autoregressive and n-gram configurations")
+    p.add_argument("--compare_ngram_table", action="store_true",
+                   help="also run each n-gram configuration without the draft's n-gram table (' (context only)')")
     p.add_argument("--only", default=None, help="comma-separated configuration names (autoregressive always runs)")
     p.add_argument("--hf_samples", type=int, default=0, help="HF generate reference rows on this many samples")
     p.add_argument("--output_json", default=None, type=output_file)
@@ -150,14 +153,16 @@ def main():
     args = p.parse_args()
 
     loaded = load_model(args.model, dtype=args.dtype)
-    draft = None
-    if not args.no_self_draft:
-        from skiplayer.draft_artifact import resolve_draft
-        draft = resolve_draft(args.draft, loaded)
+    from skiplayer.draft_artifact import resolve_draft
+    draft = resolve_draft(args.draft, loaded)  # n-gram configurations use its n-gram table, if it has one
     configs = configurations(args.exit_layer, [int(x) for x in args.chains.split(",")],
                              [int(x) for x in args.ngram_runs.split(",")],
                              [int(x) for x in args.tree_budgets.split(",") if x], args.tree_width,
                              not args.no_self_draft)
+    if args.compare_ngram_table:
+        for name, policy in list(configs.items()):
+            if policy and policy.get("draft_source") in ("ngram", "both"):
+                configs[f"{name} (context only)"] = dict(policy, ngram_table=False)
     if args.only:
         wanted = {"autoregressive", *(x.strip() for x in args.only.split(","))}
         if wanted - set(configs):

@@ -5,7 +5,9 @@ A directory holding
                      and `vocab_ids` (int64, ascending full-vocabulary ids) when the draft scores a reduced vocabulary;
   draft.json         what it was calibrated for and what was measured: model name and fingerprint, exit layers,
                      adapter form and rank, vocabulary size, held-out agreement before/after per layer (`acceptance`
-                     = after), calibration time, data, command line.
+                     = after), calibration time, data, command line;
+  ngrams.safetensors (optional) an n-gram table of the model's calibration outputs (drafts/ngram.py: n-gram ->
+                     the token that most often followed it), `ngrams.<n>.keys` (m, n) and `ngrams.<n>.next` (m,).
 
 The adapter of layer E maps the hidden state leaving layer E-1 (before the final norm) to a corrected one:
 h + W_up·silu(W_down·rmsnorm(h)). The model's own frozen final norm and head (rows `vocab_ids`) follow it, and
@@ -22,6 +24,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +32,15 @@ from torch import nn
 
 from skiplayer.errors import UserError
 
+if TYPE_CHECKING:
+    from skiplayer.drafts.ngram import NGramTable
+
 FORMAT = "skiplayer-draft"
 VERSION = 1
 FORMS = ("residual_mlp", "attention")
 WEIGHTS_FILE = "draft.safetensors"
 META_FILE = "draft.json"
+NGRAMS_FILE = "ngrams.safetensors"
 
 
 class ResidualAdapter(nn.Module):
@@ -141,11 +148,13 @@ class Draft:
     acceptance: dict[int, float]
     exit_layers: list[int]
     meta: dict = field(default_factory=dict)
+    ngrams: "NGramTable | None" = None  # what the model wrote in calibration, for n-gram drafting
 
     def summary(self) -> str:
         vocab = "full vocabulary" if self.vocab_ids is None else f"{len(self.vocab_ids)}-token vocabulary"
         acc = ", ".join(f"E{e}: {a:.2f}" for e, a in sorted(self.acceptance.items()))
-        return f"draft for exit layers {self.exit_layers}, {vocab}, calibrated acceptance {acc}"
+        table = f", {len(self.ngrams)}-entry n-gram table" if self.ngrams is not None else ""
+        return f"draft for exit layers {self.exit_layers}, {vocab}{table}, calibrated acceptance {acc}"
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -156,8 +165,14 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
+def save_ngrams(path: str | Path, ngrams: "NGramTable") -> None:
+    """Write (or replace) the artifact's n-gram table."""
+    from safetensors.torch import save_file
+    save_file(ngrams.to_tensors(), str(Path(path) / NGRAMS_FILE), metadata={"format": FORMAT})
+
+
 def save_draft(path: str | Path, adapters: dict[int, ResidualAdapter], vocab_ids: torch.Tensor | None,
-               meta: dict) -> Path:
+               meta: dict, ngrams: "NGramTable | None" = None) -> Path:
     """Write the artifact directory (created if needed). `meta` must hold at least `fingerprint`."""
     from safetensors.torch import save_file
 
@@ -175,6 +190,8 @@ def save_draft(path: str | Path, adapters: dict[int, ResidualAdapter], vocab_ids
             "exit_layers": sorted(int(e) for e in adapters),
             "draft_vocab_size": None if vocab_ids is None else int(len(vocab_ids)), **meta}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
+    if ngrams is not None:
+        save_ngrams(path, ngrams)
     (path / META_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False, default=str) + "\n")
     return path
 
@@ -281,7 +298,27 @@ def load_draft(path: str | Path, loaded) -> Draft:
         acceptance = {int(e): float(a) for e, a in (meta.get("acceptance") or {}).items()}
     except (TypeError, ValueError, AttributeError):
         raise UserError(f"draft {path}: bad acceptance in {META_FILE}; recalibrate with skiplayer calibrate") from None
-    return Draft(vocab_ids, adapters, acceptance, exit_layers, meta)
+    return Draft(vocab_ids, adapters, acceptance, exit_layers, meta, _read_ngrams(path, vocab))
+
+
+def _read_ngrams(path: Path, vocab: int) -> "NGramTable | None":
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from skiplayer.drafts.ngram import NGramTable
+    file = path / NGRAMS_FILE
+    if not file.is_file():
+        return None
+    try:
+        tensors = load_file(str(file))
+        table = NGramTable.from_tensors(tensors)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"draft {path}: {NGRAMS_FILE} is corrupt ({' '.join(str(e).split())[:160]}); delete it "
+                        f"(drafting then uses prompt lookup only) or recalibrate") from None
+    if any(int(t.min()) < 0 or int(t.max()) >= vocab for t in tensors.values() if t.numel()):
+        raise UserError(f"draft {path}: {NGRAMS_FILE} holds token ids outside this model's {vocab}-token vocabulary; "
+                        f"delete it or recalibrate")
+    return table
 
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "drafts_builtin"

@@ -64,6 +64,9 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
                    help="self: the model's first E layers (LayerSkip); ngram: prompt lookup in prompt + output (no "
                         "draft layers); both: merged into one token tree verified in one pass (default %(default)s)")
     t.add_argument("--ngram_tokens", type=int, default=4, help="longest n-gram run drafted per round (default 4)")
+    t.add_argument("--ngram_table", choices=["on", "off"], default="on",
+                   help="on (default): where prompt + output has no match, n-gram drafts come from the draft's table "
+                        "of what the model wrote in calibration (when the draft has one); off: prompt lookup only")
     t.add_argument("--ngram_max", type=int, default=3,
                    help="longest suffix matched in the context, then shorter ones down to 1 token (default 3)")
     t.add_argument("--tree_width", type=int, default=1,
@@ -93,7 +96,8 @@ def policy_config(args) -> PolicyConfig:
         random_exit_low=args.random_exit_low, random_exit_high=args.random_exit_high,
         confidence_threshold=args.confidence_threshold, stop_threshold=args.stop_threshold,
         future_ema=args.future_ema, seed=args.seed, draft_source=args.draft_source, ngram_tokens=args.ngram_tokens,
-        ngram_max=args.ngram_max, tree_width=args.tree_width, tree_budget=args.tree_budget)
+        ngram_max=args.ngram_max, ngram_table=args.ngram_table == "on", tree_width=args.tree_width,
+        tree_budget=args.tree_budget)
 
 
 def generation_config(args, **overrides) -> GenerationConfig:

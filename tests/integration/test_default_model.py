@@ -77,5 +77,10 @@ def test_builtin_draft_fits_the_default_weights_the_cli_loads():
     from skiplayer.model.load import load_model
     from skiplayer.options import DEFAULT_DTYPE
     said = []
-    draft = resolve_draft(None, load_model("smollm2-135m", dtype=DEFAULT_DTYPE), say=said.append)
+    loaded = load_model("smollm2-135m", dtype=DEFAULT_DTYPE)
+    draft = resolve_draft(None, loaded, say=said.append)
     assert draft is not None and draft.adapters, said
+    # and its n-gram table: what the model writes after a chat template's assistant header
+    assert draft.ngrams is not None and len(draft.ngrams) == draft.meta["ngram_table"]["entries"] > 1000
+    header = loaded.encode("Hello", chat_template=True)
+    assert draft.ngrams.run(header, 4)[0]

@@ -12,6 +12,7 @@ from skiplayer.decoding.generate import GenerationConfig, generate_ids
 from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.draft_artifact import (AttentionAdapter, Draft, ResidualAdapter, adapter_tensors,
                                      attention_adapter_from_layer, load_draft, save_draft)
+from skiplayer.drafts.ngram import NGramTable
 from skiplayer.errors import UserError
 from skiplayer.policies import PolicyConfig
 from skiplayer.train.calibrate import (Captured, CalibrationConfig, CalibrationPrompt, Sequence, agreement,
@@ -231,6 +232,9 @@ def test_cli_artifact_round_trip_generate_and_errors(tiny_dirs, capsys):
     draft = load_draft(out, loaded)
     again = load_draft(out / "draft.json", loaded)
     assert draft.exit_layers == [1, 2] and len(draft.vocab_ids) == 40
+    report = meta["ngram_table"]  # the n-gram table of the training outputs, checked on the held-out ones
+    assert len(draft.ngrams) == report["entries"] > 0 and report["positions"] > 0
+    assert 0 <= report["named"] <= 1 and 0 <= report["next_token_right"] <= 1
     assert torch.equal(draft.vocab_ids, again.vocab_ids)
     assert draft.acceptance == {int(e): a for e, a in meta["acceptance"].items()}
     # Saving the loaded draft again gives identical tensors.
@@ -276,6 +280,16 @@ def test_missing_or_corrupt_artifact_is_a_user_error(tiny_dirs, calibrated, mode
     (broken / "draft.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="corrupt"):
         load_draft(broken, loaded)
+    good_table = save_draft(root / "table", calibrated.adapters, calibrated.vocab_ids, {"fingerprint": "abc123"},
+                            NGramTable({(5, 6): 7, (6,): 9}, 2))
+    assert load_draft(good_table, loaded).ngrams.next_token == {(5, 6): 7, (6,): 9}
+    (good_table / "ngrams.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="ngrams.safetensors is corrupt"):
+        load_draft(good_table, loaded)
+    save_draft(good_table, calibrated.adapters, calibrated.vocab_ids, {"fingerprint": "abc123"},
+               NGramTable({(5,): model.args.vocab_size}, 1))
+    with pytest.raises(UserError, match="outside this model's"):
+        load_draft(good_table, loaded)
     (broken / "draft.json").write_text("{ nope")
     with pytest.raises(UserError, match="corrupt"):
         load_draft(broken, loaded)
@@ -390,6 +404,22 @@ def test_calibrate_command_reuses_its_saved_outputs(tiny_dirs, capsys):
     second = json.loads((out / "draft.json").read_text())
     assert second["acceptance"] == first["acceptance"]
     assert second["data"]["output_tokens"] == first["data"]["output_tokens"]
+    # --ngram_table_only: the draft's table rebuilt from the same saved outputs; the adapters stay as they were.
+    table, weights = (out / "ngrams.safetensors").read_bytes(), (out / "draft.safetensors").read_bytes()
+    (out / "ngrams.safetensors").unlink()
+    assert main(argv + ["--ngram_table_only"]) == 0
+    printed = capsys.readouterr()
+    assert "n-gram table:" in printed.out and "reusing the outputs" in printed.err
+    assert (out / "ngrams.safetensors").read_bytes() == table
+    assert (out / "draft.safetensors").read_bytes() == weights
+    again = json.loads((out / "draft.json").read_text())
+    assert again["ngram_table"]["command"].startswith("skiplayer calibrate")
+    assert again["ngram_table"]["entries"] == first["ngram_table"]["entries"] > 0
+    assert again["acceptance"] == first["acceptance"]
+    empty = argv[:argv.index("--output") + 1] + [str(root / "no-draft-here"), "--ngram_table_only"]
+    assert main(empty) == 2
+    err = capsys.readouterr().err
+    assert "has no draft.json" in err and len(err.strip().splitlines()) == 1
     # The MLP form trains on fewer prompt rows than these attention-form rows hold: it reuses them, unchanged.
     mlp = argv[:-1] + [str(root / "reused-mlp"), "--adapter_form", "mlp", "--calibration_data",
                        str(out / "calibration-data")]

@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
+from skiplayer.draft_artifact import Draft
 from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.decoding.self_speculative import tree_mask
-from skiplayer.drafts.ngram import NGramLookup
+from skiplayer.drafts.ngram import NGramLookup, NGramTable
 from skiplayer.drafts.tree import (NGRAM, SELF, SIBLING, TokenTree, accept_tree_greedy, accept_tree_sampling,
                                    rank_siblings)
 from skiplayer.errors import UserError
@@ -46,6 +47,70 @@ def test_ngram_lookup_matches_brute_force(tokens, max_ngram, num_tokens):
                 expected = ctx[ends[-1] + 1:ends[-1] + 1 + num_tokens]
                 break
         assert lookup.propose() == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 4), max_size=4), st.lists(st.integers(0, 4), max_size=12)),
+                min_size=1, max_size=6),
+       st.lists(st.integers(0, 4), min_size=1, max_size=5), st.integers(1, 3), st.integers(1, 3))
+def test_ngram_table_matches_brute_force(pairs, context, max_ngram, min_count):
+    """The table names, for the longest suffix of the context seen at least min_count times before an output token,
+    the token that followed it most often (ties: the smallest id); run() chains such lookups."""
+    table = NGramTable.build(pairs, max_ngram, min_count)
+    for n in range(min(max_ngram, len(context)), 0, -1):
+        key, seen = context[-n:], Counter()
+        for prompt, output in pairs:
+            seq = prompt + output
+            for i in range(len(prompt), len(seq)):
+                if i >= n and seq[i - n:i] == key:
+                    seen[seq[i]] += 1
+        best = min(seen.items(), key=lambda kv: (-kv[1], kv[0])) if seen else None
+        if best and best[1] >= min_count:
+            assert table.lookup(context) == (best[0], n)
+            break
+    else:
+        assert table.lookup(context) == (None, 0)
+    run, order = table.run(context, 3)
+    chained = list(context)
+    for token in run:
+        assert table.lookup(chained)[0] == token
+        chained.append(token)
+    assert len(run) == 3 or table.lookup(chained)[0] is None
+    assert order == (table.lookup(context)[1] if run else 0)
+    again = NGramTable.from_tensors(table.to_tensors())
+    assert again.next_token == table.next_token
+
+
+def test_ngram_lookup_falls_back_to_the_table_without_a_match():
+    table = NGramTable.build([([1], [7, 8, 9, 7, 8, 9])], max_ngram=2, min_count=1)
+    lookup = NGramLookup(max_ngram=3, num_tokens=3, table=table)
+    lookup.extend([1, 2, 3, 1, 2])
+    assert lookup.propose() == [3, 1, 2] and lookup.order == 2    # the context's own match comes first
+    lookup.extend([7])
+    assert lookup.propose() == [8, 9, 7] and lookup.order == -1   # no "7" earlier in the context: the table's run
+    lookup.extend([5])
+    assert lookup.propose() == [] and lookup.order == 0           # "5" is in neither
+    assert NGramLookup(num_tokens=3).propose() == []
+
+
+def test_greedy_identity_with_an_ngram_table(model):
+    """Table drafts are verified like any other: output identical to autoregressive, and some got accepted."""
+    ar = {tuple(p): run(model, p, "autoregressive", max_steps=24)[0] for p in PROMPTS}
+    pairs = [(p, ar[tuple(p)]) for p in PROMPTS] + [([1], list(range(20, 40)))]
+    draft = Draft(None, {}, {}, [], ngrams=NGramTable.build(pairs, 3, 1))  # a table and no adapters
+    accepted = changed = 0
+    for prompt in PROMPTS:
+        for source in ("ngram", "both"):
+            config = GenerationConfig(max_steps=24, generation_strategy="self_speculative",
+                                      policy=PolicyConfig(exit_layer=2, num_speculations=2, draft_source=source))
+            ids, _, stats = generate_ids(model, prompt, config, tokenizer=FakeTokenizer(), draft=draft)
+            assert ids == ar[tuple(prompt)], (prompt, source)
+            accepted += stats.accepted
+            config.policy.ngram_table = False
+            ids_off, _, off = generate_ids(model, prompt, config, tokenizer=FakeTokenizer(), draft=draft)
+            assert ids_off == ids
+            changed += off.drafted != stats.drafted
+    assert accepted > 0 and changed > 0  # the table did draft where the context had no match
 
 
 def test_tree_merges_shared_prefixes_and_lays_out_paths():

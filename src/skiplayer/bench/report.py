@@ -85,7 +85,7 @@ def rows_of(summary: dict) -> list[dict]:
                          "acceptance": speed.get("acceptance_rate"), "tps": speed.get("tokens_per_second_total"),
                          "source": policy.get("draft_source", "self") if ss else None,
                          "per_pass": speed.get("tokens_per_pass") if ss else None,
-                         "from_self": speed.get("self_accepted"), "from_ngram": speed.get("ngram_accepted"),
+                         "from_self": speed.get("self_accepted"), "from_ngram": _from_ngrams(speed),
                          "speedup": up, "metric": metric, "metric_value": value, "samples": speed.get("samples"),
                          "histogram": speed.get("exit_layer_histogram") or {}, "command": command})
     else:
@@ -111,6 +111,13 @@ def rows_of(summary: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- plots
+
+def _from_ngrams(speed: dict) -> int | None:
+    """Accepted n-gram candidates, from the context and from the draft's table (older summaries lack the latter)."""
+    if speed.get("ngram_accepted") is None:
+        return None
+    return speed["ngram_accepted"] + (speed.get("table_accepted") or 0)
+
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points not dominated when both coordinates are better larger, sorted by the first coordinate."""

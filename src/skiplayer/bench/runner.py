@@ -25,8 +25,8 @@ QUICK_DATASET = "human_eval"
 # Fields of GenerationStats summed over turns / samples.
 _SUMMED = ("prompt_tokens", "new_tokens", "drafted", "accepted", "rounds", "probe_heads", "wall_time",
            "prefill_time", "time_draft_layers", "time_draft_heads", "time_verify", "time_overhead",
-           "self_candidates", "self_accepted", "ngram_candidates", "ngram_accepted", "sibling_candidates",
-           "sibling_accepted")
+           "self_candidates", "self_accepted", "ngram_candidates", "ngram_accepted", "table_candidates",
+           "table_accepted", "sibling_candidates", "sibling_accepted")
 TIME_SPLIT = {"prefill": "prefill_time", "draft_layers": "time_draft_layers", "draft_heads": "time_draft_heads",
               "verify": "time_verify", "other": "time_overhead"}
 

@@ -77,6 +77,9 @@ def add_arguments(p):
     t.add_argument("--seed", type=int, default=0, help="prompt order, held-out split and initialisation")
     t.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     t.add_argument("--no_progress", action="store_true", help="no progress bars")
+    t.add_argument("--ngram_table_only", action="store_true",
+                   help="add an n-gram table to the existing draft at --output (its adapters stay as they are): "
+                        "generate outputs for the budget, keep the n-gram table of the training ones")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -144,6 +147,36 @@ def collect_prompts(loaded, names: list[str], data_paths: list[str | None], num_
     return prompts, skipped
 
 
+def add_ngram_table(args, loaded, prompts, config, store, started: float) -> int:
+    """--ngram_table_only: the draft at --output gets ngrams.safetensors, and draft.json what was measured."""
+    import json
+
+    from skiplayer.draft_artifact import META_FILE, NGRAMS_FILE, _read_meta, save_ngrams
+    from skiplayer.train.calibrate import generate_and_capture, ngram_summary, ngram_table
+
+    out = Path(args.output)
+    check((out / META_FILE).is_file(), f"--ngram_table_only adds a table to an existing draft: {out} has no "
+          f"{META_FILE} (calibrate the draft first, or drop --ngram_table_only)")
+    meta = _read_meta(out)
+    check(meta.get("fingerprint") == loaded.fingerprint, f"the draft at {out} was calibrated for other weights "
+          f"({meta.get('model')}, {meta.get('dtype')}): pass the same --model and --dtype")
+    sequences, _ = generate_and_capture(loaded.model, prompts, config.exit_layers, loaded.eos_token_ids,
+                                        loaded.tokenizer, started + config.budget_minutes * 60.0,
+                                        config.captured_prompt_positions(loaded.model), config.progress,
+                                        config.generation_batch, store)
+    check(any(s.prompt.held_out for s in sequences) and any(not s.prompt.held_out for s in sequences),
+          f"the budget allowed only {len(sequences)} prompt(s), not enough for both the table and a held-out "
+          f"check: raise --budget_minutes")
+    table, report = ngram_table(sequences)
+    save_ngrams(out, table)
+    meta["ngram_table"] = {**report, "prompts": len(sequences),
+                           "command": "skiplayer calibrate " + " ".join(shlex.quote(a) for a in _argv())}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
+    print(ngram_summary(report))
+    print(f"wrote {out / NGRAMS_FILE}")
+    return 0
+
+
 def run(args) -> int:
     import torch
 
@@ -198,6 +231,8 @@ def run(args) -> int:
     if store.parts():
         print(f"[skiplayer calibrate] reusing the outputs saved in {store.dir} ({len(store.parts())} part files); "
               f"delete it to generate them again", file=sys.stderr)
+    if args.ngram_table_only:
+        return add_ngram_table(args, loaded, prompts, config, store, started)
     torch.manual_seed(args.seed)
     result = calibrate(loaded.model, prompts, config, loaded.eos_token_ids, loaded.tokenizer, started=started,
                        store=store)
@@ -225,7 +260,8 @@ def run(args) -> int:
                      "history": {str(e): h for e, h in result.history.items()}},
         "command": "skiplayer calibrate " + " ".join(shlex.quote(a) for a in _argv()),
     }
-    path = save_draft(args.output, result.adapters, result.vocab_ids, meta)
+    meta["ngram_table"] = result.ngram_report
+    path = save_draft(args.output, result.adapters, result.vocab_ids, meta, result.ngrams)
     vocab = "full vocabulary" if result.vocab_ids is None else f"{len(result.vocab_ids)}-token draft vocabulary"
     print(f"top-1 agreement with the full model on held-out outputs ({vocab}, adapter rank {config.adapter_rank}, "
           f"loss {config.loss}):")

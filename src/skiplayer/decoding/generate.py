@@ -118,7 +118,8 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
     stats.prefill_time = clock.now() - t0
     emit(stop.extend([token]))
     if speculative:
-        ngram = NGramLookup(p.ngram_max, 1, p.ngram_tokens) if p.ngram else None
+        table = getattr(draft, "ngrams", None) if p.ngram_table else None
+        ngram = NGramLookup(p.ngram_max, 1, p.ngram_tokens, table) if p.ngram else None
         if ngram:
             ngram.extend(prompt_ids + [token])
         state = RoundState(model, cache, head, policy, config.sampling, generator, clock, stop_ids, ngram,

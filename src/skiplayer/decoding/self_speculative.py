@@ -17,7 +17,8 @@ from skiplayer.decoding.draft import DraftHead, draft_round
 from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.decoding.stats import Clock
 from skiplayer.drafts.ngram import NGramLookup
-from skiplayer.drafts.tree import (NGRAM, SELF, SIBLING, TokenTree, accept_tree_greedy, accept_tree_sampling,
+from skiplayer.drafts.tree import (NGRAM, SELF, SIBLING, SOURCES, TABLE, TokenTree, accept_tree_greedy,
+                                   accept_tree_sampling,
                                    rank_siblings)
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer, TreeMask
@@ -81,11 +82,13 @@ def ngram_run(s: RoundState, room: int) -> list[int]:
     return run[:next((i + 1 for i, t in enumerate(run) if t in s.stop_ids), len(run))]
 
 
-def build_tree(s: RoundState, pending: int, steps: list[DraftStep], run: list[int]) -> tuple[TokenTree, list]:
-    """The self-draft chain, the n-gram run merged in (shared prefixes once), then as many of the draft head's
-    alternative candidates as the policy and the budget allow. Returns the tree and the siblings added."""
+def build_tree(s: RoundState, pending: int, steps: list[DraftStep], run: list[int],
+               order: int = 1) -> tuple[TokenTree, list]:
+    """The self-draft chain, the n-gram run (matched on `order` tokens: < 0 in the table) merged in (shared
+    prefixes once), then as many of the draft head's alternative candidates as the policy and the budget allow.
+    Returns the tree and the siblings added."""
     tree = TokenTree.chain(pending, [st.token for st in steps], [st.probs for st in steps])
-    tree.add_path(0, run, NGRAM)
+    tree.add_path(0, run, TABLE if order < 0 else NGRAM)
     candidates = rank_siblings(steps)
     if not candidates:
         return tree, []
@@ -110,7 +113,7 @@ def speculative_round(s: RoundState, pending: int, start: int, budget: int, room
                         s.generator, s.clock, s.stop_ids, s.tree_width) if s.self_draft and budget > 0 else []
     drafting = stats.time_draft_layers + stats.time_draft_heads - drafting
     run = run[:min(s.policy.ngram_tokens(len(steps), order, len(run)), nodes - len(steps))]
-    tree, siblings = build_tree(s, pending, steps, run)
+    tree, siblings = build_tree(s, pending, steps, run, order)
     t = s.clock.now()
     logits, exact = verify(s, tree, steps, start)
     if s.sampling.sample:
@@ -139,7 +142,7 @@ def record(stats, tree: TokenTree, path: list[int], steps: list[DraftStep], on_c
     stats.draft_lengths.append(len(tree) - 1)
     stats.accepted_per_round.append(len(path) - 1)
     stats.verify_start_layers.append(min((s.exact_until for s in steps), default=0))
-    for source in (SELF, NGRAM, SIBLING):
+    for source in SOURCES:
         stats.candidates[source] = stats.candidates.get(source, 0) + tree.sources.count(source)
         stats.accepted_from[source] = stats.accepted_from.get(source, 0) + sum(tree.sources[n] == source
                                                                                for n in path)

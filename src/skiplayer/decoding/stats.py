@@ -62,6 +62,14 @@ class GenerationStats:
         return self.accepted_from.get("ngram", 0)
 
     @property
+    def table_candidates(self) -> int:
+        return self.candidates.get("table", 0)
+
+    @property
+    def table_accepted(self) -> int:
+        return self.accepted_from.get("table", 0)
+
+    @property
     def sibling_candidates(self) -> int:
         return self.candidates.get("sibling", 0)
 

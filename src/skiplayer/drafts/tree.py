@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-SELF, NGRAM, SIBLING = "self", "ngram", "sibling"  # the self-draft chain, n-gram runs, the draft head's next ranks
+# the self-draft chain, n-gram runs from the context, from the draft's n-gram table, the draft head's next ranks
+SELF, NGRAM, TABLE, SIBLING = "self", "ngram", "table", "sibling"
+SOURCES = (SELF, NGRAM, TABLE, SIBLING)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ class PolicyConfig:
     draft_source: str = "self"
     ngram_tokens: int = 4   # longest n-gram run per round
     ngram_max: int = 3      # longest suffix matched (then shorter ones, down to 1 token)
+    ngram_table: bool = True  # no match in the context: the draft's n-gram table drafts (if the draft has one)
     # Draft trees: the draft head's ranks 2..tree_width at each drafted position join the tree as siblings of the
     # chain's token (no extra draft layers: the head ranked them already); tree_budget caps the nodes beside the
     # pending token (the siblings with the highest draft path probability fill what the chain and n-grams leave).

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skiplayer.decoding.batched import generate_batched
+from skiplayer.drafts.ngram import NGramTable
 from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.draft_artifact import AttentionAdapter, ResidualAdapter, attention_adapter_from_layer, use_kernels_of
 from skiplayer.errors import UserError, check
@@ -171,6 +172,8 @@ class CalibrationResult:
     counts: dict                              # prompts / tokens / positions used
     timings: dict                             # seconds per phase
     history: dict[int, list[dict]]            # per layer, per epoch: loss, val agreement, seconds
+    ngrams: NGramTable | None = None          # n-gram table of the training outputs
+    ngram_report: dict | None = None          # NGramTable.held_out_report on the held-out outputs
 
     def table(self) -> str:
         lines = [f"{'exit':>4}  {'plain exit':>10}  {'exit+vocab':>10}  {'calibrated':>10}  {'gain':>6}",
@@ -184,7 +187,22 @@ class CalibrationResult:
         lines.append(f"held-out: {self.counts['held_out_positions']} output positions of "
                      f"{self.counts['held_out_sequences']} prompts; draft vocabulary covers {self.coverage:.3f} of "
                      f"the full model's tokens there")
+        if self.ngram_report:
+            lines.append(ngram_summary(self.ngram_report))
         return "\n".join(lines)
+
+
+def ngram_summary(report: dict) -> str:
+    return (f"n-gram table: {report['entries']} entries; where prompt lookup has no match ("
+            f"{report['unmatched_positions']} of {report['positions']} held-out positions) it names a token at "
+            f"{report['named']:.3f} of them, the model's next token at {report['next_token_right']:.3f} of those")
+
+
+def ngram_table(sequences: list[Sequence], max_ngram: int = 3) -> tuple[NGramTable, dict]:
+    """The n-gram table of the training outputs, and how it does on the held-out ones."""
+    table = NGramTable.build([(s.prompt.ids, s.output) for s in sequences if not s.prompt.held_out], max_ngram)
+    report = table.held_out_report([(s.prompt.ids, s.output) for s in sequences if s.prompt.held_out], max_ngram)
+    return table, {"entries": len(table), "max_ngram": max_ngram, **report}
 
 
 def _bar(total, desc, enabled, unit="it"):
@@ -610,6 +628,7 @@ def calibrate(model: Transformer, prompts: list[CalibrationPrompt], config: Cali
         part = test.select(torch.tensor([n == name for n in names], dtype=torch.bool))
         by_dataset[name] = {"positions": int(part.is_output.sum()),
                             **{e: agreement(model, part, e, part.is_output, adapters[e], vocab_ids) for e in layers}}
+    ngrams, ngram_report = ngram_table(sequences)
     timings["measure"] = time.monotonic() - t
     timings["total"] = time.monotonic() - started
     counts = {"prompts_available": len(prompts), "prompts_generated": len(sequences),
@@ -619,4 +638,4 @@ def calibrate(model: Transformer, prompts: list[CalibrationPrompt], config: Cali
               "val_positions": 0 if val is None else len(val), "held_out_positions": int(out.sum()),
               "by_dataset": dict(Counter(s.prompt.dataset for s in sequences))}
     return CalibrationResult(adapters, vocab_ids, before, before_vocab, after, coverage, by_dataset, counts, timings,
-                             history)
+                             history, ngrams, ngram_report)
