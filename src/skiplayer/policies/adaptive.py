@@ -111,6 +111,9 @@ class Adaptive(DraftPolicy):
         self.ngram_posterior: dict[tuple[int, int], list[float]] = {}
         # draft-tree siblings: P(target = the draft head's rank-r candidate | its parent was reached), prior Beta(1, 9)
         self.rank_posterior: dict[int, list[float]] = {}
+        # (rounds where the self-draft chain got further than the n-gram run beside it, rounds with both), per kind
+        # of run (context or table): the branches often name the same token, and then the drafts bought nothing
+        self.beside_posterior: dict[bool, list[float]] = {}
         self._ngram_expected = 0.0  # expected tokens the round's kept n-gram run adds
 
     def posterior_means(self) -> dict[int, float]:
@@ -173,13 +176,19 @@ class Adaptive(DraftPolicy):
         its share of the wider verification pass costs (v(n), profiled)."""
         a, b = self.posterior.get(self.exit, (1.0, 3.0))
         alpha = a / (a + b)
-        expected = 1.0 + sum(alpha ** j for j in range(1, drafts + 1))
+        own = sum(alpha ** j for j in range(1, drafts + 1))
+        # beside a run, the chain only adds where it gets further than the run: learned, starting from what
+        # independent branches would give (the first draft right and the run's first token wrong), weight 2
+        wins, rounds = self.beside_posterior.get(order < 0, (0.0, 0.0))
+        prior = alpha * (1 - self._ngram_alpha(order, 1))
+        beside = own * min(1.0, (wins + 2 * prior) / (rounds + 2) / alpha)
         spent = drafts * self.costs.draft(self.exit)
-        best, best_rate, reach = 0, 0.0, 1.0
+        best, best_rate, reach, ngram = 0, 0.0, 1.0, 0.0
         for d in range(available + 1):
             if d:
                 reach *= self._ngram_alpha(order, d)
-                expected += reach
+                ngram += reach
+            expected = 1.0 + (beside if d else own) + ngram
             rate = expected / (spent + self.costs.verify_from(self.exit if drafts else 0, 1 + drafts + d))
             if rate > best_rate:
                 best, best_rate = d, rate
@@ -237,6 +246,10 @@ class Adaptive(DraftPolicy):
                          min(len(result.ngram_run), len(result.output)))
             for d in range(1, min(right + 1, len(result.ngram_run)) + 1):
                 self.ngram_posterior.setdefault((result.ngram_order, d), [2.0, 2.0])[0 if d <= right else 1] += 1
+            if result.steps:
+                post = self.beside_posterior.setdefault(result.ngram_order < 0, [0.0, 0.0])
+                post[0] += result.accepted > right
+                post[1] += 1
         for step, rank, token in result.siblings:  # observed when the chain reached the sibling's parent
             if result.accepted >= step:
                 self.rank_posterior.setdefault(rank, [1.0, 9.0])[0 if result.output[step] == token else 1] += 1
