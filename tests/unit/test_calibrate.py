@@ -453,7 +453,10 @@ def test_attention_adapter_kv_deferred_over_rounds_is_written_when_a_draft_reads
     cache = model.new_cache(16, extra_layers=1)
     head = DraftHead(model, None, {2: adapter})
     model.prefill(tokens[:5], cache, head.taps(0, cache))
-    head.write_kv(2, torch.randn(2, model.args.dim), 5, cache)  # a draft's approximate entries at 5, 6
+    assert cache.lengths[slot] == 0  # the prompt's states wait too
+    head.flush_kv(2, cache)  # a draft reads the slot: the prompt's K/V, then its own approximate entries at 5, 6
+    assert cache.lengths[slot] == 5
+    head.write_kv(2, torch.randn(2, model.args.dim), 5, cache)
     for start, end in ((5, 8), (8, 9), (9, 12)):  # three rounds keep 3, 1 and 3 positions
         head.defer_kv({2: states[start:end]}, start, cache)
     assert cache.lengths[slot] == 5  # nothing written while no draft reads the slot

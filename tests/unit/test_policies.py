@@ -215,10 +215,16 @@ def test_profile_times_verification_at_two_contexts():
     from skiplayer.decoding.costs import profile_costs
     from skiplayer.model.llama import Transformer
     from tests.conftest import tiny_hf_model
-    model = Transformer.from_hf(tiny_hf_model("llama", seed=1))  # 256 positions: the long profile at 256 - 4 - 1
-    costs = profile_costs(model, 4)
-    assert costs.long_context == 251 and len(costs.verify_long) == len(costs.verify) == 5
+    model = Transformer.from_hf(tiny_hf_model("llama", seed=1))  # 256 positions: the long profile at 256 - 8 - 1
+    costs = profile_costs(model, 4)  # passes up to 8 positions at least
+    assert costs.long_context == 247 and len(costs.verify_long) == len(costs.verify) == 9
     assert costs.verify_long[1] == pytest.approx(1.0, rel=0.5) and all(v > 0 for v in costs.verify_long[1:])
+    # Another draft head, fewer positions: the same v(n) (every configuration of a process plans with one profile),
+    # the head timed on its own; more positions than profiled: measured again.
+    head = model.head_weight[:16].contiguous()
+    other = profile_costs(model, 6, head)
+    assert other.verify == costs.verify and other.verify_long == costs.verify_long and other.head != costs.head
+    assert len(profile_costs(model, 12).verify) == 13
 
 
 @pytest.mark.parametrize("kw,flag", [

@@ -25,26 +25,32 @@ def _median_seconds(fn, repeats: int) -> float:
 @torch.inference_mode()
 def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | None = None, repeats: int = 5,
                   context: int = 64, head_packed: bool = False, long_context: int = 576) -> CostModel:
-    """Measure on this machine, relative to one autoregressive step; cached per model and draft head. Verification
-    passes are timed at `context` and again at `long_context` tokens (where the model allows it): each extra position
-    attends to the whole context, so v(n) grows with it (Zen 5: v(8) 1.54 at 100 tokens, 1.80 at 700)."""
-    key = (max_n, None if head_weight is None else head_weight.shape[0])
-    cached = _PROFILES.setdefault(model, {})
-    if key in cached:
-        return _copy(cached[key])
-    at = _AtContext(model, context, max_n)
-    step, verify = at.verify_passes(max_n, repeats)
-    h = model.embed(at.tokens[context:context + 1])
-    layers = at.seconds(lambda: model.forward_layers(h, context, at.cache, 0, model.n_layers), repeats)
-    head = at.seconds(lambda: model.logits(h, head_weight, head_packed), repeats)
-    costs = CostModel(model.n_layers, layers / model.n_layers / step, head / step, verify, step,
-                      profile_context=context)
-    long_context = min(long_context, model.max_seq_len - max_n - 1)
-    if long_context >= 2 * context:
-        costs.verify_long = _AtContext(model, long_context, max_n).verify_passes(max_n, repeats)[1]
-        costs.long_context = long_context
-    cached[key] = costs
-    return _copy(costs)
+    """Measure on this machine, relative to one autoregressive step. Verification passes are timed at `context` and
+    again at `long_context` tokens (where the model allows it): each extra position attends to the whole context,
+    so v(n) grows with it (Zen 5: v(8) 1.54 at 100 tokens, 1.80 at 700). Cached per model: the passes up to the
+    largest n asked for (at least 8), the draft head per head; so every configuration run in one process plans with
+    the same v(n) (two profiles of one machine differed by up to ~10% in v(5), enough to change the chosen runs)."""
+    cached = _PROFILES.setdefault(model, {"heads": {}})
+    passes = cached.get("passes")
+    if passes is None or len(passes.verify) - 1 < max_n:
+        n = max(max_n, 8)
+        at = _AtContext(model, context, n)
+        step, verify = at.verify_passes(n, repeats)
+        h = model.embed(at.tokens[context:context + 1])
+        layers = at.seconds(lambda: model.forward_layers(h, context, at.cache, 0, model.n_layers), repeats)
+        passes = CostModel(model.n_layers, layers / model.n_layers / step, 0.0, verify, step, profile_context=context)
+        long = min(long_context, model.max_seq_len - n - 1)
+        if long >= 2 * context:
+            passes.verify_long, passes.long_context = _AtContext(model, long, n).verify_passes(n, repeats)[1], long
+        cached["passes"], cached["heads"] = passes, {}
+    head_key = None if head_weight is None else (head_weight.data_ptr(), tuple(head_weight.shape))
+    if head_key not in cached["heads"]:
+        at = _AtContext(model, context, 1)
+        h = model.embed(at.tokens[context:context + 1])
+        cached["heads"][head_key] = at.seconds(lambda: model.logits(h, head_weight, head_packed), repeats)
+    costs = _copy(passes)
+    costs.head = cached["heads"][head_key] / passes.step_seconds
+    return costs
 
 
 class _AtContext:

@@ -26,8 +26,9 @@ class DraftHead:
 
     An attention adapter (draft_artifact.AttentionAdapter) attends over the states at its depth of all earlier
     positions, kept as K/V in an extra cache slot (`extra_layers`): drafting writes them for drafted tokens;
-    verification hands back the exact states of the positions it keeps (`defer_kv`), whose K/V are written in one
-    call when a draft next reads the slot: rounds that draft nothing (adaptive, n-gram runs) cost no adapter work."""
+    the prompt's and verification's exact states of the positions kept wait (`defer_kv`) until a draft next reads
+    the slot, and their K/V are written then in one call: rounds that draft nothing (adaptive, n-gram runs) cost no
+    adapter work."""
 
     def __init__(self, model: Transformer, vocab_ids: torch.Tensor | None = None, adapters: dict | None = None):
         from skiplayer.draft_artifact import AttentionAdapter
@@ -77,8 +78,9 @@ class DraftHead:
             self.pending[depth].clear()
 
     def taps(self, start: int, cache: KVCache) -> dict:
-        """forward_layers taps that store the K/V the attention adapters read from a block's exact states."""
-        return {n: lambda h, n=n: self.write_kv(n, h, start, cache) for n in self.slots}
+        """forward_layers taps that keep a block's exact states for the attention adapters (deferred like a
+        verification's: a generation that never drafts never computes their K/V; 0.9 ms of a gsm8k prompt)."""
+        return {n: lambda h, n=n: self.defer_kv({n: h}, start, cache) for n in self.slots}
 
     def to_full(self, index: int) -> int:
         return index if self.vocab_ids is None else int(self.vocab_ids[index])
