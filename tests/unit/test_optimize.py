@@ -122,6 +122,37 @@ def test_prefill_uses_native_kernel_bitwise(dtype, quantize):
     assert torch.equal(steps, block)
 
 
+def attention_inputs(g: torch.Generator, T: int, H: int, G: int, D: int, dtype):
+    """Random fused q/k/v rows (T, (H + 2G) * D) and RoPE tables (T, D) for rope_cache_attention."""
+    qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    return qkv, torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+
+
+def check_against_row_loops(run, dtype) -> None:
+    """run() -> (attention output, K cache) on this CPU's AVX-512 attention: the one-row loops (kernel_isa avx2)
+    write the same cache and give the output within the dtype's rounding (in fp32 not bit for bit: the other path
+    ran), and the same bits come back at 1 and 2 threads."""
+    wide, kc = run()
+    before = torch.ops.skiplayer.kernel_isa("")
+    try:
+        torch.ops.skiplayer.kernel_isa("avx2")  # the one-row loops
+        rows, kc_rows = run()
+    finally:
+        torch.ops.skiplayer.kernel_isa(before)
+    assert torch.equal(kc, kc_rows)  # the cache writes are the same
+    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
+    assert (wide.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
+    assert not torch.equal(wide, rows) or dtype != torch.float32  # it did take the other path
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(run()[0], wide)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [16, 24, 64, 128])
@@ -133,9 +164,7 @@ def test_native_attention_block_equals_rows_and_reference(dtype, D):
     from skiplayer.model.llama import apply_rope
     H, G, L, start, T = 6, 2, 160, 75, 21
     g = torch.Generator().manual_seed(11)
-    qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
-    angles = torch.rand(T, D // 2, generator=g) * 6
-    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    qkv, cos, sin = attention_inputs(g, T, H, G, D, dtype)
     kc0, vc0 = torch.randn(G, L, D, generator=g).to(dtype), torch.randn(G, L, D, generator=g).to(dtype)
     op = torch.ops.skiplayer.rope_cache_attention
     kb, vb = kc0.clone(), vc0.clone()
@@ -166,31 +195,13 @@ def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dty
     one-row loops' result within the dtype's rounding, the same bits on every call and thread count."""
     H, G = 6, 2
     g = torch.Generator().manual_seed(12)
-    qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
-    angles = torch.rand(T, D // 2, generator=g) * 6
-    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    qkv, cos, sin = attention_inputs(g, T, H, G, D, dtype)
     op = torch.ops.skiplayer.rope_cache_attention
 
     def run():
         kc, vc = torch.zeros(G, T + 4, D, dtype=dtype), torch.zeros(G, T + 4, D, dtype=dtype)
         return op(qkv, cos, sin, kc, vc, 0, H, G, True), kc
-    wide, kc = run()
-    before = torch.ops.skiplayer.kernel_isa("")
-    try:
-        torch.ops.skiplayer.kernel_isa("avx2")  # the one-row loops
-        rows, kc_rows = run()
-    finally:
-        torch.ops.skiplayer.kernel_isa(before)
-    assert torch.equal(kc, kc_rows)  # the cache writes are the same
-    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
-    assert (wide.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
-    assert not torch.equal(wide, rows) or dtype != torch.float32  # it did take the other path
-    assert torch.equal(run()[0], wide)
-    torch.set_num_threads(2)
-    try:
-        assert torch.equal(run()[0], wide)
-    finally:
-        torch.set_num_threads(1)
+    check_against_row_loops(run, dtype)
 
 
 @native
@@ -204,33 +215,14 @@ def test_decode_attention_on_avx512_close_to_the_row_loops_and_thread_invariant(
     threads (3 KV heads: on one thread each goes through with its 3 query heads, on two head by head)."""
     H, G, L = 9, 3, start + T + 3
     g = torch.Generator().manual_seed(13)
-    qkv = torch.randn(T, (H + 2 * G) * D, generator=g).to(dtype)
-    angles = torch.rand(T, D // 2, generator=g) * 6
-    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    qkv, cos, sin = attention_inputs(g, T, H, G, D, dtype)
     kc0, vc0 = torch.randn(G, L, D, generator=g).to(dtype), torch.randn(G, L, D, generator=g).to(dtype)
     op = torch.ops.skiplayer.rope_cache_attention
 
     def run():
         kc, vc = kc0.clone(), vc0.clone()
         return op(qkv, cos, sin, kc, vc, start, H, G, True), kc
-    wide, kc = run()
-    before = torch.ops.skiplayer.kernel_isa("")
-    try:
-        torch.ops.skiplayer.kernel_isa("avx2")  # the one-row loops
-        rows, kc_rows = run()
-    finally:
-        torch.ops.skiplayer.kernel_isa(before)
-    assert torch.equal(kc, kc_rows)
-    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
-    assert (wide.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
-    assert not torch.equal(wide, rows) or dtype != torch.float32  # it did take the other path
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            assert torch.equal(run()[0], wide)
-    finally:
-        torch.set_num_threads(threads)
+    check_against_row_loops(run, dtype)
 
 
 @native
