@@ -885,6 +885,7 @@ void attend_rows(const float* q, const A* kh, const A* vh, int64_t keys, int64_t
 // bit-identical across them.
 inline bool decode_attention_512(int64_t D) { return D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2; }
 
+// attention.h's kv_dtype for a cache of A: 0 fp32, 1 fp16, 2 bf16.
 template <typename A>
 constexpr int kv_dtype_code() { return std::is_same<A, float>::value ? 0 : std::is_same<A, at::Half>::value ? 1 : 2; }
 
@@ -1026,7 +1027,7 @@ void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
                       int64_t H, int64_t G, int64_t D, int64_t L) {
   const int64_t row = (H + 2 * G) * D, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const int kv = std::is_same<A, float>::value ? 0 : std::is_same<A, at::Half>::value ? 1 : 2;
+  const int kv = kv_dtype_code<A>();
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> q((T + 15) / 16 * 16 * D, 0.f), o(T * D), scratch(prefill_attention_scratch(T, D));
     for (int64_t h = h0; h < h1; ++h) {
