@@ -192,8 +192,13 @@ def save_draft(path: str | Path, adapters: dict[int, ResidualAdapter], vocab_ids
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": FORMAT, "version": str(VERSION)})
     if ngrams is not None:
         save_ngrams(path, ngrams)
-    (path / META_FILE).write_text(json.dumps(full, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_meta(path, full)
     return path
+
+
+def write_meta(path: str | Path, meta: dict) -> None:
+    """Write (or replace) the artifact's draft.json."""
+    (Path(path) / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def _read_meta(path: Path) -> dict:

@@ -286,6 +286,10 @@ def test_missing_or_corrupt_artifact_is_a_user_error(tiny_dirs, calibrated, mode
     (good_table / "ngrams.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="ngrams.safetensors is corrupt"):
         load_draft(good_table, loaded)
+    from safetensors.torch import save_file
+    save_file({"ngrams.2.keys": torch.zeros(1, 2, dtype=torch.int64)}, str(good_table / "ngrams.safetensors"))
+    with pytest.raises(UserError, match="ngrams.safetensors is corrupt"):  # keys without their next tokens
+        load_draft(good_table, loaded)
     save_draft(good_table, calibrated.adapters, calibrated.vocab_ids, {"fingerprint": "abc123"},
                NGramTable({(5,): model.args.vocab_size}, 1))
     with pytest.raises(UserError, match="outside this model's"):

@@ -149,9 +149,7 @@ def collect_prompts(loaded, names: list[str], data_paths: list[str | None], num_
 
 def add_ngram_table(args, loaded, prompts, config, store, started: float) -> int:
     """--ngram_table_only: the draft at --output gets ngrams.safetensors, and draft.json what was measured."""
-    import json
-
-    from skiplayer.draft_artifact import META_FILE, NGRAMS_FILE, _read_meta, save_ngrams
+    from skiplayer.draft_artifact import META_FILE, NGRAMS_FILE, _read_meta, save_ngrams, write_meta
     from skiplayer.train.calibrate import generate_and_capture, ngram_summary, ngram_table
 
     out = Path(args.output)
@@ -171,7 +169,7 @@ def add_ngram_table(args, loaded, prompts, config, store, started: float) -> int
     save_ngrams(out, table)
     meta["ngram_table"] = {**report, "prompts": len(sequences),
                            "command": "skiplayer calibrate " + " ".join(shlex.quote(a) for a in _argv())}
-    (out / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_meta(out, meta)
     print(ngram_summary(report))
     print(f"wrote {out / NGRAMS_FILE}")
     return 0

@@ -18,8 +18,7 @@ from skiplayer.decoding.sampling import SamplingConfig, probabilities
 from skiplayer.decoding.stats import Clock
 from skiplayer.drafts.ngram import NGramLookup
 from skiplayer.drafts.tree import (NGRAM, SELF, SIBLING, SOURCES, TABLE, TokenTree, accept_tree_greedy,
-                                   accept_tree_sampling,
-                                   rank_siblings)
+                                   accept_tree_sampling, rank_siblings)
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer, TreeMask
 from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult

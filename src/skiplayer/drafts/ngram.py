@@ -81,8 +81,8 @@ class NGramTable:
         for name, keys in tensors.items():
             if name.startswith("ngrams.") and name.endswith(".keys"):
                 n = int(name.split(".")[1])
-                nxt = tensors[f"ngrams.{n}.next"]
-                if keys.dim() != 2 or keys.shape[1] != n or nxt.shape != (keys.shape[0],):
+                nxt = tensors.get(f"ngrams.{n}.next")
+                if nxt is None or keys.dim() != 2 or keys.shape[1] != n or nxt.shape != (keys.shape[0],):
                     raise ValueError(f"n-gram table: {name} and its next tokens do not match")
                 table.update(zip(map(tuple, keys.tolist()), nxt.tolist()))
                 max_ngram = max(max_ngram, n)

@@ -67,9 +67,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from skiplayer.decoding.batched import generate_batched
-from skiplayer.drafts.ngram import NGramTable
 from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.draft_artifact import AttentionAdapter, ResidualAdapter, attention_adapter_from_layer, use_kernels_of
+from skiplayer.drafts.ngram import NGramTable
 from skiplayer.errors import UserError, check
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer
