@@ -31,12 +31,12 @@ def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | No
     largest n asked for (at least 8), the draft head per head; so every configuration run in one process plans with
     the same v(n) (two profiles of one machine differed by up to ~10% in v(5), enough to change the chosen runs)."""
     cached = _PROFILES.setdefault(model, {"heads": {}})
-    passes = cached.get("passes")
+    passes, at = cached.get("passes"), None
     if passes is None or len(passes.verify) - 1 < max_n:
         n = max(max_n, 8)
         at = _AtContext(model, context, n)
         step, verify = at.verify_passes(n, repeats)
-        h = model.embed(at.tokens[context:context + 1])
+        h = at.embedded_step()
         layers = at.seconds(lambda: model.forward_layers(h, context, at.cache, 0, model.n_layers), repeats)
         passes = CostModel(model.n_layers, layers / model.n_layers / step, 0.0, verify, step, profile_context=context)
         long = min(long_context, model.max_seq_len - n - 1)
@@ -45,8 +45,8 @@ def profile_costs(model: Transformer, max_n: int, head_weight: torch.Tensor | No
         cached["passes"], cached["heads"] = passes, {}
     head_key = None if head_weight is None else (head_weight.data_ptr(), tuple(head_weight.shape))
     if head_key not in cached["heads"]:
-        at = _AtContext(model, context, 1)
-        h = model.embed(at.tokens[context:context + 1])
+        at = at or _AtContext(model, context, 1)  # a new head for cached passes: a prompt of its own
+        h = at.embedded_step()
         cached["heads"][head_key] = at.seconds(lambda: model.logits(h, head_weight, head_packed), repeats)
     costs = _copy(passes)
     costs.head = cached["heads"][head_key] / passes.step_seconds
@@ -63,6 +63,10 @@ class _AtContext:
         self.cache = model.new_cache(context + max_n + 1)
         self.tokens = torch.arange(context + max_n, device=device) % model.args.vocab_size
         model(self.tokens[:context], 0, self.cache)
+
+    def embedded_step(self) -> torch.Tensor:
+        """The embedded token after the prompt (1, dim)."""
+        return self.model.embed(self.tokens[self.context:self.context + 1])
 
     def seconds(self, fn, repeats: int) -> float:
         def run():
