@@ -201,7 +201,8 @@ def write_meta(path: str | Path, meta: dict) -> None:
     (Path(path) / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
+    """The checked draft.json of artifact directory `path` (a one-line UserError if missing, corrupt or foreign)."""
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise UserError(f"draft {path}: {META_FILE} is missing; pass a directory written by skiplayer calibrate "
@@ -247,7 +248,7 @@ def _artifact_dir(path: str | Path) -> Path:
 def calibrate_command(path: str | Path) -> str | None:
     """The `skiplayer calibrate` command recorded in artifact `path`; None when it cannot be read."""
     try:
-        return _read_meta(_artifact_dir(path)).get("command")
+        return read_meta(_artifact_dir(path)).get("command")
     except UserError:
         return None
 
@@ -256,7 +257,7 @@ def load_draft(path: str | Path, loaded) -> Draft:
     """Load artifact `path` for `loaded` (a LoadedModel): adapters in the model's dtype and device. A draft
     calibrated for other weights, or missing/corrupt files, raise a one-line UserError."""
     path = _artifact_dir(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     model = loaded.model
     if meta.get("fingerprint") != loaded.fingerprint:
         dtype = str(loaded.dtype).replace("torch.", "")
@@ -348,8 +349,8 @@ def resolve_draft(spec: str | None, loaded, say=None) -> Draft | None:
     path = builtin_draft_path(getattr(loaded, "name", ""))
     if path is None:
         return None
-    if _read_meta(path).get("fingerprint") != loaded.fingerprint:
-        say(f"[skiplayer] the built-in draft for {loaded.name} fits other weights ({_read_meta(path).get('dtype')});"
+    if read_meta(path).get("fingerprint") != loaded.fingerprint:
+        say(f"[skiplayer] the built-in draft for {loaded.name} fits other weights ({read_meta(path).get('dtype')});"
             f" not used (pass --draft DIR to use a draft of yours)")
         return None
     draft = load_draft(path, loaded)

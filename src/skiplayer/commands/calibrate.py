@@ -149,13 +149,13 @@ def collect_prompts(loaded, names: list[str], data_paths: list[str | None], num_
 
 def add_ngram_table(args, loaded, prompts, config, store, started: float) -> int:
     """--ngram_table_only: the draft at --output gets ngrams.safetensors, and draft.json what was measured."""
-    from skiplayer.draft_artifact import META_FILE, NGRAMS_FILE, _read_meta, save_ngrams, write_meta
+    from skiplayer.draft_artifact import META_FILE, NGRAMS_FILE, read_meta, save_ngrams, write_meta
     from skiplayer.train.calibrate import generate_and_capture, ngram_summary, ngram_table
 
     out = Path(args.output)
     check((out / META_FILE).is_file(), f"--ngram_table_only adds a table to an existing draft: {out} has no "
           f"{META_FILE} (calibrate the draft first, or drop --ngram_table_only)")
-    meta = _read_meta(out)
+    meta = read_meta(out)
     check(meta.get("fingerprint") == loaded.fingerprint, f"the draft at {out} was calibrated for other weights "
           f"({meta.get('model')}, {meta.get('dtype')}): pass the same --model and --dtype")
     sequences, _ = generate_and_capture(loaded.model, prompts, config.exit_layers, loaded.eos_token_ids,
