@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from skiplayer.bench.runner import measure, speedup, use_chat_template, warm_up
+from skiplayer.bench.runner import measure, speedup, sum_speed, use_chat_template, warm_up
 from skiplayer.bench.stamp import stamp, write_between_markers
 from skiplayer.data.datasets import DATASETS, load_dataset
 from skiplayer.decoding.costs import profile_costs
@@ -36,6 +36,8 @@ from skiplayer.errors import output_file
 from skiplayer.model.load import load_model
 from skiplayer.options import DEFAULT_DTYPE
 from skiplayer.policies import PolicyConfig
+
+NGRAM_MAX = PolicyConfig.ngram_max  # the longest suffix the lookup matches, as decoding's default
 
 
 def accepted(run: list[int], output: list[int], i: int) -> int:
@@ -48,12 +50,13 @@ def accepted(run: list[int], output: list[int], i: int) -> int:
 
 def replay(pairs, table, max_run: int, length, v) -> tuple[float, float]:
     """(tokens per pass, tokens per unit of cost) of rounds over (prompt, output) pairs; length(run, order, a) is
-    how many tokens of the proposed run the round verifies (a: how many would be accepted)."""
+    how many tokens of the proposed run the round verifies (a: how many would be accepted). As in decoding, the
+    first output token comes from the prefill and the lookup starts from the prompt and that token."""
     tokens = passes = cost = 0.0
     for prompt, output in pairs:
-        lookup = NGramLookup(3, 1, max_run, table)
-        lookup.extend(prompt)
-        i = 0
+        lookup = NGramLookup(NGRAM_MAX, 1, max_run, table)
+        lookup.extend(prompt + output[:1])
+        i = 1
         while i < len(output):
             run = lookup.propose(max_run)
             run = run[:length(run, lookup.order, accepted(run, output, i))]
@@ -68,7 +71,7 @@ def replay(pairs, table, max_run: int, length, v) -> tuple[float, float]:
 def best_length_per_order(pairs, table, max_run: int, v, longest: int) -> dict[int, int]:
     """Per match order, the run length <= longest that maximises the replayed rate (coordinate ascent from D = 4:
     each order's D in turn, the others held)."""
-    orders = [o for o in range(-3, 4) if o != 0]
+    orders = [*range(1, NGRAM_MAX + 1), *range(-(table.max_ngram if table else 0), 0)]  # context, then table
     choice = {o: min(4, longest) for o in orders}
     best = replay(pairs, table, max_run, lambda r, o, a: choice.get(o, 0), v)[1]
     for _ in range(2):
@@ -142,9 +145,7 @@ def main() -> None:
         rows["oracle length"] = replay(pairs, table, args.max_run, lambda r, o, a: a, v)
         rows[f"best D <= {args.max_run} per order, half the per-row cost"] = replay(
             pairs, table, args.max_run, per_order, v_half)
-        spec_speed = [s for s, _ in timed]
-        rounds = sum(d["rounds"] for d in spec_speed)
-        rows["measured: adaptive n-gram decoding"] = (sum(d["new_tokens"] for d in spec_speed) / max(rounds, 1),
+        rows["measured: adaptive n-gram decoding"] = (sum_speed([s for s, _ in timed])["tokens_per_pass"],
                                                       speedup(timed)["decode"])
         report["datasets"][name] = {"best_length_per_order": choice, "output_tokens": sum(len(o) for _, o in pairs),
                                     "rows": {k: {"tokens_per_pass": t, "rate": r} for k, (t, r) in rows.items()}}
