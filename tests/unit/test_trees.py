@@ -323,13 +323,15 @@ def test_bad_tree_flags_are_user_errors(model):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [8, 64])
-def test_native_tree_attention_is_bit_identical_to_decoding_each_path(dtype, head_dim):
-    """head_dim 64: the AVX-512 decoding attention where the CPU has it (8: the one-row loops everywhere)."""
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 3)])
+def test_native_tree_attention_is_bit_identical_to_decoding_each_path(dtype, head_dim, heads, kv_heads):
+    """head_dim 64: the AVX-512 decoding attention where the CPU has it (8: the one-row loops everywhere); 3 KV heads
+    on 2 threads: the tree's nodes in two parts per KV head."""
     from skiplayer.model.optimize import native_kernels_available, optimize_model
     from tests.conftest import tiny_hf_model
     if not native_kernels_available():
         pytest.skip("native CPU kernels cannot be built here")
-    hf = tiny_hf_model("llama", seed=4, n_layers=4, hidden_size=4 * head_dim, n_heads=4, n_kv_heads=2)
+    hf = tiny_hf_model("llama", seed=4, n_layers=4, hidden_size=heads * head_dim, n_heads=heads, n_kv_heads=kv_heads)
     model = optimize_model(Transformer.from_hf(hf, dtype=dtype), kernels="native")
     prompt, start = [5, 6, 7, 8, 9, 10, 11], 7
     for seed in range(3):
