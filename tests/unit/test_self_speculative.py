@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
-from skiplayer.decoding.sampling import SamplingConfig, probabilities
+from skiplayer.decoding.sampling import SamplingConfig, greedy_tokens, probabilities
 from skiplayer.errors import UserError
 from skiplayer.policies import PolicyConfig
 from tests.helpers import FakeTokenizer, chi_square_pvalue, exact_sequence_distribution, predictable_model
@@ -80,3 +80,15 @@ def test_bad_inputs_are_user_errors(model):
         run(model, [])
     with pytest.raises(UserError, match="--max_steps"):
         run(model, [1], max_steps=300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_tokens_matches_torch_argmax_on_ties_and_nan(dtype):
+    # greedy acceptance reads numpy's argmax on a CPU: it must pick what torch's does, first maximum and NaN included
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 4, (6, 1000), generator=g).to(dtype)  # many ties for the maximum
+    logits[1, 17] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 999] = 100
+    assert greedy_tokens(logits) == logits.argmax(-1).tolist()
+    assert greedy_tokens(logits[4]) == int(logits[4].argmax())

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 from skiplayer.decoding.generate import positions_needed
+from skiplayer.decoding.sampling import greedy_token
 from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer
@@ -81,7 +82,7 @@ def generate_batched(model: Transformer, prompts: list[list[int]], make_stop: Ca
                 h, layer = model.forward_layers(h, 0, cache, layer, n), n
                 if n in rows:
                     rows[n].append(h[-keep_prompt_rows:].detach().to("cpu", copy=True))
-            token = int(model.logits(h[-1:])[-1].argmax())
+            token = greedy_token(model.logits(h[-1:])[-1])
             seq = _Sequence(i, cache, len(ids), token, stop, rows)
             stop.extend([token])
             if stop.done:
@@ -101,7 +102,7 @@ def generate_batched(model: Transformer, prompts: list[list[int]], make_stop: Ca
                               keep_rows if keep else None)
         still = []
         for s, row in zip(active, logits):
-            s.token, s.pos = int(row.argmax()), s.pos + 1
+            s.token, s.pos = greedy_token(row), s.pos + 1
             s.stop.extend([s.token])
             if s.stop.done:
                 yield Finished(s.index, s.stop.tokens, s.rows)

@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
+from skiplayer.decoding.sampling import SamplingConfig, greedy_token, probabilities, sample
 from skiplayer.decoding.stats import Clock
 from skiplayer.model.gguf_blocks import block_rows
 from skiplayer.model.kv_cache import KVCache
@@ -171,7 +171,7 @@ def draft_step(model, cache, token, pos, index, policy, head, sampling, generato
         ranked = probs
     else:
         ranked = torch.softmax(logits.float(), -1)
-        choice, probs = int(logits.argmax()), None
+        choice, probs = greedy_token(logits), None
     confidence = float(ranked[choice])
     alternatives = []
     if width > 1:  # the head's next best candidates (not the chosen one), for siblings in a token tree

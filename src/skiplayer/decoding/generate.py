@@ -9,7 +9,7 @@ import torch
 
 from skiplayer.decoding.costs import profile_costs
 from skiplayer.decoding.draft import DraftHead
-from skiplayer.decoding.sampling import SamplingConfig, probabilities, sample
+from skiplayer.decoding.sampling import SamplingConfig, greedy_token, probabilities, sample
 from skiplayer.decoding.self_speculative import RoundState, speculative_round
 from skiplayer.drafts.ngram import NGramLookup
 from skiplayer.decoding.stats import Clock, GenerationStats
@@ -64,7 +64,7 @@ class GenerationResult:
 
 
 def _select(logits: torch.Tensor, sampling: SamplingConfig, generator) -> int:
-    return sample(probabilities(logits, sampling), generator) if sampling.sample else int(logits.argmax())
+    return sample(probabilities(logits, sampling), generator) if sampling.sample else greedy_token(logits)
 
 
 def positions_needed(model: Transformer, n_prompt: int, max_steps: int, extra: int) -> int:

@@ -39,6 +39,20 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return probs
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of logits (T, V), as ints. On a CPU through numpy, whose argmax is vectorised: 3 us for
+    a 49k vocabulary against torch's 30 us (Zen 5), 2-3% of a 4-position verification; the same first index of the
+    maximum, and a NaN's index where a row has one, as torch."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return logits.detach().numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
+def greedy_token(logits: torch.Tensor) -> int:
+    """The argmax of logits (V,)."""
+    return greedy_tokens(logits[None])[0]
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -46,7 +60,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def accept_greedy(draft_tokens: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
     """Longest prefix of drafts equal to the target's argmax, then the target's own next token.
     Returns (number accepted, next token)."""
-    targets = target_logits.argmax(-1).tolist()
+    targets = greedy_tokens(target_logits)
     n = 0
     while n < len(draft_tokens) and draft_tokens[n] == targets[n]:
         n += 1

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from skiplayer.decoding.sampling import greedy_tokens
+
 # the self-draft chain, n-gram runs from the context, from the draft's n-gram table, the draft head's next ranks
 SELF, NGRAM, TABLE, SIBLING = "self", "ngram", "table", "sibling"
 SOURCES = (SELF, NGRAM, TABLE, SIBLING)
@@ -103,7 +105,7 @@ class TokenTree:
 def accept_tree_greedy(tree: TokenTree, target_logits: torch.Tensor) -> tuple[list[int], int]:
     """Walk from the root along the child equal to the target's argmax. target_logits: (len(tree), vocab).
     Returns (accepted path of nodes, root included; the target's next token after it)."""
-    targets = target_logits.argmax(-1).tolist()
+    targets = greedy_tokens(target_logits)
     path = [0]
     while True:
         child = next((c for c in tree.children(path[-1]) if tree.tokens[c] == targets[path[-1]]), None)
