@@ -15,6 +15,13 @@ from skiplayer.policies import DRAFT_SOURCES, MODES, PolicyConfig
 # for Gemma 3, which overflows float16 (model/load.py auto_dtype).
 DEFAULT_DTYPE = "auto"
 
+# Policy flags left unset. With none of --exit_layer, --num_speculations, --draft_source, --dynamic_early_exit_mode
+# given: the configuration measured best on the default model (docs/trees.md, benchmarks/trees.py), n-gram candidates
+# beside the self-draft chain in one token tree, sized by `adaptive` from measured costs. With any of them given:
+# LayerSkip's defaults for the rest (a static self-draft chain), so a LayerSkip command means what it means there.
+BEST_POLICY = {"draft_source": "both", "dynamic_early_exit_mode": "adaptive", "num_speculations": 2}
+LAYERSKIP_POLICY = {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 4}
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -51,7 +58,9 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
     g.add_argument("--max_steps", type=int, default=max_steps, help="maximum new tokens (default %(default)s)")
     g.add_argument("--exit_layer", type=int, default=None,
                    help="draft exit layer E, max depth for dynamic modes (default: the draft's exit layer, else 8)")
-    g.add_argument("--num_speculations", type=int, default=4, help="(maximum) draft tokens per round k")
+    g.add_argument("--num_speculations", type=int, default=None,
+                   help="(maximum) draft tokens per round k (default 2 with none of --exit_layer, --draft_source, "
+                        "--dynamic_early_exit_mode given, else 4)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=0, help="0 = off")
@@ -60,9 +69,10 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
     g.add_argument("--stop_words", nargs="*", default=None, help="stop when the text contains one of these")
     g.add_argument("--stop_token_ids", nargs="*", type=int, default=[], help="extra token ids that end generation")
     t = p.add_argument_group("draft sources (token trees)")
-    t.add_argument("--draft_source", default="self", choices=DRAFT_SOURCES,
+    t.add_argument("--draft_source", default=None, choices=DRAFT_SOURCES,
                    help="self: the model's first E layers (LayerSkip); ngram: prompt lookup in prompt + output (no "
-                        "draft layers); both: merged into one token tree verified in one pass (default %(default)s)")
+                        "draft layers); both: merged into one token tree verified in one pass (default both with "
+                        "none of --exit_layer, --num_speculations, --dynamic_early_exit_mode given, else self)")
     t.add_argument("--ngram_tokens", type=int, default=4, help="longest n-gram run drafted per round (default 4)")
     t.add_argument("--ngram_table", choices=["on", "off"], default="on",
                    help="on (default): where prompt + output has no match, n-gram drafts come from the draft's table "
@@ -76,7 +86,9 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
                    help="most tree nodes per round beside the pending token; the siblings with the highest draft "
                         "path probability fill it (default: all)")
     d = p.add_argument_group("dynamic early exit")
-    d.add_argument("--dynamic_early_exit_mode", default="none", help=f"one of: {', '.join(MODES)}")
+    d.add_argument("--dynamic_early_exit_mode", default=None,
+                   help=f"one of: {', '.join(MODES)} (default adaptive with none of --exit_layer, --num_speculations, "
+                        f"--draft_source given, else none)")
     d.add_argument("--layer_skip_proportion", type=float, default=0.0,
                    help="skip each draft layer in [1, E) with this probability (0..1)")
     d.add_argument("--min_exit_layer", type=int, default=1)
@@ -88,7 +100,18 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
     d.add_argument("--future_ema", type=float, default=0.5, help="logits_future: weight of the newest round")
 
 
+def fill_policy_defaults(args, best: bool | None = None) -> None:
+    """Set the policy flags left unset (None): BEST_POLICY where `best`, else LAYERSKIP_POLICY; best=None: BEST_POLICY
+    when none of them nor --exit_layer was given. Before the draft sets --exit_layer (load_from_args)."""
+    if best is None:
+        best = all(getattr(args, key, None) is None for key in ("exit_layer", *BEST_POLICY))
+    for key, value in (BEST_POLICY if best else LAYERSKIP_POLICY).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
 def policy_config(args) -> PolicyConfig:
+    fill_policy_defaults(args)
     return PolicyConfig(
         exit_layer=8 if args.exit_layer is None else args.exit_layer, num_speculations=args.num_speculations,
         dynamic_early_exit_mode=args.dynamic_early_exit_mode, layer_skip_proportion=args.layer_skip_proportion,
@@ -118,6 +141,8 @@ def load_from_args(args):
                         prefill=getattr(args, "prefill", "auto"),
                         gguf_activations=getattr(args, "gguf_activations", "auto"),
                         compile=getattr(args, "compile", False), offline=getattr(args, "offline", False))
+    if hasattr(args, "draft_source"):  # a command with generation flags: decide the unset ones on what was given
+        fill_policy_defaults(args)
     draft = None
     if getattr(args, "generation_strategy", "self_speculative") == "self_speculative" or getattr(args, "draft", None):
         from skiplayer.draft_artifact import resolve_draft

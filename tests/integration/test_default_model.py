@@ -84,3 +84,19 @@ def test_builtin_draft_fits_the_default_weights_the_cli_loads():
     assert draft.ngrams is not None and len(draft.ngrams) == draft.meta["ngram_table"]["entries"] > 1000
     header = loaded.encode("Hello", chat_template=True)
     assert draft.ngrams.run(header, 4)[0]
+
+
+def test_generate_without_policy_flags_drafts_the_best_configuration_at_the_drafts_exit_layer():
+    """`skiplayer generate --generation_strategy self_speculative` alone once drafted a static chain of 4 at E = 8,
+    where the built-in draft (E = 4) has no adapter: 0 of 114 drafts accepted, 0.1x the speed of plain decoding."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "skiplayer", "generate", "--prompt", "Name three colours.",
+                        "--generation_strategy", "self_speculative", "--max_steps", "24", "--output_format", "json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("{"), (r.stdout[:300], r.stderr[:300])
+    stats = json.loads(r.stdout)["stats"]
+    assert set(stats["exit_layers"]) <= {4} and stats["verify_start_layers"]
+    assert "ngram" in stats["candidates"]  # n-gram candidates beside the self-draft (--draft_source both)

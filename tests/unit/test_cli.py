@@ -66,3 +66,29 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"^(python3 -m venv .*pytest.*)$", ci, re.M).group(1)
     assert command in readme
+
+
+@pytest.mark.parametrize("given,expected", [
+    ([], {"draft_source": "both", "dynamic_early_exit_mode": "adaptive", "num_speculations": 2}),
+    (["--exit_layer", "8"], {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 4}),
+    (["--num_speculations", "6"], {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 6}),
+    (["--draft_source", "ngram"], {"draft_source": "ngram", "dynamic_early_exit_mode": "none", "num_speculations": 4}),
+    (["--dynamic_early_exit_mode", "adaptive"], {"draft_source": "self", "dynamic_early_exit_mode": "adaptive",
+                                                 "num_speculations": 4}),
+])
+def test_unset_policy_flags_take_the_best_configuration_unless_layerskip_flags_are_given(given, expected):
+    import argparse
+    from skiplayer.options import add_generation_arguments, policy_config
+    p = argparse.ArgumentParser()
+    add_generation_arguments(p)
+    policy = policy_config(p.parse_args(given))
+    assert {key: getattr(policy, key) for key in expected} == expected
+
+
+def test_sweep_keeps_layerskip_defaults():
+    import argparse
+    from skiplayer.bench.sweep import add_arguments
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([])
+    assert (args.draft_source, args.dynamic_early_exit_mode, args.num_speculations) == ("self", "none", 4)

@@ -22,10 +22,6 @@ from skiplayer.errors import UserError
 
 AR, SS = "autoregressive", "self_speculative"
 QUICK_EXIT_FRACTION = 0.8   # no draft and no --exit_layer: E = 80% of the model's depth (24 of 30 layers)
-# Flags left unset take the configuration measured best on the default model (docs/trees.md, benchmarks/trees.py):
-# n-gram candidates beside the self-draft chain in one token tree, sized by `adaptive` from measured costs.
-BEST = {"draft_source": "both", "dynamic_early_exit_mode": "adaptive", "num_speculations": 2}
-LAYERSKIP = {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 4}
 
 
 EPILOG = """outputs (DIR = --output_dir):
@@ -56,15 +52,13 @@ def add_arguments(p) -> None:
     p.epilog = EPILOG
     set_help(p, "exit_layer", "draft exit layer E, max depth for dynamic modes (default 8; in the quick run "
                               "80%% of the model's depth)")
-    p.set_defaults(generation_strategy=SS, max_steps=None, exit_layer=None, **{k: None for k in BEST})
+    p.set_defaults(generation_strategy=SS, max_steps=None, exit_layer=None)
 
 
 def fill_unset(args, draft, n_layers: int, quick: bool) -> None:
-    """Flags the user left unset: the best measured configuration in the quick run (E = the draft's exit layer),
-    LayerSkip's defaults otherwise."""
-    for key, value in (BEST if quick else LAYERSKIP).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    """The exit layer, where the user left it unset and the draft did not set it (options.load_from_args). The
+    policy flags were set before loading (options.fill_policy_defaults: the quick run always takes the best measured
+    configuration for those left unset)."""
     if args.exit_layer is None:
         if draft is not None:
             args.exit_layer = draft.exit_layers[0]
@@ -79,7 +73,7 @@ def strategies_for(args, config) -> list[str]:
 
 
 def run(args) -> int:
-    from skiplayer.options import generation_config, load_from_args
+    from skiplayer.options import fill_policy_defaults, generation_config, load_from_args
 
     names, quick = dataset_names(args)
     settings = dataset_settings(args, names[0], quick)
@@ -88,6 +82,7 @@ def run(args) -> int:
     try:
         args.device = device
         samples = load_samples(settings, args.offline)
+        fill_policy_defaults(args, best=True if quick else None)
         loaded, draft = load_from_args(args)
         fill_unset(args, draft, loaded.model.n_layers, quick)
         config = generation_config(args, max_steps=settings["max_steps"], stop_words=settings["stop_words"])

@@ -88,7 +88,7 @@ example:
 
 def add_arguments(p) -> None:
     from skiplayer.bench.runner import add_dataset_arguments, add_run_arguments
-    from skiplayer.options import add_generation_arguments, add_model_arguments
+    from skiplayer.options import LAYERSKIP_POLICY, add_generation_arguments, add_model_arguments
     from skiplayer.policies import MODES
     add_model_arguments(p)
     add_dataset_arguments(p, multi=True, quick_samples=3, quick_steps=32)
@@ -107,7 +107,9 @@ def add_arguments(p) -> None:
     add_run_arguments(p, "sweep")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
-    p.set_defaults(generation_strategy="self_speculative", max_steps=None)
+    # a grid of LayerSkip's self-draft chains: policy flags left unset keep LayerSkip's defaults (--modes adaptive,
+    # --draft_source both for the measured-best configuration)
+    p.set_defaults(generation_strategy="self_speculative", max_steps=None, **LAYERSKIP_POLICY)
 
 
 def grid(args) -> list[Point]:

@@ -19,8 +19,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    loaded, draft = load_from_args(args)  # first: unset flags follow the draft (its exit layer)
     config = generation_config(args)
-    loaded, draft = load_from_args(args)
     config.validate(loaded.model.n_layers)  # bad flags fail before any prompt is read
 
     def once(prompt: str) -> None:

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ def _convert_gguf(gguf: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[skiplayer] converting {gguf.name} to safetensors under {out} (once, ~30 s)", flush=True)
+    print(f"[skiplayer] converting {gguf.name} to safetensors under {out} (once, ~30 s)", file=sys.stderr, flush=True)
     with _quiet():
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -270,7 +271,7 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "fl
         dtype = auto_dtype(hf.config)
     elif dtype == torch.float16 and hf.config.model_type == "gemma3_text":
         print("[skiplayer] warning: Gemma 3 overflows float16 (its outputs degenerate): use --dtype float32 or "
-              "bfloat16", flush=True)
+              "bfloat16", file=sys.stderr, flush=True)
     ours = Transformer.from_hf(hf, dtype=dtype, device=device)
     eos = eos_ids(hf.config, tokenizer)
     del hf  # our model owns the weights now: no duplicate copy stays alive
