@@ -8,19 +8,12 @@ from skiplayer.decoding.generate import STRATEGIES, GenerationConfig
 from skiplayer.decoding.sampling import SamplingConfig
 from skiplayer.model.gguf_blocks import GGUF_ACTIVATIONS
 from skiplayer.model.load import ALIASES, DEFAULT_MODEL, DTYPES
-from skiplayer.policies import DRAFT_SOURCES, MODES, PolicyConfig
+from skiplayer.policies import BEST_POLICY, DRAFT_SOURCES, LAYERSKIP_POLICY, MODES, POLICY_CHOICES, PolicyConfig
 
 # auto: float16 for the Llama family (fp32 accumulation in the native kernels: on the 2-core AVX2 machine 1.3x the
 # tok/s of float32 with the same greedy output on the measured prompts, benchmarks/verify_cost.py --quality), float32
 # for Gemma 3, which overflows float16 (model/load.py auto_dtype).
 DEFAULT_DTYPE = "auto"
-
-# Policy flags left unset. With none of --exit_layer, --num_speculations, --draft_source, --dynamic_early_exit_mode
-# given: the configuration measured best on the default model (docs/trees.md, benchmarks/trees.py), n-gram candidates
-# beside the self-draft chain in one token tree, sized by `adaptive` from measured costs. With any of them given:
-# LayerSkip's defaults for the rest (a static self-draft chain), so a LayerSkip command means what it means there.
-BEST_POLICY = {"draft_source": "both", "dynamic_early_exit_mode": "adaptive", "num_speculations": 2}
-LAYERSKIP_POLICY = {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 4}
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,10 +94,10 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
 
 
 def fill_policy_defaults(args, best: bool | None = None) -> None:
-    """Set the policy flags left unset (None): BEST_POLICY where `best`, else LAYERSKIP_POLICY; best=None: BEST_POLICY
-    when none of them nor --exit_layer was given. Before the draft sets --exit_layer (load_from_args)."""
+    """Set the policy flags left unset (None): BEST_POLICY where `best`, else LAYERSKIP_POLICY (policies/__init__.py);
+    best=None: BEST_POLICY when none of POLICY_CHOICES was given. Before the draft sets --exit_layer (load_from_args)."""
     if best is None:
-        best = all(getattr(args, key, None) is None for key in ("exit_layer", *BEST_POLICY))
+        best = all(getattr(args, key, None) is None for key in POLICY_CHOICES)
     for key, value in (BEST_POLICY if best else LAYERSKIP_POLICY).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

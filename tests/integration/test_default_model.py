@@ -99,4 +99,19 @@ def test_generate_without_policy_flags_drafts_the_best_configuration_at_the_draf
     assert r.stdout.startswith("{"), (r.stdout[:300], r.stderr[:300])
     stats = json.loads(r.stdout)["stats"]
     assert set(stats["exit_layers"]) <= {4} and stats["verify_start_layers"]
-    assert "ngram" in stats["candidates"]  # n-gram candidates beside the self-draft (--draft_source both)
+    assert stats["candidates"]["ngram"] + stats["candidates"]["table"] > 0  # beside the self-draft (both)
+
+
+def test_python_generate_without_policy_keywords_drafts_like_the_cli():
+    import skiplayer
+    from skiplayer.draft_artifact import resolve_draft
+    loaded = skiplayer.load_model("smollm2-135m", dtype="auto")  # the dtype the built-in draft fits
+    draft = resolve_draft(None, loaded)
+    result = skiplayer.generate(loaded, "Name three colours.", draft=draft, generation_strategy="self_speculative",
+                                max_steps=16)
+    ngram = lambda stats: stats.candidates["ngram"] + stats.candidates["table"]  # noqa: E731
+    assert set(result.stats.exit_layers) <= set(draft.exit_layers) and ngram(result.stats) > 0
+    static = skiplayer.generate(loaded, "Name three colours.", draft=draft, generation_strategy="self_speculative",
+                                max_steps=16, exit_layer=6)  # a LayerSkip keyword: a static self-draft chain
+    assert set(static.stats.exit_layers) == {6} and ngram(static.stats) == 0
+    assert static.token_ids == result.token_ids  # lossless either way

@@ -88,7 +88,8 @@ example:
 
 def add_arguments(p) -> None:
     from skiplayer.bench.runner import add_dataset_arguments, add_run_arguments
-    from skiplayer.options import LAYERSKIP_POLICY, add_generation_arguments, add_model_arguments
+    from skiplayer.options import add_generation_arguments, add_model_arguments
+    from skiplayer.policies import LAYERSKIP_POLICY
     from skiplayer.policies import MODES
     add_model_arguments(p)
     add_dataset_arguments(p, multi=True, quick_samples=3, quick_steps=32)

@@ -17,7 +17,7 @@ from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.errors import check
 from skiplayer.model.cuda_graphs import decode_step
 from skiplayer.model.llama import Transformer
-from skiplayer.policies import PolicyConfig, build_policy
+from skiplayer.policies import BEST_POLICY, POLICY_CHOICES, PolicyConfig, build_policy
 
 STRATEGIES = ("autoregressive", "self_speculative")
 
@@ -148,8 +148,14 @@ def generate(loaded, prompt, config: GenerationConfig | None = None, chat_templa
 
     `overrides` set GenerationConfig fields (max_steps, generation_strategy, seed, stop_words, ...), SamplingConfig
     fields (sample, temperature, top_k, top_p) or PolicyConfig fields (exit_layer, num_speculations,
-    dynamic_early_exit_mode, ...). `on_text` receives the decoded text as it grows (for streaming)."""
-    config = (config or GenerationConfig()).set(**overrides)
+    dynamic_early_exit_mode, ...). Without `config` and with none of exit_layer, num_speculations, draft_source,
+    dynamic_early_exit_mode given, self-speculation drafts as the CLI does with those flags unset: BEST_POLICY at
+    the draft's exit layer. `on_text` receives the decoded text as it grows (for streaming)."""
+    if config is None:
+        config = GenerationConfig()
+        if not overrides.keys() & set(POLICY_CHOICES):
+            config.set(**BEST_POLICY, **({"exit_layer": draft.exit_layers[0]} if draft is not None else {}))
+    config = config.set(**overrides)
     prompt_ids = loaded.encode(prompt, chat_template=chat_template)
     stream = _TextStream(loaded, on_text, config.stop_words) if on_text else None
     ids, stop, stats = generate_ids(loaded.model, prompt_ids, config, loaded.eos_token_ids, loaded.tokenizer,

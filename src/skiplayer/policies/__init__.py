@@ -18,6 +18,15 @@ from skiplayer.policies.random_exit import RandomExit
 
 DRAFT_SOURCES = ("self", "ngram", "both")
 
+# Policy settings a user leaves unset (the CLI's flags, `skiplayer.generate`'s keywords). With none of exit_layer,
+# num_speculations, draft_source, dynamic_early_exit_mode given: the configuration measured best on the default model
+# (docs/trees.md, benchmarks/trees.py), n-gram candidates beside the self-draft chain in one token tree, sized by
+# `adaptive` from measured costs, at the draft's exit layer. With any of them given: LayerSkip's defaults for the rest
+# (a static self-draft chain), so a LayerSkip command means what it means there.
+BEST_POLICY = {"draft_source": "both", "dynamic_early_exit_mode": "adaptive", "num_speculations": 2}
+LAYERSKIP_POLICY = {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 4}
+POLICY_CHOICES = ("exit_layer", *BEST_POLICY)  # giving any of these asks for LayerSkip's defaults
+
 MODES: dict[str, type] = {"none": DraftPolicy, "consistent_tokens": ConsistentTokens, "random": RandomExit,
                           "logits_current": LogitsCurrent, "logits_future": LogitsFuture, "adaptive": Adaptive}
 
