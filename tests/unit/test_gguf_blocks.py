@@ -412,3 +412,24 @@ def test_unknown_gguf_activations_is_a_one_line_error():
         load_model("no-such-model.gguf", gguf_activations="int4")  # refused before looking for the file
     with pytest.raises(ValueError, match="unknown GGUF activations"):
         set_gguf_activations("fp16")
+
+
+@native
+@pytest.mark.parametrize("activations", ["int8", "int8x2"], indirect=True)
+@pytest.mark.parametrize("tiles", [False, pytest.param(True, marks=has_tiles)])
+def test_long_blocks_split_their_elementwise_work_over_threads_bit_for_bit(tiles, activations):
+    """A prompt-sized block (130 rows of 576) converts, quantizes and rounds its rows on both threads (for_rows in
+    avx2.cpp): the same bits as one thread, and as the same rows in blocks of 8 (the chunks decoding would run)."""
+    g = torch.Generator().manual_seed(10)
+    op = torch.ops.skiplayer.small_linear
+    w, x, bias = torch.randn(64, 576, generator=g), torch.randn(130, 576, generator=g).half(), torch.randn(64, generator=g)
+    b = pack_blocks("Q4_1", file_blocks(w, "Q4_1"), tiles=tiles)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(x, b, None, bias, False, False)
+        torch.set_num_threads(2)
+        assert torch.equal(op(x, b, None, bias, False, False), one)
+        assert torch.equal(torch.cat([op(x[i:i + 8], b, None, bias, False, False) for i in range(0, 130, 8)]), one)
+    finally:
+        torch.set_num_threads(before)

@@ -432,3 +432,21 @@ def test_draft_head_reduced_vocabulary_is_packed_and_exact(dtype):
     h = model.embed(TOKENS[:3])
     with torch.inference_mode():
         assert torch.equal(head(h, 1), model.logits(h)[-1, ids])
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_norm_and_silu_of_long_blocks_equal_their_rows_at_any_thread_count(dtype):
+    """rms_norm and silu_mul split a prompt's rows over the threads: each row's bits as computed alone."""
+    g = torch.Generator().manual_seed(14)
+    x, w, gu = torch.randn(300, 576, generator=g).to(dtype), torch.randn(576, generator=g).to(dtype), \
+        torch.randn(300, 2 * 1536, generator=g).to(dtype)
+    ops = torch.ops.skiplayer
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(ops.rms_norm(x, w, 1e-5), torch.cat([ops.rms_norm(r[None], w, 1e-5) for r in x]))
+            assert torch.equal(ops.silu_mul(gu), torch.cat([ops.silu_mul(r[None]) for r in gu]))
+    finally:
+        torch.set_num_threads(before)

@@ -178,6 +178,14 @@ std::vector<int64_t> chunk_starts(int64_t M, int64_t most) {
   return first;
 }
 
+// f(m0, m1) over rows 0..M-1 of `per_row` elements of elementwise work: split over the threads for long blocks (a
+// prompt: ~20% of a 600-token prefill ran on one thread while the other waited), in one piece for the few rows of a
+// decoding step, where a hand-off costs more than the loop. Rows are independent: the bits do not depend on the split.
+template <typename F>
+void for_rows(int64_t M, int64_t per_row, const F& f) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(per_row, 1)), f);
+}
+
 // rows(m0, mc, n, ne) over the chunks of chunk_starts(M, most), for every block of weight rows (which stays in cache
 // from one chunk to the next).
 template <typename Rows>
@@ -472,7 +480,9 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
   if (parts == 1 && quant_isa == kAvx2 && format != kQ4Tiles && format != kQ8Tiles) {  // 8-bit x, AVX2 integer dots
     std::vector<int8_t> a(M * K);
     std::vector<float> dx(M * nb), xs(M * nb);
-    quantize_int8_blocks(M, x, K, a.data(), dx.data(), xs.data());
+    for_rows(M, K, [&](int64_t m0, int64_t m1) {
+      quantize_int8_blocks(m1 - m0, x + m0 * K, K, a.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb);
+    });
     run_chunks(M, N, kQuantRowsAvx2, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
       quant_rows_avx2_int8(static_cast<int>(mc), a.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb, w,
                            format, bias, y + m0 * N, K, N, n, ne);
@@ -480,8 +490,11 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
     return;
   }
   std::vector<float> xsum(one_part ? 0 : M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
-  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i)
-    for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
+  if (!xsum.empty())
+    for_rows(M, K, [&](int64_t m0, int64_t m1) {
+      for (int64_t i = m0 * nb; i < m1 * nb; ++i)
+        for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
+    });
   if (format == kQ4Tiles || format == kQ8Tiles) {  // x split in int8 parts, scales and block sums per chunk of <= 8 rows
     const bool amx = quant_isa == kAmx && parts == 2;
     TORCH_CHECK(amx || cpu_has_vnni(), "small_linear: weights in the tiles layout on a machine without AMX or AVX-512 VNNI");
@@ -490,15 +503,17 @@ void quant_product(const float* x, const uint8_t* w, int format, const float* bi
     const int64_t chunks = static_cast<int64_t>(first.size()) - 1;
     std::vector<std::vector<uint8_t>> a(chunks);
     std::vector<float> dx(chunks * nb * 16, 0.f), xsum_t(chunks * nb * 16, 0.f);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t m0 = first[c], mc = first[c + 1] - m0;
-      a[c].resize(int8_parts_bytes(mc, K, parts));
-      pack_int8_parts(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16, parts,
-                      amx || format == kQ8Tiles, one_part ? xsum_t.data() + c * nb * 16 : nullptr);
-      if (one_part) continue;
-      for (int64_t m = 0; m < mc; ++m)
-        for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + m] = xsum[(m0 + m) * nb + j];
-    }
+    for_rows(chunks, kQuantRowsTiles * K, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t m0 = first[c], mc = first[c + 1] - m0;
+        a[c].resize(int8_parts_bytes(mc, K, parts));
+        pack_int8_parts(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16, parts,
+                        amx || format == kQ8Tiles, one_part ? xsum_t.data() + c * nb * 16 : nullptr);
+        if (one_part) continue;
+        for (int64_t m = 0; m < mc; ++m)
+          for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + m] = xsum[(m0 + m) * nb + j];
+      }
+    });
     run_blocks<64>(N, [&](int64_t n, int64_t ne) {  // 4 groups a task (AMX: one tile configuration for them)
       for (int64_t c = 0; c < chunks; ++c) {
         const int mc = static_cast<int>(first[c + 1] - first[c]);
@@ -577,25 +592,31 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const float* xf = reinterpret_cast<const float*>(xa);
   if constexpr (!F32) {
     xbuf = aligned_floats(M * K);
-    int64_t i = 0;
-    for (; i + 8 <= M * K; i += 8) _mm256_storeu_ps(xbuf.get() + i, load8(xa + i));
-    for (; i < M * K; ++i) xbuf[i] = static_cast<float>(xa[i]);
-    xf = xbuf.get();
+    float* xb = xbuf.get();
+    for_rows(M, K, [&](int64_t m0, int64_t m1) {
+      int64_t i = m0 * K;
+      for (; i + 8 <= m1 * K; i += 8) _mm256_storeu_ps(xb + i, load8(xa + i));
+      for (; i < m1 * K; ++i) xb[i] = static_cast<float>(xa[i]);
+    });
+    xf = xb;
   }
   const auto ybuf = aligned_floats(MN);  // the kernel writes every element
   product(xf, w, scale, bias, ybuf.get(), M, K, packed);
   A* o = out.data_ptr<A>();
   const A* r = residual ? residual->data_ptr<A>() : nullptr;
-  int64_t i = 0;
-  for (; i + 8 <= MN; i += 8) {
-    __m256 v = round8<A>(_mm256_loadu_ps(ybuf.get() + i));
-    if (r) v = _mm256_add_ps(load8(r + i), v);
-    store8(o + i, v);
-  }
-  for (; i < MN; ++i) {
-    const A v = static_cast<A>(ybuf[i]);
-    o[i] = r ? static_cast<A>(static_cast<float>(r[i]) + static_cast<float>(v)) : v;
-  }
+  const float* yb = ybuf.get();
+  for_rows(M, N, [&](int64_t m0, int64_t m1) {
+    int64_t i = m0 * N;
+    for (; i + 8 <= m1 * N; i += 8) {
+      __m256 v = round8<A>(_mm256_loadu_ps(yb + i));
+      if (r) v = _mm256_add_ps(load8(r + i), v);
+      store8(o + i, v);
+    }
+    for (; i < m1 * N; ++i) {
+      const A v = static_cast<A>(yb[i]);
+      o[i] = r ? static_cast<A>(static_cast<float>(r[i]) + static_cast<float>(v)) : v;
+    }
+  });
   return out;
 }
 
@@ -651,7 +672,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t T = xc.size(0), D = xc.size(1);
   with_activation_dtype(xc.scalar_type(), "rms_norm: float32, bfloat16 or float16 expected", [&](auto a) {
     using A = decltype(a);
-    rms_norm_rows(xc.data_ptr<A>(), wc.data_ptr<A>(), y.data_ptr<A>(), T, D, eps);
+    const A *xp = xc.data_ptr<A>(), *wp = wc.data_ptr<A>();
+    A* yp = y.data_ptr<A>();
+    for_rows(T, D, [&](int64_t t0, int64_t t1) { rms_norm_rows(xp + t0 * D, wp, yp + t0 * D, t1 - t0, D, eps); });
   });
   return y;
 }
@@ -692,10 +715,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     using A = decltype(a);
     const A* g = gu.data_ptr<A>();
     A* o = out.data_ptr<A>();
-    // rows split over threads only for long blocks (prefill): a few rows are cheaper than the hand-off
-    at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(I, 1)), [&](int64_t t0, int64_t t1) {
-      silu_mul_rows(g + t0 * 2 * I, o + t0 * I, t1 - t0, I);
-    });
+    for_rows(T, I, [&](int64_t t0, int64_t t1) { silu_mul_rows(g + t0 * 2 * I, o + t0 * I, t1 - t0, I); });
   });
   return out;
 }
