@@ -223,10 +223,10 @@ def main():
         write_between_markers(args.update_doc, args.doc_marker, lines)
     if args.update_readme:
         counts = {d: len(speeds[d]["autoregressive"]) for d in args.datasets}  # a dataset may hold fewer
-        samples = (f"{args.num_samples} samples each" if set(counts.values()) == {args.num_samples} else
-                   ", ".join(f"{d} {n}" for d, n in counts.items()) + " samples")
+        title = (f"{', '.join(args.datasets)}: {args.num_samples} samples each" if set(counts.values()) ==
+                 {args.num_samples} else "samples: " + ", ".join(f"{d} {n}" for d, n in counts.items()))
         write_between_markers(args.update_readme, "results", [header, ""] + markdown(
-            f"{', '.join(args.datasets)}: {samples}, {args.max_steps} new tokens", overall, None))
+            f"{title}; {args.max_steps} new tokens", overall, None))
 
 
 if __name__ == "__main__":
