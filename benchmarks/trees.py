@@ -66,6 +66,10 @@ def configurations(E: int, chains: list[int], runs: list[int], budgets: list[int
     c[f"adaptive + ngram D={runs[0]}"] = dict(exit_layer=E, num_speculations=max(chains), draft_source="both",
                                               dynamic_early_exit_mode="adaptive", min_exit_layer=E,
                                               ngram_tokens=runs[0])
+    # the same policy without the self-draft: what the draft layers add (or cost) beside the n-gram runs
+    c[f"adaptive ngram D={runs[0]} (no self-draft)"] = dict(exit_layer=E, draft_source="ngram",
+                                                             dynamic_early_exit_mode="adaptive", min_exit_layer=E,
+                                                             ngram_tokens=runs[0])
     if with_self and width > 1:
         c[f"adaptive trees (W={width}) + ngram D={runs[0]}"] = dict(
             exit_layer=E, num_speculations=max(chains), draft_source="both", dynamic_early_exit_mode="adaptive",

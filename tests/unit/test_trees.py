@@ -367,14 +367,19 @@ def test_adaptive_sizes_the_ngram_run_from_learned_acceptance_and_cost():
 def test_adaptive_drops_self_drafts_beside_a_reliable_ngram_run():
     from skiplayer.policies.adaptive import Adaptive, CostModel
     from skiplayer.policies.base import RoundResult
-    costs = CostModel(30, 0.03, 0.02, [0.0] + [1 + 0.05 * (n - 1) for n in range(1, 13)])  # cheap draft, v(n)
-    policy = Adaptive(PolicyConfig(exit_layer=4, num_speculations=2), 30, costs, calibrated={4: 0.6})
-    for _ in range(30):
-        policy.update(RoundResult([], 0, [9], 0.0, [1, 2, 3, 4], 3, [1, 2, 3, 4, 9], 5))
-    policy.k = 2
-    assert policy.drafts_beside(3, 4) == 0          # the run alone: more tokens per unit cost than run + drafts
-    assert policy.drafts_beside(1, 4) >= 1          # an unseen order keeps the prior: a good draft still helps
-    assert policy.ngram_tokens(0, 3, 4) == 4
+    def trained(acceptance: float) -> Adaptive:
+        costs = CostModel(30, 0.03, 0.02, [0.0] + [1 + 0.05 * (n - 1) for n in range(1, 13)])  # cheap draft, v(n)
+        policy = Adaptive(PolicyConfig(exit_layer=4, num_speculations=2), 30, costs, calibrated={4: acceptance})
+        for _ in range(30):
+            policy.update(RoundResult([], 0, [9], 0.0, [1, 2, 3, 4], 3, [1, 2, 3, 4, 9], 5))
+        policy.k = 2
+        return policy
+    good, fair = trained(0.9), trained(0.6)
+    assert good.drafts_beside(3, 4) == 0            # the run alone: more tokens per unit cost than run + drafts
+    assert good.drafts_beside(1, 4) >= 1            # an unseen order keeps the prior: a good draft still helps
+    assert good.ngram_tokens(0, 3, 4) == 4
+    # a draft predicted to add ~1% beside the run is not drafted: drafting must promise AR_MARGIN
+    assert fair.tree_plan(1, 1, 4)[1] > fair.tree_plan(0, 1, 4)[1] and fair.drafts_beside(1, 4) == 0
 
 
 def test_adaptive_adds_the_siblings_its_learned_rank_acceptance_pays_for():

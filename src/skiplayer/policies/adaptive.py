@@ -195,9 +195,13 @@ class Adaptive(DraftPolicy):
         return best, best_rate
 
     def drafts_beside(self, order: int, available: int) -> int:
-        """Self-drafts (up to this round's k) worth drafting next to an n-gram run: none when the run alone
-        promises more tokens per unit cost."""
-        return max(range(self.k + 1), key=lambda k: self.tree_plan(k, order, available)[1])
+        """Self-drafts (up to this round's k) worth drafting next to an n-gram run: none unless they promise
+        AR_MARGIN more tokens per unit cost than the run alone, as drafting must against plain decoding (the profile
+        does not time a draft's work around its layers and head; without the margin adaptive + n-grams ran 2-3%
+        behind the same policy with no self-draft on gsm8k, HumanEval and cnn_dm, Zen 5)."""
+        rates = [self.tree_plan(k, order, available)[1] for k in range(self.k + 1)]
+        best = max(range(1, self.k + 1), key=rates.__getitem__, default=0)
+        return best if best and rates[best] > AR_MARGIN * rates[0] else 0
 
     def ngram_tokens(self, drafts: int, order: int, available: int) -> int:
         d = self.tree_plan(drafts, order, available)[0]
