@@ -943,15 +943,14 @@ void attend_512(const A* qkv, const A* cos, const A* sin, const A* kc, const A* 
 template <typename F>
 void for_head_sets(int64_t H, int64_t G, int64_t T, int64_t work, const F& f) {
   const int64_t threads = work < (1 << 14) ? 1 : at::get_num_threads(), group = H / G;
-  const int64_t by_kv_head = threads / std::gcd(G, threads);  // parts per KV head that divide evenly
-  const bool by_position = T >= by_kv_head;
-  const int64_t split = by_position ? by_kv_head : group;
+  const int64_t even = threads / std::gcd(G, threads);  // parts per KV head that divide evenly (1: whole heads)
+  const bool by_position = T >= even;
+  const int64_t split = by_position ? even : group;
   at::parallel_for(0, G * split, threads == 1 ? G * split : 1, [&](int64_t u0, int64_t u1) {
     DecodeBuffers b;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t g = u / split, i = u % split;
-      if (split == 1) f(g * group, (g + 1) * group, 0, T, b);
-      else if (by_position) f(g * group, (g + 1) * group, T * i / split, T * (i + 1) / split, b);
+      if (by_position) f(g * group, (g + 1) * group, T * i / split, T * (i + 1) / split, b);
       else f(g * group + i, g * group + i + 1, 0, T, b);  // split == group: one query head
     }
   });
