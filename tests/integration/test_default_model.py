@@ -115,3 +115,6 @@ def test_python_generate_without_policy_keywords_drafts_like_the_cli():
                                 max_steps=16, exit_layer=6)  # a LayerSkip keyword: a static self-draft chain
     assert set(static.stats.exit_layers) == {6} and ngram(static.stats) == 0
     assert static.token_ids == result.token_ids  # lossless either way
+    chain = skiplayer.generate(loaded, "Name three colours.", draft=draft, generation_strategy="self_speculative",
+                               max_steps=16, num_speculations=2)  # no exit_layer: the draft's, as in the CLI
+    assert set(chain.stats.exit_layers) == {draft.exit_layers[0]} and chain.token_ids == result.token_ids

@@ -149,12 +149,14 @@ def generate(loaded, prompt, config: GenerationConfig | None = None, chat_templa
     `overrides` set GenerationConfig fields (max_steps, generation_strategy, seed, stop_words, ...), SamplingConfig
     fields (sample, temperature, top_k, top_p) or PolicyConfig fields (exit_layer, num_speculations,
     dynamic_early_exit_mode, ...). Without `config` and with none of exit_layer, num_speculations, draft_source,
-    dynamic_early_exit_mode given, self-speculation drafts as the CLI does with those flags unset: BEST_POLICY at
-    the draft's exit layer. `on_text` receives the decoded text as it grows (for streaming)."""
+    dynamic_early_exit_mode given, self-speculation drafts as the CLI does with those flags unset: BEST_POLICY; with
+    a `draft` and no exit_layer, at the draft's exit layer (as the CLI). `on_text` receives the decoded text as it grows (for streaming)."""
     if config is None:
         config = GenerationConfig()
         if not overrides.keys() & set(POLICY_CHOICES):
-            config.set(**BEST_POLICY, **({"exit_layer": draft.exit_layers[0]} if draft is not None else {}))
+            config.set(**BEST_POLICY)
+        if draft is not None and "exit_layer" not in overrides:  # as the CLI: the draft's exit layer unless given
+            config.set(exit_layer=draft.exit_layers[0])
     config = config.set(**overrides)
     prompt_ids = loaded.encode(prompt, chat_template=chat_template)
     stream = _TextStream(loaded, on_text, config.stop_words) if on_text else None
