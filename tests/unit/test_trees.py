@@ -93,6 +93,16 @@ def test_ngram_lookup_falls_back_to_the_table_without_a_match():
     assert NGramLookup(num_tokens=3).propose() == []
 
 
+def test_ngram_lookup_takes_the_table_where_it_matches_a_longer_suffix():
+    table = NGramTable.build([([0], [4, 5, 6])], max_ngram=3, min_count=1)   # "4 5" -> 6
+    lookup = NGramLookup(max_ngram=3, num_tokens=3, table=table)
+    lookup.extend([5, 9, 4, 5])
+    assert lookup.propose() == [6] and lookup.order == -2        # the context matched only "5" (-> 9)
+    lookup = NGramLookup(max_ngram=3, num_tokens=3, table=table)
+    lookup.extend([7, 4, 5, 1, 4, 5])
+    assert lookup.propose() == [1, 4, 5] and lookup.order == 2   # "4 5" in both: the context's own comes first
+
+
 def test_greedy_identity_with_an_ngram_table(model):
     """Table drafts are verified like any other: output identical to autoregressive, and some got accepted."""
     ar = {tuple(p): run(model, p, "autoregressive", max_steps=24)[0] for p in PROMPTS}

@@ -6,7 +6,8 @@ n-gram to the last position it ended at is kept up to date as tokens arrive, so 
 dictionary probes whatever the context length.
 
 `NGramTable` is what the model tends to write anywhere (as llama.cpp's static lookup cache): for each n-gram of its
-own calibration outputs, the token that most often followed. It drafts where the context has no match: on gsm8k
+own calibration outputs, the token that most often followed. It drafts where the context has no match (or a shorter
+one than the table's: one token of context names the next token far less often than three of the table): on gsm8k
 prompts the context had none at 19% of output positions, and there a table from 200 other prompts' outputs named
 the model's next token 55% of the time (teacher-forced, SmolLM2-135M; the self-draft's top-1 holds it about as
 often, at the cost of E layers and the draft head).
@@ -110,8 +111,9 @@ class NGramTable:
 
 class NGramLookup:
     """Candidate source: `propose(max_tokens)` returns up to max_tokens continuation tokens (possibly none). With a
-    `table`, a context without a match takes the table's run instead. `order`: the suffix length the last proposal
-    matched: n > 0 in the context, -n in the table, 0 none (the adaptive policy learns each one's acceptance)."""
+    `table`, a context without a match, or with a shorter one than the table's, takes the table's run instead.
+    `order`: the suffix length the last proposal matched: n > 0 in the context, -n in the table, 0 none (the
+    adaptive policy learns each one's acceptance)."""
 
     name = "ngram"
 
@@ -133,10 +135,12 @@ class NGramLookup:
         self.indexed = max(self.indexed, upto)
 
     def propose(self, max_tokens: int | None = None) -> list[int]:
-        """Continuation of the longest suffix (max_ngram down to min_ngram tokens) seen earlier in the context, else
-        the table's run."""
+        """Continuation of the longest suffix (max_ngram down to min_ngram tokens) seen earlier in the context, unless
+        the table matches a longer suffix: then, as without a context match, the table's run. (Teacher-forced on the
+        model's outputs, a 1-token context match named the next token 14-34% of the time where the table's 3-token
+        match named it ~60%; measured in decoding: HumanEval 1.44 -> 1.50x, mbpp 1.31 -> 1.40x, docs/trees.md.)"""
         max_tokens = self.num_tokens if max_tokens is None else min(max_tokens, self.num_tokens)
-        L, self.order = len(self.tokens), 0
+        L, self.order, run = len(self.tokens), 0, []
         if max_tokens <= 0 or L < 1:
             return []
         if L >= 2:
@@ -144,10 +148,10 @@ class NGramLookup:
             for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
                 end = self.last_end[n].get(tuple(self.tokens[L - n:]))
                 if end is not None:
-                    self.order = n
-                    return self.tokens[end + 1:end + 1 + max_tokens]
-        if self.table is None:
-            return []
-        run, n = self.table.run(self.tokens, max_tokens)
-        self.order = -n
+                    self.order, run = n, self.tokens[end + 1:end + 1 + max_tokens]
+                    break
+        if self.table is not None and self.order < self.table.max_ngram:
+            table_run, n = self.table.run(self.tokens, max_tokens)
+            if n > self.order:  # the table matched a longer suffix than the context did
+                self.order, run = -n, table_run
         return run
