@@ -68,8 +68,9 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
                         "none of --exit_layer, --num_speculations, --dynamic_early_exit_mode given, else self)")
     t.add_argument("--ngram_tokens", type=int, default=4, help="longest n-gram run drafted per round (default 4)")
     t.add_argument("--ngram_table", choices=["on", "off"], default="on",
-                   help="on (default): where prompt + output has no match, n-gram drafts come from the draft's table "
-                        "of what the model wrote in calibration (when the draft has one); off: prompt lookup only")
+                   help="on (default): where prompt + output has no match, or a shorter one than the table's, n-gram "
+                        "drafts come from the draft's table of what the model wrote in calibration (when the draft has "
+                        "one); off: prompt lookup only")
     t.add_argument("--ngram_max", type=int, default=3,
                    help="longest suffix matched in the context, then shorter ones down to 1 token (default 3)")
     t.add_argument("--tree_width", type=int, default=1,
