@@ -103,6 +103,26 @@ def test_ngram_lookup_takes_the_table_where_it_matches_a_longer_suffix():
     assert lookup.propose() == [1, 4, 5] and lookup.order == 2   # "4 5" in both: the context's own comes first
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=30), st.lists(st.integers(0, 4), max_size=12),
+       st.integers(1, 3))
+def test_ngram_lookup_with_a_table_takes_the_longer_match(tokens, calibration_output, num_tokens):
+    """With a table, the proposal is the context's (brute force, as above) unless the table matched a longer
+    suffix, whose run it then is; `order` says which (n > 0 context, -n table, 0 neither)."""
+    table = NGramTable.build([([0], calibration_output)], max_ngram=3, min_count=1)
+    lookup = NGramLookup(max_ngram=3, num_tokens=num_tokens, table=table)
+    lookup.extend(tokens)
+    context, order = [], 0
+    for n in range(min(3, len(tokens) - 1), 0, -1):
+        ends = [e for e in range(n - 1, len(tokens) - 1) if tokens[e + 1 - n:e + 1] == tokens[len(tokens) - n:]]
+        if ends:
+            context, order = tokens[ends[-1] + 1:ends[-1] + 1 + num_tokens], n
+            break
+    table_run, table_order = table.run(tokens, num_tokens)
+    expected = (table_run, -table_order) if table_order > order else (context, order)
+    assert (lookup.propose(), lookup.order) == expected
+
+
 def test_greedy_identity_with_an_ngram_table(model):
     """Table drafts are verified like any other: output identical to autoregressive, and some got accepted."""
     ar = {tuple(p): run(model, p, "autoregressive", max_steps=24)[0] for p in PROMPTS}

@@ -150,7 +150,8 @@ def generate(loaded, prompt, config: GenerationConfig | None = None, chat_templa
     fields (sample, temperature, top_k, top_p) or PolicyConfig fields (exit_layer, num_speculations,
     dynamic_early_exit_mode, ...). Without `config` and with none of exit_layer, num_speculations, draft_source,
     dynamic_early_exit_mode given, self-speculation drafts as the CLI does with those flags unset: BEST_POLICY; with
-    a `draft` and no exit_layer, at the draft's exit layer (as the CLI). `on_text` receives the decoded text as it grows (for streaming)."""
+    a `draft` and no exit_layer, at the draft's exit layer (as the CLI). `on_text` receives the decoded text as it
+    grows (for streaming)."""
     if config is None:
         config = GenerationConfig()
         if not overrides.keys() & set(POLICY_CHOICES):
