@@ -8,7 +8,7 @@ from skiplayer.decoding.generate import STRATEGIES, GenerationConfig
 from skiplayer.decoding.sampling import SamplingConfig
 from skiplayer.model.gguf_blocks import GGUF_ACTIVATIONS
 from skiplayer.model.load import ALIASES, DEFAULT_MODEL, DTYPES
-from skiplayer.policies import BEST_POLICY, DRAFT_SOURCES, LAYERSKIP_POLICY, MODES, POLICY_CHOICES, PolicyConfig
+from skiplayer.policies import BEST_POLICY, DRAFT_SOURCES, MODES, POLICY_CHOICES, PolicyConfig, unset_policy_defaults
 
 # auto: float16 for the Llama family (fp32 accumulation in the native kernels: on the 2-core AVX2 machine 1.3x the
 # tok/s of float32 with the same greedy output on the measured prompts, benchmarks/verify_cost.py --quality), float32
@@ -94,12 +94,11 @@ def add_generation_arguments(p: argparse.ArgumentParser, max_steps: int = 128) -
     d.add_argument("--future_ema", type=float, default=0.5, help="logits_future: weight of the newest round")
 
 
-def fill_policy_defaults(args, best: bool | None = None) -> None:
-    """Set the policy flags left unset (None): BEST_POLICY where `best`, else LAYERSKIP_POLICY (policies/__init__.py);
-    best=None: BEST_POLICY when none of POLICY_CHOICES was given. Before the draft sets --exit_layer (load_from_args)."""
-    if best is None:
-        best = all(getattr(args, key, None) is None for key in POLICY_CHOICES)
-    for key, value in (BEST_POLICY if best else LAYERSKIP_POLICY).items():
+def fill_policy_defaults(args, best: bool = False) -> None:
+    """Set the policy flags left unset (None): BEST_POLICY where `best`, else as `unset_policy_defaults` says for the
+    flags given (policies/__init__.py). Before the draft sets --exit_layer (load_from_args)."""
+    given = [key for key in POLICY_CHOICES if getattr(args, key, None) is not None]
+    for key, value in (BEST_POLICY if best else unset_policy_defaults(given)).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
 

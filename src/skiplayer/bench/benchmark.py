@@ -82,7 +82,7 @@ def run(args) -> int:
     try:
         args.device = device
         samples = load_samples(settings, args.offline)
-        fill_policy_defaults(args, best=True if quick else None)
+        fill_policy_defaults(args, best=quick)
         loaded, draft = load_from_args(args)
         fill_unset(args, draft, loaded.model.n_layers, quick)
         config = generation_config(args, max_steps=settings["max_steps"], stop_words=settings["stop_words"])

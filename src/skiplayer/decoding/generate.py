@@ -17,7 +17,7 @@ from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.errors import check
 from skiplayer.model.cuda_graphs import decode_step
 from skiplayer.model.llama import Transformer
-from skiplayer.policies import BEST_POLICY, POLICY_CHOICES, PolicyConfig, build_policy
+from skiplayer.policies import PolicyConfig, build_policy, unset_policy_defaults
 
 STRATEGIES = ("autoregressive", "self_speculative")
 
@@ -149,13 +149,11 @@ def generate(loaded, prompt, config: GenerationConfig | None = None, chat_templa
     `overrides` set GenerationConfig fields (max_steps, generation_strategy, seed, stop_words, ...), SamplingConfig
     fields (sample, temperature, top_k, top_p) or PolicyConfig fields (exit_layer, num_speculations,
     dynamic_early_exit_mode, ...). Without `config` and with none of exit_layer, num_speculations, draft_source,
-    dynamic_early_exit_mode given, self-speculation drafts as the CLI does with those flags unset: BEST_POLICY; with
+    dynamic_early_exit_mode given, self-speculation drafts as the CLI does with those flags unset (BEST_POLICY); with
     a `draft` and no exit_layer, at the draft's exit layer (as the CLI). `on_text` receives the decoded text as it
     grows (for streaming)."""
     if config is None:
-        config = GenerationConfig()
-        if not overrides.keys() & set(POLICY_CHOICES):
-            config.set(**BEST_POLICY)
+        config = GenerationConfig().set(**unset_policy_defaults(overrides))
         if draft is not None and "exit_layer" not in overrides:  # as the CLI: the draft's exit layer unless given
             config.set(exit_layer=draft.exit_layers[0])
     config = config.set(**overrides)

@@ -27,6 +27,11 @@ BEST_POLICY = {"draft_source": "both", "dynamic_early_exit_mode": "adaptive", "n
 LAYERSKIP_POLICY = {"draft_source": "self", "dynamic_early_exit_mode": "none", "num_speculations": 4}
 POLICY_CHOICES = ("exit_layer", *BEST_POLICY)  # giving any of these asks for LayerSkip's defaults
 
+
+def unset_policy_defaults(given) -> dict:
+    """What the settings of BEST_POLICY's keys default to for a user who gave the settings named in `given`."""
+    return LAYERSKIP_POLICY if set(given) & set(POLICY_CHOICES) else BEST_POLICY
+
 MODES: dict[str, type] = {"none": DraftPolicy, "consistent_tokens": ConsistentTokens, "random": RandomExit,
                           "logits_current": LogitsCurrent, "logits_future": LogitsFuture, "adaptive": Adaptive}
 
@@ -128,4 +133,4 @@ def build_policy(config: PolicyConfig, n_layers: int, costs: CostModel | None = 
     return policy
 
 
-__all__ = ["DRAFT_SOURCES", "DraftPolicy", "DraftStep", "RoundResult", "TokenPlan", "PolicyConfig", "build_policy", "MODES", "CostModel"]
+__all__ = ["BEST_POLICY", "LAYERSKIP_POLICY", "POLICY_CHOICES", "unset_policy_defaults", "DRAFT_SOURCES", "DraftPolicy", "DraftStep", "RoundResult", "TokenPlan", "PolicyConfig", "build_policy", "MODES", "CostModel"]
