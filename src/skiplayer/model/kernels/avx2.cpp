@@ -186,24 +186,6 @@ void for_rows(int64_t M, int64_t per_row, const F& f) {
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(per_row, 1)), f);
 }
 
-// rows(m0, mc, n, ne) over the chunks of chunk_starts(M, most), for every block of weight rows (which stays in cache
-// from one chunk to the next).
-template <typename Rows>
-void run_chunks(int64_t M, int64_t N, int64_t most, const Rows& rows) {
-  const std::vector<int64_t> first = chunk_starts(M, most);
-  run_blocks(N, [&](int64_t n, int64_t ne) {
-    for (size_t c = 0; c + 1 < first.size(); ++c) rows(first[c], first[c + 1] - first[c], n, ne);
-  });
-}
-
-template <bool PACKED, typename W>
-void run(const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M, int64_t K, int64_t N) {
-  // At most 6 input rows at a time (12 accumulators + 2 weights + 1 input fill the 16 AVX2 registers).
-  run_chunks(M, N, 6, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
-    rows_any<PACKED, W>(mc, x + m0 * K, w, scale, bias, y + m0 * N, K, N, n, ne);
-  });
-}
-
 // ---- GGUF block-quantized weights (qblocks.h): the AVX2 path, 8 lanes; avx512.cpp has the 16-lane one. ----
 // The 32 weights of one block without m, d * q, as four fp32 vectors of 8 (elements 0..7, 8..15, 16..23, 24..31).
 template <int FMT>
@@ -472,96 +454,159 @@ int block_format(const at::Tensor& w, int64_t K) {
                      "36 bytes per 32 columns of x: model/gguf_blocks.py pack_blocks)");
 }
 
-void quant_product(const float* x, const uint8_t* w, int format, const float* bias, float* y, int64_t M, int64_t K,
-                   int64_t N) {
-  const int64_t nb = K / 32;
-  const int parts = activation_parts;
-  const bool one_part = parts == 1 && (format == kQ4Tiles || format == kQ8Tiles);
-  if (parts == 1 && quant_isa == kAvx2 && format != kQ4Tiles && format != kQ8Tiles) {  // 8-bit x, AVX2 integer dots
-    std::vector<int8_t> a(M * K);
-    std::vector<float> dx(M * nb), xs(M * nb);
-    for_rows(M, K, [&](int64_t m0, int64_t m1) {
-      quantize_int8_blocks(m1 - m0, x + m0 * K, K, a.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb);
-    });
-    run_chunks(M, N, kQuantRowsAvx2, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
-      quant_rows_avx2_int8(static_cast<int>(mc), a.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb, w,
-                           format, bias, y + m0 * N, K, N, n, ne);
-    });
-    return;
+// A product y (M, N) = x (M, K) @ w^T (times the int8 scales, plus the bias) in two steps: prepare(x, M) derives what
+// the kernels read from x (the fp32 rows as they are; for GGUF blocks 8-bit x, block scales and block sums), then
+// rows(n, ne, y) computes weight rows n..ne-1 for all M input rows. A row's bits depend neither on how the weight
+// rows are split nor on which thread prepared x: product() prepares once and shares rows over run_blocks; the
+// decoding team of decoder_layers prepares on every thread (a few hundred elements) and shares the rows.
+struct Product {
+  // the weight: float / bf16 / fp16 / int8 rows (format 0) or GGUF blocks (format: bytes per block, qblocks.h)
+  const at::Tensor* w = nullptr;
+  const float *scale = nullptr, *bias = nullptr;
+  bool packed = false;
+  int format = 0, parts = 0;
+  int64_t K = 0, N = 0, block = 16;  // block: weight rows per task (64 for the tiles: one tile configuration)
+  // from prepare
+  const float* x = nullptr;
+  int64_t M = 0;
+  std::vector<int64_t> first;  // chunks of input rows the kernels take at once
+  std::vector<std::vector<uint8_t>> a;
+  std::vector<int8_t> a8;
+  std::vector<float> dx, xs, xsum, xsum_t;
+
+  void bind(const at::Tensor& weight, const float* s, const float* b, bool pk, int64_t k) {
+    w = &weight, scale = s, bias = b, packed = pk, K = k, N = weight.size(0);
+    format = weight.scalar_type() == at::kByte ? block_format(weight, K) : 0;
+    parts = activation_parts;
+    block = tiles() ? 64 : 16;
+    if (tiles()) {
+      TORCH_CHECK((quant_isa == kAmx && parts == 2) || cpu_has_vnni(),
+                  "small_linear: weights in the tiles layout on a machine without AMX or AVX-512 VNNI");
+      TORCH_CHECK(N % 16 == 0, "small_linear: the tiles layout needs N % 16 == 0");
+    }
   }
-  std::vector<float> xsum(one_part ? 0 : M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
-  if (!xsum.empty())
-    for_rows(M, K, [&](int64_t m0, int64_t m1) {
-      for (int64_t i = m0 * nb; i < m1 * nb; ++i)
-        for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
-    });
-  if (format == kQ4Tiles || format == kQ8Tiles) {  // x split in int8 parts, scales and block sums per chunk of <= 8 rows
-    const bool amx = quant_isa == kAmx && parts == 2;
-    TORCH_CHECK(amx || cpu_has_vnni(), "small_linear: weights in the tiles layout on a machine without AMX or AVX-512 VNNI");
-    TORCH_CHECK(N % 16 == 0, "small_linear: the tiles layout needs N % 16 == 0");
-    const std::vector<int64_t> first = chunk_starts(M, kQuantRowsTiles);
-    const int64_t chunks = static_cast<int64_t>(first.size()) - 1;
-    std::vector<std::vector<uint8_t>> a(chunks);
-    std::vector<float> dx(chunks * nb * 16, 0.f), xsum_t(chunks * nb * 16, 0.f);
-    for_rows(chunks, kQuantRowsTiles * K, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t m0 = first[c], mc = first[c + 1] - m0;
-        a[c].resize(int8_parts_bytes(mc, K, parts));
-        pack_int8_parts(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16, parts,
-                        amx || format == kQ8Tiles, one_part ? xsum_t.data() + c * nb * 16 : nullptr);
-        if (one_part) continue;
-        for (int64_t m = 0; m < mc; ++m)
-          for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + m] = xsum[(m0 + m) * nb + j];
+  bool tiles() const { return format == kQ4Tiles || format == kQ8Tiles; }
+  bool avx2_int8() const { return format && !tiles() && parts == 1 && quant_isa == kAvx2; }
+
+  void prepare(const float* xin, int64_t m) {
+    x = xin, M = m;
+    const int64_t nb = K / 32;
+    if (!format) {
+      first = chunk_starts(M, 6);  // at most 6 input rows at a time: 12 accumulators + 2 weights + 1 input
+    } else if (avx2_int8()) {  // 8-bit x, AVX2 integer dots
+      first = chunk_starts(M, kQuantRowsAvx2);
+      a8.resize(M * K), dx.resize(M * nb), xs.resize(M * nb);
+      for_rows(M, K, [&](int64_t m0, int64_t m1) {
+        quantize_int8_blocks(m1 - m0, x + m0 * K, K, a8.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb);
+      });
+    } else {
+      const bool one_part = parts == 1 && tiles();
+      xsum.assign(one_part ? 0 : M * nb, 0.f);  // sums of x over each block, in order (the m terms of Q4 rows)
+      if (!xsum.empty())
+        for_rows(M, K, [&](int64_t m0, int64_t m1) {
+          for (int64_t i = m0 * nb; i < m1 * nb; ++i)
+            for (int64_t k = 0; k < 32; ++k) xsum[i] += x[i * 32 + k];
+        });
+      if (!tiles()) {
+        first = chunk_starts(M, quant_isa != kAvx2 ? kQuantRowsAvx512 : kQuantRowsAvx2);
+        return;
       }
-    });
-    run_blocks<64>(N, [&](int64_t n, int64_t ne) {  // 4 groups a task (AMX: one tile configuration for them)
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int mc = static_cast<int>(first[c + 1] - first[c]);
-        const float *dxc = dx.data() + c * nb * 16, *xs = xsum_t.data() + c * nb * 16;
-        if (amx) quant_rows_amx(mc, a[c].data(), dxc, xs, w, format, bias, y + first[c] * N, K, N, n, ne);
-        else quant_rows_vnni(mc, a[c].data(), dxc, xs, w, format, parts, bias, y + first[c] * N, K, N, n, ne);
-      }
-    });
-    return;
+      // x split in int8 parts, scales and block sums per chunk of <= 8 rows
+      const bool amx = quant_isa == kAmx && parts == 2;
+      first = chunk_starts(M, kQuantRowsTiles);
+      const int64_t chunks = static_cast<int64_t>(first.size()) - 1;
+      a.resize(chunks);
+      dx.assign(chunks * nb * 16, 0.f), xsum_t.assign(chunks * nb * 16, 0.f);
+      for_rows(chunks, kQuantRowsTiles * K, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t m0 = first[c], mc = first[c + 1] - m0;
+          a[c].resize(int8_parts_bytes(mc, K, parts));
+          pack_int8_parts(static_cast<int>(mc), x + m0 * K, K, a[c].data(), dx.data() + c * nb * 16, parts,
+                          amx || format == kQ8Tiles, one_part ? xsum_t.data() + c * nb * 16 : nullptr);
+          if (one_part) continue;
+          for (int64_t r = 0; r < mc; ++r)
+            for (int64_t j = 0; j < nb; ++j) xsum_t[(c * nb + j) * 16 + r] = xsum[(m0 + r) * nb + j];
+        }
+      });
+    }
   }
-  const bool wide = quant_isa != kAvx2;
-  const QuantRowsFn rows = wide ? quant_rows_avx512 : quant_rows_avx2;
-  run_chunks(M, N, wide ? kQuantRowsAvx512 : kQuantRowsAvx2, [&](int64_t m0, int64_t mc, int64_t n, int64_t ne) {
-    rows(static_cast<int>(mc), x + m0 * K, xsum.data() + m0 * nb, w, format, bias, y + m0 * N, K, N, n, ne);
-  });
+
+  // y[m, n..ne-1] for every input row m (y: (M, N) fp32)
+  void rows(int64_t n, int64_t ne, float* y) const {
+    const int64_t nb = K / 32;
+    for (size_t c = 0; c + 1 < first.size(); ++c) {
+      const int64_t m0 = first[c], mc = first[c + 1] - m0;
+      float* yc = y + m0 * N;
+      if (!format) {
+        float_rows(mc, x + m0 * K, yc, n, ne);
+      } else if (avx2_int8()) {
+        quant_rows_avx2_int8(static_cast<int>(mc), a8.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb,
+                             w->data_ptr<uint8_t>(), format, bias, yc, K, N, n, ne);
+      } else if (tiles()) {
+        const float *dxc = dx.data() + c * nb * 16, *xs_t = xsum_t.data() + c * nb * 16;
+        if (quant_isa == kAmx && parts == 2)
+          quant_rows_amx(static_cast<int>(mc), a[c].data(), dxc, xs_t, w->data_ptr<uint8_t>(), format, bias, yc, K,
+                         N, n, ne);
+        else
+          quant_rows_vnni(static_cast<int>(mc), a[c].data(), dxc, xs_t, w->data_ptr<uint8_t>(), format, parts,
+                          bias, yc, K, N, n, ne);
+      } else {
+        (quant_isa != kAvx2 ? quant_rows_avx512 : quant_rows_avx2)(static_cast<int>(mc), x + m0 * K,
+                                                                   xsum.data() + m0 * nb, w->data_ptr<uint8_t>(),
+                                                                   format, bias, yc, K, N, n, ne);
+      }
+    }
+  }
+
+  void float_rows(int64_t mc, const float* xc, float* yc, int64_t n, int64_t ne) const {
+    auto go = [&](auto wp) {
+      using W = std::remove_const_t<std::remove_pointer_t<decltype(wp)>>;
+      if (packed) rows_any<true, W>(mc, xc, wp, scale, bias, yc, K, N, n, ne);
+      else rows_any<false, W>(mc, xc, wp, scale, bias, yc, K, N, n, ne);
+    };
+    switch (w->scalar_type()) {
+      case at::kFloat: return go(w->data_ptr<float>());
+      case at::kBFloat16: return go(w->data_ptr<at::BFloat16>());
+      case at::kHalf: return go(w->data_ptr<at::Half>());
+      default: return go(w->data_ptr<int8_t>());
+    }
+  }
+};
+
+// Weight rows [0, N) of p over all threads (run_blocks in blocks of p.block).
+void run_product(const Product& p, float* y) {
+  if (p.block == 64) run_blocks<64>(p.N, [&](int64_t n, int64_t ne) { p.rows(n, ne, y); });
+  else run_blocks<16>(p.N, [&](int64_t n, int64_t ne) { p.rows(n, ne, y); });
 }
 
-template <typename W>
-void run_layout(bool packed, const float* x, const W* w, const float* scale, const float* bias, float* y, int64_t M,
-                int64_t K, int64_t N) {
-  if (packed) run<true, W>(x, w, scale, bias, y, M, K, N);
-  else run<false, W>(x, w, scale, bias, y, M, K, N);
-}
-
-// y (M, N) fp32 = x (M, K) fp32 @ w^T, times the int8 scales, plus the bias: the batch-invariant product.
-void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
-             const c10::optional<at::Tensor>& bias, float* y, int64_t M, int64_t K, bool packed) {
+void check_weight(const at::Tensor& w, int64_t K, bool packed, const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(w.is_contiguous(), "small_linear: contiguous weights expected");
   TORCH_CHECK(!packed || w.size(1) % 8 == 0, "small_linear: a packed weight needs K % 8 == 0");
   const bool blocks = w.scalar_type() == at::kByte;
   TORCH_CHECK(blocks || w.size(1) == K, "small_linear: x (M, K), w (N, K) expected");
   TORCH_CHECK(!blocks || (!packed && !(scale.has_value() && scale->defined())),
               "small_linear: block-quantized weights carry their own scales and are never packed");
-  const int64_t N = w.size(0);
-  if (M == 0 || N == 0) return;
-  at::Tensor sc, bc;
-  const float* sp = nullptr;
-  const float* bp = nullptr;
-  if (scale.has_value() && scale->defined()) { sc = scale->to(at::kFloat).contiguous(); sp = sc.data_ptr<float>(); }
-  if (bias.has_value() && bias->defined()) { bc = bias->to(at::kFloat).contiguous(); bp = bc.data_ptr<float>(); }
-  switch (w.scalar_type()) {
-    case at::kFloat: return run_layout(packed, x, w.data_ptr<float>(), sp, bp, y, M, K, N);
-    case at::kBFloat16: return run_layout(packed, x, w.data_ptr<at::BFloat16>(), sp, bp, y, M, K, N);
-    case at::kHalf: return run_layout(packed, x, w.data_ptr<at::Half>(), sp, bp, y, M, K, N);
-    case at::kChar: return run_layout(packed, x, w.data_ptr<int8_t>(), sp, bp, y, M, K, N);
-    case at::kByte: return quant_product(x, w.data_ptr<uint8_t>(), block_format(w, K), bp, y, M, K, N);
-    default: TORCH_CHECK(false, "small_linear: weight dtype must be float32, bfloat16, float16, int8 or uint8 (GGUF blocks)");
-  }
+  const auto t = w.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kChar || t == at::kByte,
+              "small_linear: weight dtype must be float32, bfloat16, float16, int8 or uint8 (GGUF blocks)");
+}
+
+// An optional scale or bias as a contiguous fp32 tensor (undefined when absent).
+at::Tensor as_fp32(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->to(at::kFloat).contiguous() : at::Tensor();
+}
+inline const float* fp32_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// y (M, N) fp32 = x (M, K) fp32 @ w^T, times the int8 scales, plus the bias: the batch-invariant product.
+void product(const float* x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+             const c10::optional<at::Tensor>& bias, float* y, int64_t M, int64_t K, bool packed) {
+  check_weight(w, K, packed, scale);
+  if (M == 0 || w.size(0) == 0) return;
+  const at::Tensor sc = as_fp32(scale), bc = as_fp32(bias);
+  Product p;
+  p.bind(w, fp32_ptr(sc), fp32_ptr(bc), packed, K);
+  p.prepare(x, M);
+  run_product(p, y);
 }
 
 // Scratch rows for the kernel, 64-byte aligned: it reads x 32 bytes at a time, and rows starting 16 bytes into a
