@@ -48,6 +48,27 @@ def test_forward_matches_hf(loaded):
     assert (blocks.argmax(-1) == ref.argmax(-1)).float().mean() >= (0.9 if one_part else 1.0)
 
 
+def test_blocks_of_the_file_weights_give_the_same_bits_on_one_and_two_threads(loaded, prompts):
+    """The file's GGUF blocks through decoder_layers: steps and verification-sized blocks after a prompt give the
+    same logits and cache on one thread (an operation at a time) and two (where AVX-512 is present, the decoding
+    team: all layers in one parallel region)."""
+    model, ids = loaded.model, torch.tensor(prompts[0])
+    before = torch.get_num_threads()
+
+    def run(threads):
+        torch.set_num_threads(threads)
+        cache = model.new_cache(len(ids) + 32)
+        with torch.inference_mode():
+            model.prefill(ids[:-8], cache)
+            out = [model(ids[-8:-7], len(ids) - 8, cache), model(ids[-7:], len(ids) - 7, cache)]
+        return out + [cache.k[:, :, :len(ids)], cache.v[:, :, :len(ids)]]
+    try:
+        one, two = run(1), run(2)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
 def test_static_self_speculative_equals_autoregressive(loaded, prompts):
     for ids in prompts:
         ar, _, _ = generate_ids(loaded.model, ids, GenerationConfig(max_steps=48), loaded.eos_token_ids)

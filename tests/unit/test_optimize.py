@@ -450,3 +450,46 @@ def test_norm_and_silu_of_long_blocks_equal_their_rows_at_any_thread_count(dtype
             assert torch.equal(ops.silu_mul(gu), torch.cat([ops.silu_mul(r[None]) for r in gu]))
     finally:
         torch.set_num_threads(before)
+
+
+@native
+@pytest.mark.skipif(native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
+                    reason="this CPU has no AVX-512: decoder_layers keeps a parallel region per operation")
+@pytest.mark.parametrize("dtype,quantize,arch", [(torch.float32, None, "llama"), (torch.float16, None, "qwen2"),
+                                                 (torch.bfloat16, "int8", "llama")])
+def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize, arch):
+    """Blocks of up to 16 positions run all their layers in one parallel region on two threads (avx2.cpp's
+    TeamLayers): logits, tapped states and cache are the bits of one thread running one operation at a time, for
+    one-token steps, chains and a token tree, with the whole layer range in one call or a call per layer."""
+    from skiplayer.model.llama import TreeMask
+    hf = tiny_hf_model(arch, seed=3, hidden_size=256, n_heads=4, n_kv_heads=2, tie=arch == "qwen2")  # head_dim 64
+    model = optimize_model(Transformer.from_hf(hf, dtype=dtype), quantize)
+    tree = TreeMask(torch.tensor([[9, -1], [9, 10], [9, 11]]), torch.tensor([9, 10, 10]))  # a root, two children
+
+    def run(threads, stack):
+        torch.set_num_threads(threads)
+        saved, model.native_stack = model.native_stack, (model.native_stack if stack else None)
+        cache, seen, out = model.new_cache(48), [], []
+        taps = {n: seen.append for n in (1, 3)}
+        try:
+            with torch.inference_mode():
+                out.append(model(TOKENS[:9], 0, cache))
+                out.append(model.logits(model.forward_layers(model.embed(TOKENS[9:12]), 9, cache, 0, 4, tree=tree)))
+                cache.rollback(9)
+                start = 9
+                for T in (1, 3, 16):
+                    tokens = torch.arange(start, start + T) % 97
+                    out.append(model.logits(model.forward_layers(model.embed(tokens), start, cache, 0, 4, taps)))
+                    start += T
+        finally:
+            model.native_stack = saved
+        return out + seen + [cache.k[:, :, :start], cache.v[:, :, :start]]
+
+    before = torch.get_num_threads()
+    try:
+        one = run(1, True)
+        for stack in (True, False):
+            two = run(2, stack)
+            assert len(two) == len(one) and all(torch.equal(a, b) for a, b in zip(one, two)), stack
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,7 @@
 
 #include <immintrin.h>
 #include <numeric>
+#include <omp.h>
 
 namespace skiplayer {
 namespace {
@@ -148,25 +149,41 @@ void rows_any(int64_t M, const float* x, const W* w, const float* scale, const f
 // Which thread computes a row does not change its result (tile is batch- and split-invariant).
 struct alignas(64) NextBlock { std::atomic<int64_t> v; };
 
+// Shares of the blocks of weight rows for up to `threads` threads, each share's next unclaimed block.
+struct BlockShares {
+  std::vector<NextBlock> next;
+  int64_t blocks = 0;
+  void reset(int64_t n_blocks, int64_t threads) {
+    blocks = n_blocks;
+    const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(threads, blocks));
+    if (static_cast<int64_t>(next.size()) != shares) next = std::vector<NextBlock>(shares);
+    for (int64_t s = 0; s < shares; ++s) next[s].v.store(s * blocks / shares, std::memory_order_relaxed);
+  }
+  // Thread t claims blocks until none is left: block(b) for each. Any number of threads covers every block once.
+  template <typename Block>
+  void claim(int64_t t, const Block& block) {
+    const int64_t shares = static_cast<int64_t>(next.size());
+    for (int64_t i = 0; i < shares; ++i) {  // its own share first, then the others'
+      const int64_t s = (t + i) % shares, end = (s + 1) * blocks / shares;
+      // one locked add per claim, not per block: it waits for the weight loads in flight (~2% of a 5-position pass)
+      for (int64_t seen; (seen = next[s].v.load(std::memory_order_relaxed)) < end;) {
+        const int64_t take = std::max<int64_t>(1, (end - seen) / 4);
+        const int64_t b0 = next[s].v.fetch_add(take, std::memory_order_relaxed);
+        for (int64_t b = b0; b < std::min(end, b0 + take); ++b) block(b);
+      }
+    }
+  }
+};
+
 // Calls block(n, ne) for blocks of BLOCK weight rows [n, ne) covering [0, N), on all threads (BLOCK even: packed
 // pairs stay whole; a multiple of 16 for the AMX tiles' groups).
 template <int64_t BLOCK = 16, typename Block>
 void run_blocks(int64_t N, const Block& block) {
-  const int64_t blocks = (N + BLOCK - 1) / BLOCK;
-  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  std::vector<NextBlock> next(shares);
-  for (int64_t s = 0; s < shares; ++s) next[s].v.store(s * blocks / shares, std::memory_order_relaxed);
-  at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
+  BlockShares shares;
+  shares.reset((N + BLOCK - 1) / BLOCK, at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(shares.next.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t i = 0; i < shares; ++i) {  // its own share first, then the others'
-        const int64_t s = (t + i) % shares, end = (s + 1) * blocks / shares;
-        // one locked add per claim, not per block: it waits for the weight loads in flight (~2% of a 5-position pass)
-        for (int64_t seen; (seen = next[s].v.load(std::memory_order_relaxed)) < end;) {
-          const int64_t take = std::max<int64_t>(1, (end - seen) / 4);
-          const int64_t b0 = next[s].v.fetch_add(take, std::memory_order_relaxed);
-          for (int64_t b = b0; b < std::min(end, b0 + take); ++b) block(b * BLOCK, std::min(N, (b + 1) * BLOCK));
-        }
-      }
+      shares.claim(t, [&](int64_t b) { block(b * BLOCK, std::min(N, (b + 1) * BLOCK)); });
   });
 }
 
@@ -459,13 +476,16 @@ int block_format(const at::Tensor& w, int64_t K) {
 // rows(n, ne, y) computes weight rows n..ne-1 for all M input rows. A row's bits depend neither on how the weight
 // rows are split nor on which thread prepared x: product() prepares once and shares rows over run_blocks; the
 // decoding team of decoder_layers prepares on every thread (a few hundred elements) and shares the rows.
-struct Product {
-  // the weight: float / bf16 / fp16 / int8 rows (format 0) or GGUF blocks (format: bytes per block, qblocks.h)
+struct ProductWeight {
+  // float / bf16 / fp16 / int8 rows (format 0) or GGUF blocks (format: bytes per block, qblocks.h)
   const at::Tensor* w = nullptr;
   const float *scale = nullptr, *bias = nullptr;
   bool packed = false;
   int format = 0, parts = 0;
   int64_t K = 0, N = 0, block = 16;  // block: weight rows per task (64 for the tiles: one tile configuration)
+};
+
+struct Product : ProductWeight {
   // from prepare
   const float* x = nullptr;
   int64_t M = 0;
@@ -728,28 +748,32 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // (silu to A, the product to A). One pass instead of four dispatched ops (two narrows, silu, mul: ~15 us a layer
 // at one position, most of it dispatch). exp is exp8, not the one at::silu uses (the two can differ by an ulp), so
 // FeedForward uses this op too wherever the native kernels run: the per-op path and decoder_layers stay identical.
+// Columns c0..c1-1 of every row (c0 and c1 multiples of 8, or c1 = I): each element as silu_mul_rows computes it.
 template <typename A>
-void silu_mul_rows(const A* gu, A* out, int64_t T, int64_t I) {
-  const int64_t I8 = I & ~int64_t(7);
+void silu_mul_cols(const A* gu, A* out, int64_t T, int64_t I, int64_t c0, int64_t c1) {
+  const int64_t I8 = std::min(c1, I & ~int64_t(7));
   const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f), cap = _mm256_set1_ps(88.f),
                huge = _mm256_set1_ps(88.7228f);  // ln(FLT_MAX): e^-x overflows to inf above it
   for (int64_t t = 0; t < T; ++t) {
     const A* g = gu + t * 2 * I;
     const A* u = g + I;
     A* o = out + t * I;
-    for (int64_t d = 0; d < I8; d += 8) {
+    for (int64_t d = c0; d < I8; d += 8) {
       const __m256 x = load8(g + d), nx = _mm256_xor_ps(x, sign);
       __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_min_ps(nx, cap))));  // exp8 has no overflow
       s = _mm256_blendv_ps(s, _mm256_and_ps(x, sign), _mm256_cmp_ps(nx, huge, _CMP_GT_OQ));  // x / inf = -0
       store8(o + d, _mm256_mul_ps(round8<A>(s), load8(u + d)));
     }
-    for (int64_t d = I8; d < I; ++d) {
+    for (int64_t d = std::max(c0, I8); d < c1; ++d) {
       const float x = static_cast<float>(g[d]);
       const A s = static_cast<A>(x / (1.f + std::exp(-x)));
       o[d] = static_cast<A>(static_cast<float>(s) * static_cast<float>(u[d]));
     }
   }
 }
+
+template <typename A>
+void silu_mul_rows(const A* gu, A* out, int64_t T, int64_t I) { silu_mul_cols(gu, out, T, I, 0, I); }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up (T, 2I) expected");
@@ -985,21 +1009,59 @@ void attend_512(const A* qkv, const A* cos, const A* sin, const A* kc, const A* 
 // 3 a thread; 4-position blocks 5-13% faster than head by head, and whole KV heads split 2:1 cost more than the
 // sharing saved); blocks with fewer positions than that (one-token steps) go head by head. A row's bits do not
 // depend on the parts (attention.h). `work`: small problems stay on one thread.
+struct HeadSets {
+  int64_t G, group, split;
+  bool by_position;
+  HeadSets(int64_t H, int64_t G_, int64_t T, int64_t threads) : G(G_), group(H / G_) {
+    const int64_t even = threads / std::gcd(G, threads);  // parts per KV head that divide evenly (1: whole heads)
+    by_position = T >= even;
+    split = by_position ? even : group;
+  }
+  int64_t parts() const { return G * split; }
+  // part u: f(h0, h1, t0, t1, buffers)
+  template <typename F>
+  void run(int64_t u, int64_t T, const F& f, DecodeBuffers& b) const {
+    const int64_t g = u / split, i = u % split;
+    if (by_position) f(g * group, (g + 1) * group, T * i / split, T * (i + 1) / split, b);
+    else f(g * group + i, g * group + i + 1, 0, T, b);  // split == group: one query head
+  }
+};
+
 template <typename F>
 void for_head_sets(int64_t H, int64_t G, int64_t T, int64_t work, const F& f) {
-  const int64_t threads = work < (1 << 14) ? 1 : at::get_num_threads(), group = H / G;
-  const int64_t even = threads / std::gcd(G, threads);  // parts per KV head that divide evenly (1: whole heads)
-  const bool by_position = T >= even;
-  const int64_t split = by_position ? even : group;
-  at::parallel_for(0, G * split, threads == 1 ? G * split : 1, [&](int64_t u0, int64_t u1) {
+  const int64_t threads = work < (1 << 14) ? 1 : at::get_num_threads();
+  const HeadSets sets(H, G, T, threads);
+  at::parallel_for(0, sets.parts(), threads == 1 ? sets.parts() : 1, [&](int64_t u0, int64_t u1) {
     DecodeBuffers b;
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t g = u / split, i = u % split;
-      if (by_position) f(g * group, (g + 1) * group, T * i / split, T * (i + 1) / split, b);
-      else f(g * group + i, g * group + i + 1, 0, T, b);  // split == group: one query head
-    }
+    for (int64_t u = u0; u < u1; ++u) sets.run(u, T, f, b);
   });
 }
+
+// One part of decoding attention (AVX-512, attention.h) of a block at slots start..start+T-1: query heads h0..h1-1
+// of one KV head at block positions a..z-1. Chain (paths null): row t sees keys [0, start + 1 + a) shared by the
+// part's rows, then its own start + 1 + a .. start + t. Tree: the rows of a run with the same prefix and window
+// start go through together, each with its path (see tree_attention).
+template <typename A>
+struct DecodeAttentionPart {
+  const A *qkv, *cos, *sin, *kc, *vc;
+  A* out;
+  int64_t start, H, G, D, L;
+  const int64_t* paths;
+  int64_t W, window;
+  int64_t window_lo(const int64_t* path) const {  // the node's window start (0 without a window)
+    int64_t n = 0;
+    while (n < W && path[n] >= 0) ++n;
+    return window > 0 ? std::max<int64_t>(0, path[0] + n - window) : 0;
+  }
+  void operator()(int64_t h0, int64_t h1, int64_t a, int64_t z, DecodeBuffers& b) const {
+    if (!paths) return attend_512(qkv, cos, sin, kc, vc, out, a, z, h0, h1, H, G, D, L, 0, start + 1 + a, nullptr, 0, b);
+    for (int64_t t0 = a, t1; t0 < z; t0 = t1) {
+      const int64_t prefix = paths[t0 * W], lo = window_lo(paths + t0 * W);
+      for (t1 = t0 + 1; t1 < z && paths[t1 * W] == prefix && window_lo(paths + t1 * W) == lo; ++t1) {}
+      attend_512(qkv, cos, sin, kc, vc, out, t0, t1, h0, h1, H, G, D, L, lo, prefix, paths + t0 * W, W, b);
+    }
+  }
+};
 
 // Token-tree attention (decoding/self_speculative.py): row t attends to keys [0, path[0]) and to the slots of
 // path = paths[t * W ..] (its ancestors and itself, ascending, -1 padded). The scores of those keys are laid out
@@ -1011,21 +1073,9 @@ void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const
                     int64_t window) {
   const int64_t row = (H + 2 * G) * D, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  auto window_lo = [&](const int64_t* path) {  // the node's window start (0 without a window)
-    int64_t n = 0;
-    while (n < W && path[n] >= 0) ++n;
-    return window > 0 ? std::max<int64_t>(0, path[0] + n - window) : 0;
-  };
-  if (decode_attention_512(D)) {  // rows with the same prefix and window start go through together
-    for_head_sets(H, G, T, T * S * D * H, [&](int64_t h0, int64_t h1, int64_t a, int64_t z, DecodeBuffers& b) {
-      for (int64_t t0 = a, t1; t0 < z; t0 = t1) {
-        const int64_t prefix = paths[t0 * W], lo = window_lo(paths + t0 * W);
-        for (t1 = t0 + 1; t1 < z && paths[t1 * W] == prefix && window_lo(paths + t1 * W) == lo; ++t1) {}
-        attend_512(qkv, cos, sin, kc, vc, out, t0, t1, h0, h1, H, G, D, L, lo, prefix, paths + t0 * W, W, b);
-      }
-    });
-    return;
-  }
+  if (decode_attention_512(D))  // rows with the same prefix and window start go through together
+    return for_head_sets(H, G, T, T * S * D * H,
+                         DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, S - T, H, G, D, L, paths, W, window});
   at::parallel_for(0, H, T * S * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> q(D), p(S), acc(D);
     for (int64_t h = h0; h < h1; ++h) {
@@ -1114,23 +1164,31 @@ void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
   });
 }
 
+// Rotated K and V of block rows 0..T-1 into the cache slots start..start+T-1, KV heads g0, g0 + step, ... < G.
+template <typename A>
+void write_kv(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, int64_t T, int64_t start, int64_t H, int64_t G,
+              int64_t D, int64_t L, int64_t g0, int64_t step) {
+  const int64_t row = (H + 2 * G) * D;
+  float tmp[512];
+  TORCH_CHECK(D <= 512, "rope_cache_attention: head dimension above 512");
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t g = g0; g < G; g += step) {
+      const A* k = qkv + t * row + (H + g) * D;
+      const A* v = qkv + t * row + (H + G + g) * D;
+      rope_row(k, cos + t * D, sin + t * D, tmp, D);
+      A* kd = kc + (g * L + start + t) * D;
+      A* vd = vc + (g * L + start + t) * D;
+      for (int64_t d = 0; d < D; d += 8) store8(kd + d, _mm256_loadu_ps(tmp + d));
+      std::copy(v, v + D, vd);
+    }
+  }
+}
+
 template <typename A>
 void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* out, int64_t T, int64_t start,
                     int64_t H, int64_t G, int64_t D, int64_t L, bool attend, const int64_t* paths, int64_t W,
                     int64_t window) {
-  const int64_t row = (H + 2 * G) * D;
-  std::vector<float> tmp(D);
-  for (int64_t t = 0; t < T; ++t) {
-    for (int64_t g = 0; g < G; ++g) {
-      const A* k = qkv + t * row + (H + g) * D;
-      const A* v = qkv + t * row + (H + G + g) * D;
-      rope_row(k, cos + t * D, sin + t * D, tmp.data(), D);
-      A* kd = kc + (g * L + start + t) * D;
-      A* vd = vc + (g * L + start + t) * D;
-      for (int64_t d = 0; d < D; d += 8) store8(kd + d, _mm256_loadu_ps(tmp.data() + d));
-      std::copy(v, v + D, vd);
-    }
-  }
+  write_kv(qkv, cos, sin, kc, vc, T, start, H, G, D, L, 0, 1);
   if (!attend) return;
   if (paths != nullptr)
     return tree_attention(qkv, cos, sin, kc, vc, out, T, start + T, H, G, D, L, paths, W, window);
@@ -1138,16 +1196,12 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
     return window_attention(qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window);
   if (start == 0 && T >= kPrefillAttentionRows && D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2)
     return prompt_attention(qkv, cos, sin, kc, vc, out, T, H, G, D, L);  // a prompt: never a verification pass
-  const int64_t S = start + T, group = H / G;
+  const int64_t S = start + T, group = H / G, row = (H + 2 * G) * D;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
-  if (decode_attention_512(D)) {  // row t: keys [0, start + 1), then its own start + 1 .. start + t
-    for_head_sets(H, G, T, T * S * D * H, [&](int64_t h0, int64_t h1, int64_t a, int64_t z, DecodeBuffers& b) {
-      // positions a..z-1: keys [0, start + 1 + a) are shared, row t's own are start + 1 + a .. start + t
-      attend_512(qkv, cos, sin, kc, vc, out, a, z, h0, h1, H, G, D, L, 0, start + 1 + a, nullptr, 0, b);
-    });
-    return;
-  }
+  if (decode_attention_512(D))  // row t: keys [0, start + 1), then its own start + 1 .. start + t
+    return for_head_sets(H, G, T, T * S * D * H,
+                         DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L, nullptr, 0, 0});
   // Rows of a head are taken up to NR = 5 at a time (a verification block of k + 1 <= 5 positions in one go): each
   // K and V vector is converted once for all of them. A single row keeps the one-row loops (four keys at a time).
   constexpr int64_t ROWS = 16, NR = 5;
@@ -1226,6 +1280,117 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
   return out;
 }
 
+// ---- A decoding team for decoder_layers: a block of a few positions (one-token steps, drafts, verification passes)
+// goes through all its layers inside one parallel region, the threads meeting at a barrier between operations,
+// instead of a parallel region per product and attention with the glue between them on one thread (on Zen 5 the
+// second thread spun idle ~30% of a one-token step, perf). Each thread normalises and quantizes the few input rows
+// itself (a few hundred elements), claims blocks of weight rows and attention parts from shared counters and
+// rounds the outputs it computed: the same functions on the same values as the per-operation path, so the bits are
+// the same (tests/unit/test_optimize.py). ----
+constexpr int64_t kTeamRows = 16;  // longer blocks (prompts) keep the per-operation path and its prompt kernels
+
+struct SpinBarrier {
+  alignas(64) std::atomic<int> waiting{0};
+  alignas(64) std::atomic<int> generation{0};
+  void wait(int team) {
+    if (team == 1) return;
+    const int g = generation.load(std::memory_order_acquire);
+    if (waiting.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
+      waiting.store(0, std::memory_order_relaxed);
+      generation.store(g + 1, std::memory_order_release);
+    } else {
+      while (generation.load(std::memory_order_acquire) == g) _mm_pause();
+    }
+  }
+};
+
+template <typename A>
+void to_fp32(const A* a, float* f, int64_t n) {  // exact, as linear_rows converts
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, load8(a + i));
+  for (; i < n; ++i) f[i] = static_cast<float>(a[i]);
+}
+
+// Columns n..ne-1 of y (T, N) fp32 to A, plus the residual when given, as linear_rows rounds them.
+template <typename A>
+void round_out(const float* y, const A* residual, A* out, int64_t T, int64_t N, int64_t n, int64_t ne) {
+  for (int64_t m = 0; m < T; ++m) {
+    int64_t i = m * N + n;
+    const int64_t end = m * N + ne;
+    for (; i + 8 <= end; i += 8) {
+      __m256 v = round8<A>(_mm256_loadu_ps(y + i));
+      if (residual) v = _mm256_add_ps(load8(residual + i), v);
+      store8(out + i, v);
+    }
+    for (; i < end; ++i) {
+      const A v = static_cast<A>(y[i]);
+      out[i] = residual ? static_cast<A>(static_cast<float>(residual[i]) + static_cast<float>(v)) : v;
+    }
+  }
+}
+
+// Everything decoder_layers' team reads, set up (and checked) before the parallel region.
+template <typename A>
+struct TeamLayers {
+  int64_t n, T, C, Nq, I, H, G, D, L, first, start, W;
+  double eps;
+  const A *cos, *sin;
+  const int64_t* paths;
+  std::vector<const A*> norms;        // 2 per layer
+  std::vector<ProductWeight> weight;  // 4 per layer: wqkv, wo, w13, w2
+  std::vector<BlockShares> shares;    // 4 per layer
+  std::vector<NextBlock> next_part;   // attention parts, 1 per layer
+  A *kc, *vc;                         // the whole cache (layers, G, L, D)
+  A *x, *h, *qkv, *att, *gate_up, *act;
+  float* y;
+  std::vector<std::pair<int64_t, A*>> keep;  // (layer, where the state entering it goes)
+  SpinBarrier barrier;
+
+  void run(int tid, int team) {
+    Product p;
+    DecodeBuffers b;
+    const HeadSets sets(H, G, T, team);
+    std::vector<A> normed(T * C);
+    std::vector<float> xf(T * std::max({C, H * D, I}));
+    // [residual +] in @ weight r of layer l into out; in: A rows of K
+    auto linear = [&](int64_t l, int r, const A* in, const A* residual, A* out) {
+      static_cast<ProductWeight&>(p) = weight[4 * l + r];
+      to_fp32(in, xf.data(), T * p.K);
+      p.prepare(xf.data(), T);
+      shares[4 * l + r].claim(tid, [&](int64_t blk) {
+        const int64_t n0 = blk * p.block, n1 = std::min(p.N, n0 + p.block);
+        p.rows(n0, n1, y);
+        round_out(y, residual, out, T, p.N, n0, n1);
+      });
+      barrier.wait(team);
+    };
+    auto keep_it = keep.begin();
+    for (int64_t l = 0; l < n; ++l) {
+      if (keep_it != keep.end() && keep_it->first == first + l) {
+        if (tid == 0) std::copy(x, x + T * C, keep_it->second);  // x is next written after three barriers
+        ++keep_it;
+      }
+      A* kl = kc + (first + l) * G * L * D;
+      A* vl = vc + (first + l) * G * L * D;
+      rms_norm_rows(x, norms[2 * l], normed.data(), T, C, eps);
+      linear(l, 0, normed.data(), nullptr, qkv);
+      write_kv(qkv, cos, sin, kl, vl, T, start, H, G, D, L, tid, team);
+      barrier.wait(team);
+      const DecodeAttentionPart<A> part{qkv, cos, sin, kl, vl, att, start, H, G, D, L, paths, W, 0};
+      for (int64_t u; (u = next_part[l].v.fetch_add(1, std::memory_order_relaxed)) < sets.parts();)
+        sets.run(u, T, part, b);
+      barrier.wait(team);
+      linear(l, 1, att, x, h);
+      rms_norm_rows(h, norms[2 * l + 1], normed.data(), T, C, eps);
+      linear(l, 2, normed.data(), nullptr, gate_up);
+      const int64_t eights = I / 8, c0 = eights * tid / team * 8, c1 = tid + 1 == team ? I : eights * (tid + 1) / team * 8;
+      silu_mul_cols(gate_up, act, T, I, c0, c1);
+      barrier.wait(team);
+      linear(l, 3, act, h, x);
+    }
+  }
+};
+
 // ---- Decoder layers first..first+n-1, each x + attn(norm(x)) then h + mlp(norm(h)), as the Python Block computes
 // it (same ops, same roundings, bit-identical), in one call: a decode step is ~30 layers x 12 small ops, and their
 // Python and dispatch overhead was a quarter of a float16 step of the default model; one call per layer still cost
@@ -1233,6 +1398,87 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
 // Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
 // wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
 // Returns the states entering each layer listed in `keep` (ascending, first < n < first + layers), then the output.
+// The team's path: a few positions (kTeamRows), more than one thread, and the AVX-512 decoding attention.
+bool use_team(const at::Tensor& x, const at::Tensor& k) {
+  return x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kTeamRows && at::get_num_threads() > 1 &&
+         !at::in_parallel_region() && k.dim() == 4 && k.size(3) <= 512 && decode_attention_512(k.size(3));
+}
+
+std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList weights,
+                                            const c10::List<c10::optional<at::Tensor>>& scales,
+                                            const c10::List<c10::optional<at::Tensor>>& qkv_bias,
+                                            const at::Tensor& cos, const at::Tensor& sin, at::Tensor k, at::Tensor v,
+                                            int64_t first, int64_t start, int64_t n_heads, int64_t n_kv_heads,
+                                            double eps, bool packed, at::IntArrayRef keep,
+                                            const c10::optional<at::Tensor>& tree) {
+  const int64_t n = qkv_bias.size(), T = x.size(0), C = x.size(1), D = k.size(3), L = k.size(2);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.size(1) == n_kv_heads &&
+                  n_heads % n_kv_heads == 0 && D % 8 == 0,
+              "decoder_layers: contiguous (layers, G, L, D) caches expected");
+  TORCH_CHECK(start + T <= L && cos.dim() == 2 && cos.size(0) == T && cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "decoder_layers: bad positions");
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && cos.scalar_type() == dt && sin.scalar_type() == dt,
+              "decoder_layers: one dtype expected for x, rope tables and caches");
+  const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  const at::Tensor paths = checked_paths(tree, T, start, 0);
+  std::vector<at::Tensor> fp32;  // scales and biases as fp32, alive until the end
+  std::vector<at::Tensor> out;
+  with_activation_dtype(dt, "decoder_layers: float32, bfloat16 or float16 activations expected", [&](auto a) {
+    using A = decltype(a);
+    TeamLayers<A> t;
+    t.n = n, t.T = T, t.C = C, t.H = n_heads, t.G = n_kv_heads, t.D = D, t.L = L, t.first = first, t.start = start;
+    t.eps = eps, t.cos = cc.data_ptr<A>(), t.sin = sc.data_ptr<A>();
+    t.paths = paths.defined() ? paths.data_ptr<int64_t>() : nullptr, t.W = paths.defined() ? paths.size(1) : 0;
+    const int64_t threads = at::get_num_threads();
+    int64_t most = 0;
+    t.shares.resize(4 * n);
+    t.next_part = std::vector<NextBlock>(n);
+    for (int64_t l = 0; l < n; ++l) {
+      const at::Tensor* w = weights.data() + 6 * l;
+      t.norms.push_back(w[0].data_ptr<A>());
+      t.norms.push_back(w[3].data_ptr<A>());
+      TORCH_CHECK(w[0].is_contiguous() && w[3].is_contiguous() && w[0].scalar_type() == dt &&
+                      w[3].scalar_type() == dt && w[0].numel() == C && w[3].numel() == C,
+                  "decoder_layers: norm weights of x's dtype and width expected");
+      const int64_t in[4] = {C, n_heads * D, C, w[4].size(0) / 2}, out_width[4] = {(n_heads + 2 * n_kv_heads) * D, C, w[4].size(0), C};
+      const at::Tensor* mats[4] = {&w[1], &w[2], &w[4], &w[5]};
+      for (int r = 0; r < 4; ++r) {
+        const c10::optional<at::Tensor> scale = scales.get(4 * l + r);
+        check_weight(*mats[r], in[r], packed, scale);
+        TORCH_CHECK(mats[r]->size(0) == out_width[r], "decoder_layers: a weight of the wrong shape");
+        fp32.push_back(as_fp32(scale));
+        fp32.push_back(r == 0 ? as_fp32(qkv_bias.get(l)) : at::Tensor());
+        Product p;
+        p.bind(*mats[r], fp32_ptr(fp32[fp32.size() - 2]), fp32_ptr(fp32.back()), packed, in[r]);
+        t.weight.push_back(p);
+        t.shares[4 * l + r].reset((p.N + p.block - 1) / p.block, threads);
+        most = std::max(most, p.N);
+      }
+      t.next_part[l].v.store(0, std::memory_order_relaxed);
+    }
+    t.Nq = (n_heads + 2 * n_kv_heads) * D, t.I = n ? weights[4].size(0) / 2 : 0;
+    t.kc = k.data_ptr<A>(), t.vc = v.data_ptr<A>();
+    at::Tensor state = xc.clone(), h = at::empty_like(xc), qkv = at::empty({T, t.Nq}, xc.options()),
+               att = at::empty({T, n_heads * D}, xc.options()), gu = at::empty({T, 2 * t.I}, xc.options()),
+               act = at::empty({T, t.I}, xc.options());
+    const auto y = aligned_floats(T * most);
+    t.x = state.data_ptr<A>(), t.h = h.data_ptr<A>(), t.qkv = qkv.data_ptr<A>(), t.att = att.data_ptr<A>();
+    t.gate_up = gu.data_ptr<A>(), t.act = act.data_ptr<A>(), t.y = y.get();
+    for (size_t i = 0; i < keep.size(); ++i) {
+      const int64_t layer = keep[i];
+      TORCH_CHECK(layer >= first && layer < first + n && (i == 0 || layer > keep[i - 1]),
+                  "decoder_layers: keep must list layers first < n < first + layers, ascending");
+      out.push_back(at::empty_like(xc));
+      t.keep.emplace_back(layer, out.back().data_ptr<A>());
+    }
+#pragma omp parallel num_threads(threads)
+    t.run(omp_get_thread_num(), omp_get_num_threads());
+    out.push_back(state);
+  });
+  return out;
+}
+
 std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weights,
                                        const c10::List<c10::optional<at::Tensor>>& scales,
                                        const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
@@ -1242,6 +1488,8 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
   const int64_t n = qkv_bias.size();
   TORCH_CHECK(weights.size() == 6 * n && scales.size() == 4 * n, "decoder_layers: 6 weights and 4 scales per layer");
   TORCH_CHECK(k.dim() == 4 && first >= 0 && first + n <= k.size(0), "decoder_layers: layers outside the cache");
+  if (use_team(x, k)) return team_decoder_layers(x, weights, scales, qkv_bias, cos, sin, k, v, first, start,
+                                                       n_heads, n_kv_heads, eps, packed, keep, tree);
   const c10::optional<at::Tensor> none;
   // [residual +] x @ w^T in the activation dtype, as the Python Block computes it
   auto linear = [&](const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
