@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <numeric>
 #include <omp.h>
+#include <thread>
 
 namespace skiplayer {
 namespace {
@@ -1289,6 +1290,8 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
 // the same (tests/unit/test_optimize.py). ----
 constexpr int64_t kTeamRows = 16;  // longer blocks (prompts) keep the per-operation path and its prompt kernels
 
+// Operations are a few microseconds apart, so the threads spin; past ~50 us of waiting (a thread descheduled on a
+// busy machine) they yield the core instead of burning the time slice its peer needs.
 struct SpinBarrier {
   alignas(64) std::atomic<int> waiting{0};
   alignas(64) std::atomic<int> generation{0};
@@ -1298,8 +1301,11 @@ struct SpinBarrier {
     if (waiting.fetch_add(1, std::memory_order_acq_rel) == team - 1) {
       waiting.store(0, std::memory_order_relaxed);
       generation.store(g + 1, std::memory_order_release);
-    } else {
-      while (generation.load(std::memory_order_acquire) == g) _mm_pause();
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == g; ++spins) {
+      if (spins < (1 << 12)) _mm_pause();
+      else std::this_thread::yield();
     }
   }
 };
