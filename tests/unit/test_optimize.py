@@ -453,15 +453,18 @@ def test_norm_and_silu_of_long_blocks_equal_their_rows_at_any_thread_count(dtype
 
 
 @native
-@pytest.mark.skipif(native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
-                    reason="this CPU has no AVX-512: decoder_layers keeps a parallel region per operation")
+@pytest.mark.parametrize("isa", ["avx2", pytest.param("best", marks=pytest.mark.skipif(
+    native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
+    reason="this CPU has no AVX-512: its decoding attention is not there to split"))])
 @pytest.mark.parametrize("dtype,quantize,arch", [(torch.float32, None, "llama"), (torch.float16, None, "qwen2"),
                                                  (torch.bfloat16, "int8", "llama")])
-def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize, arch):
+def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize, arch, isa):
     """Blocks of up to 16 positions run all their layers in one parallel region on two threads (avx2.cpp's
     TeamLayers): logits, tapped states and cache are the bits of one thread running one operation at a time, for
-    one-token steps, chains and a token tree, with the whole layer range in one call or a call per layer."""
+    one-token steps, chains and a token tree, with the whole layer range in one call or a call per layer; with the
+    AVX-512 decoding attention where the CPU has it, and with the one-row loops (kernel_isa avx2) everywhere."""
     from skiplayer.model.llama import TreeMask
+    best = torch.ops.skiplayer.kernel_isa("")
     hf = tiny_hf_model(arch, seed=3, hidden_size=256, n_heads=4, n_kv_heads=2, tie=arch == "qwen2")  # head_dim 64
     model = optimize_model(Transformer.from_hf(hf, dtype=dtype), quantize)
     tree = TreeMask(torch.tensor([[9, -1], [9, 10], [9, 11]]), torch.tensor([9, 10, 10]))  # a root, two children
@@ -487,9 +490,12 @@ def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize
 
     before = torch.get_num_threads()
     try:
+        if isa == "avx2":
+            torch.ops.skiplayer.kernel_isa("avx2")
         one = run(1, True)
         for stack in (True, False):
             two = run(2, stack)
             assert len(two) == len(one) and all(torch.equal(a, b) for a, b in zip(one, two)), stack
     finally:
         torch.set_num_threads(before)
+        torch.ops.skiplayer.kernel_isa(best)

@@ -7,10 +7,10 @@ k+1 <= 9 positions should cost about one step, but stock PyTorch kernels do not 
 reads each weight row once and multiplies it with up to 6 input rows held in registers (fp32 accumulation; bf16,
 fp16 and int8 weights are widened in registers), so T = 1..6 cost little more than one. Weights are stored with
 pairs of rows interleaved (model/packing.py) so that each tile reads one sequential stream, and a range of decoder
-layers runs as one native call (`decoder_layers`), without the Python overhead of ~12 small ops per layer. Where
-the CPU has AVX-512, a block of up to 16 positions runs that whole range inside one parallel region (the decoding
-team: threads meet at a barrier between operations and each prepares the few input rows itself), not a region per
-product with the glue between them on one thread.
+layers runs as one native call (`decoder_layers`), without the Python overhead of ~12 small ops per layer. A block
+of up to 16 positions runs that whole range inside one parallel region (the decoding team: threads meet at a
+barrier between operations and each prepares the few input rows itself), not a region per product with the glue
+between them on one thread.
 
 It is also *batch invariant*: every output element is accumulated in the same order whatever the number of rows
 and threads, so a position's logits are bit-identical in a one-token step and inside a verification block.

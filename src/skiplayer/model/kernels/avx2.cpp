@@ -1064,6 +1064,76 @@ struct DecodeAttentionPart {
   }
 };
 
+// One query head of a block at slots start..start+T-1 through the one-row loops (CPUs without AVX-512, and D not a
+// multiple of 64). Chain (paths null): a head's rows are taken up to NR = 5 at a time (a verification block of
+// k + 1 <= 5 positions in one go), each K and V vector converted once for all of them; a single row keeps the one-row
+// loops (four keys at a time). Tree: node by node over its path (tree_attention). A head's result does not depend
+// on which thread runs it or on the other heads.
+struct RowBuffers { std::vector<float> q, p, acc, inv; };
+
+template <typename A>
+struct RowLoopsAttentionHead {
+  const A *qkv, *cos, *sin, *kc, *vc;
+  A* out;
+  int64_t T, start, H, G, D, L;
+  const int64_t* paths;
+  int64_t W, window;
+
+  void operator()(int64_t h, RowBuffers& b) const {
+    const int64_t S = start + T, row = (H + 2 * G) * D;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const A* kh = kc + (h / (H / G)) * L * D;
+    const A* vh = vc + (h / (H / G)) * L * D;
+    if (paths) return tree(h, b, S, row, scale, kh, vh);
+    constexpr int64_t ROWS = 16, NR = 5;
+    decltype(&attend_rows<1, A>) const group_rows[NR] = {attend_rows<1, A>, attend_rows<2, A>, attend_rows<3, A>,
+                                                          attend_rows<4, A>, attend_rows<5, A>};
+    b.q.resize(ROWS * D), b.p.resize(ROWS * S), b.acc.resize(ROWS * D), b.inv.resize(ROWS);
+    for (int64_t t0 = 0; t0 < T; t0 += ROWS) {
+      const int64_t R = std::min(ROWS, T - t0);  // row r sees keys 0..start+t0+r
+      for (int64_t r = 0; r < R; ++r)
+        rope_row(qkv + (t0 + r) * row + h * D, cos + (t0 + r) * D, sin + (t0 + r) * D, b.q.data() + r * D, D);
+      std::fill(b.acc.begin(), b.acc.end(), 0.f);
+      for (int64_t g0 = 0; g0 < R; g0 += NR) {
+        const int64_t nr = std::min(NR, R - g0), keys = start + t0 + g0 + 1;  // keys all nr rows see
+        group_rows[nr - 1](b.q.data() + g0 * D, kh, vh, keys, D, scale, b.p.data() + g0 * S, S, b.acc.data() + g0 * D,
+                           b.inv.data() + g0);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        A* o = out + (t0 + r) * H * D + h * D;
+        const __m256 iv = _mm256_set1_ps(b.inv[r]);
+        for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(b.acc.data() + r * D + d), iv));
+      }
+    }
+  }
+
+  void tree(int64_t h, RowBuffers& b, int64_t S, int64_t row, float scale, const A* kh, const A* vh) const {
+    b.q.resize(D), b.p.resize(S), b.acc.resize(D);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t* path = paths + t * W;
+      const int64_t prefix = path[0];
+      int64_t n = 0;
+      while (n < W && path[n] >= 0) ++n;
+      // the node sits at position prefix + n - 1, as the last row of a chain holding the same keys would; its
+      // window starts at lo (checked_paths keeps lo <= prefix: a tree is never deeper than the window)
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, prefix + n - window) : 0;
+      rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, b.q.data(), D);
+      // key j = prefix + m of the chain is slot path[m]: offset the base pointer so the one-row loops read it
+      key_scores(b.q.data(), kh, lo, prefix, D, scale, b.p.data());
+      for (int64_t m = 0; m < n; ++m)
+        key_scores(b.q.data(), kh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, scale, b.p.data());
+      const float inv = softmax_row(b.p.data() + lo, prefix + n - lo);
+      std::fill(b.acc.begin(), b.acc.end(), 0.f);
+      weighted_sum_any(b.p.data(), vh, lo, prefix, D, b.acc.data());
+      for (int64_t m = 0; m < n; ++m)
+        weighted_sum_any(b.p.data(), vh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, b.acc.data());
+      A* o = out + t * H * D + h * D;
+      const __m256 iv = _mm256_set1_ps(inv);
+      for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(b.acc.data() + d), iv));
+    }
+  }
+};
+
 // Token-tree attention (decoding/self_speculative.py): row t attends to keys [0, path[0]) and to the slots of
 // path = paths[t * W ..] (its ancestors and itself, ascending, -1 padded). The scores of those keys are laid out
 // contiguously, as a chain holding the same keys would hold them, and every key goes through the one-row loops in
@@ -1072,39 +1142,13 @@ template <typename A>
 void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
                     int64_t S, int64_t H, int64_t G, int64_t D, int64_t L, const int64_t* paths, int64_t W,
                     int64_t window) {
-  const int64_t row = (H + 2 * G) * D, group = H / G;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   if (decode_attention_512(D))  // rows with the same prefix and window start go through together
     return for_head_sets(H, G, T, T * S * D * H,
                          DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, S - T, H, G, D, L, paths, W, window});
+  const RowLoopsAttentionHead<A> head{qkv, cos, sin, kc, vc, out, T, S - T, H, G, D, L, paths, W, window};
   at::parallel_for(0, H, T * S * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> q(D), p(S), acc(D);
-    for (int64_t h = h0; h < h1; ++h) {
-      const A* kh = kc + (h / group) * L * D;
-      const A* vh = vc + (h / group) * L * D;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t* path = paths + t * W;
-        const int64_t prefix = path[0];
-        int64_t n = 0;
-        while (n < W && path[n] >= 0) ++n;
-        // the node sits at position prefix + n - 1, as the last row of a chain holding the same keys would; its
-        // window starts at lo (checked_paths keeps lo <= prefix: a tree is never deeper than the window)
-        const int64_t lo = window > 0 ? std::max<int64_t>(0, prefix + n - window) : 0;
-        rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data(), D);
-        // key j = prefix + m of the chain is slot path[m]: offset the base pointer so the one-row loops read it
-        key_scores(q.data(), kh, lo, prefix, D, scale, p.data());
-        for (int64_t m = 0; m < n; ++m)
-          key_scores(q.data(), kh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, scale, p.data());
-        const float inv = softmax_row(p.data() + lo, prefix + n - lo);
-        std::fill(acc.begin(), acc.end(), 0.f);
-        weighted_sum_any(p.data(), vh, lo, prefix, D, acc.data());
-        for (int64_t m = 0; m < n; ++m)
-          weighted_sum_any(p.data(), vh + (path[m] - prefix - m) * D, prefix + m, prefix + m + 1, D, acc.data());
-        A* o = out + t * H * D + h * D;
-        const __m256 iv = _mm256_set1_ps(inv);
-        for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + d), iv));
-      }
-    }
+    RowBuffers b;
+    for (int64_t h = h0; h < h1; ++h) head(h, b);
   });
 }
 
@@ -1197,39 +1241,15 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
     return window_attention(qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window);
   if (start == 0 && T >= kPrefillAttentionRows && D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2)
     return prompt_attention(qkv, cos, sin, kc, vc, out, T, H, G, D, L);  // a prompt: never a verification pass
-  const int64_t S = start + T, group = H / G, row = (H + 2 * G) * D;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t S = start + T;
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
   if (decode_attention_512(D))  // row t: keys [0, start + 1), then its own start + 1 .. start + t
     return for_head_sets(H, G, T, T * S * D * H,
                          DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L, nullptr, 0, 0});
-  // Rows of a head are taken up to NR = 5 at a time (a verification block of k + 1 <= 5 positions in one go): each
-  // K and V vector is converted once for all of them. A single row keeps the one-row loops (four keys at a time).
-  constexpr int64_t ROWS = 16, NR = 5;
-  decltype(&attend_rows<1, A>) const group_rows[NR] = {attend_rows<1, A>, attend_rows<2, A>, attend_rows<3, A>,
-                                                        attend_rows<4, A>, attend_rows<5, A>};
+  const RowLoopsAttentionHead<A> head{qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, nullptr, 0, 0};
   at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> q(ROWS * D), p(ROWS * S), acc(ROWS * D), inv(ROWS);
-    for (int64_t h = h0; h < h1; ++h) {
-      const A* kh = kc + (h / group) * L * D;
-      const A* vh = vc + (h / group) * L * D;
-      for (int64_t t0 = 0; t0 < T; t0 += ROWS) {
-        const int64_t R = std::min(ROWS, T - t0);  // row r sees keys 0..start+t0+r
-        for (int64_t r = 0; r < R; ++r)
-          rope_row(qkv + (t0 + r) * row + h * D, cos + (t0 + r) * D, sin + (t0 + r) * D, q.data() + r * D, D);
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t g0 = 0; g0 < R; g0 += NR) {
-          const int64_t nr = std::min(NR, R - g0), keys = start + t0 + g0 + 1;  // keys all nr rows see
-          group_rows[nr - 1](q.data() + g0 * D, kh, vh, keys, D, scale, p.data() + g0 * S, S, acc.data() + g0 * D,
-                             inv.data() + g0);
-        }
-        for (int64_t r = 0; r < R; ++r) {
-          A* o = out + (t0 + r) * H * D + h * D;
-          const __m256 iv = _mm256_set1_ps(inv[r]);
-          for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + r * D + d), iv));
-        }
-      }
-    }
+    RowBuffers b;
+    for (int64_t h = h0; h < h1; ++h) head(h, b);
   });
 }
 
@@ -1285,9 +1305,10 @@ at::Tensor rope_cache_attention(const at::Tensor& qkv, const at::Tensor& cos, co
 // goes through all its layers inside one parallel region, the threads meeting at a barrier between operations,
 // instead of a parallel region per product and attention with the glue between them on one thread (on Zen 5 the
 // second thread spun idle ~30% of a one-token step, perf). Each thread normalises and quantizes the few input rows
-// itself (a few hundred elements), claims blocks of weight rows and attention parts from shared counters and
-// rounds the outputs it computed: the same functions on the same values as the per-operation path, so the bits are
-// the same (tests/unit/test_optimize.py). ----
+// itself (a few hundred elements), claims blocks of weight rows and attention parts (the AVX-512 decoding
+// attention's head sets, else single heads through the one-row loops) from shared counters and rounds the outputs
+// it computed: the same functions on the same values as the per-operation path, so the bits are the same
+// (tests/unit/test_optimize.py). ----
 constexpr int64_t kTeamRows = 16;  // longer blocks (prompts) keep the per-operation path and its prompt kernels
 
 // Operations are a few microseconds apart, so the threads spin; past ~50 us of waiting (a thread descheduled on a
@@ -1355,14 +1376,16 @@ struct TeamLayers {
   void run(int tid, int team) {
     Product p;
     DecodeBuffers b;
+    RowBuffers rb;
+    const bool avx512 = decode_attention_512(D);
     const HeadSets sets(H, G, T, team);
     std::vector<A> normed(T * C);
-    std::vector<float> xf(T * std::max({C, H * D, I}));
+    const auto xf = aligned_floats(T * std::max({C, H * D, I}));  // 64-byte rows, as linear_rows gives the kernels
     // [residual +] in @ weight r of layer l into out; in: A rows of K
     auto linear = [&](int64_t l, int r, const A* in, const A* residual, A* out) {
       static_cast<ProductWeight&>(p) = weight[4 * l + r];
-      to_fp32(in, xf.data(), T * p.K);
-      p.prepare(xf.data(), T);
+      to_fp32(in, xf.get(), T * p.K);
+      p.prepare(xf.get(), T);
       shares[4 * l + r].claim(tid, [&](int64_t blk) {
         const int64_t n0 = blk * p.block, n1 = std::min(p.N, n0 + p.block);
         p.rows(n0, n1, y);
@@ -1382,9 +1405,14 @@ struct TeamLayers {
       linear(l, 0, normed.data(), nullptr, qkv);
       write_kv(qkv, cos, sin, kl, vl, T, start, H, G, D, L, tid, team);
       barrier.wait(team);
-      const DecodeAttentionPart<A> part{qkv, cos, sin, kl, vl, att, start, H, G, D, L, paths, W, 0};
-      for (int64_t u; (u = next_part[l].v.fetch_add(1, std::memory_order_relaxed)) < sets.parts();)
-        sets.run(u, T, part, b);
+      if (avx512) {
+        const DecodeAttentionPart<A> part{qkv, cos, sin, kl, vl, att, start, H, G, D, L, paths, W, 0};
+        for (int64_t u; (u = next_part[l].v.fetch_add(1, std::memory_order_relaxed)) < sets.parts();)
+          sets.run(u, T, part, b);
+      } else {
+        const RowLoopsAttentionHead<A> head{qkv, cos, sin, kl, vl, att, T, start, H, G, D, L, paths, W, 0};
+        for (int64_t h; (h = next_part[l].v.fetch_add(1, std::memory_order_relaxed)) < H;) head(h, rb);
+      }
       barrier.wait(team);
       linear(l, 1, att, x, h);
       rms_norm_rows(h, norms[2 * l + 1], normed.data(), T, C, eps);
@@ -1404,10 +1432,10 @@ struct TeamLayers {
 // Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
 // wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
 // Returns the states entering each layer listed in `keep` (ascending, first < n < first + layers), then the output.
-// The team's path: a few positions (kTeamRows), more than one thread, and the AVX-512 decoding attention.
+// The team's path: a few positions (kTeamRows), more than one thread, not already inside a parallel region.
 bool use_team(const at::Tensor& x, const at::Tensor& k) {
   return x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kTeamRows && at::get_num_threads() > 1 &&
-         !at::in_parallel_region() && k.dim() == 4 && k.size(3) <= 512 && decode_attention_512(k.size(3));
+         !at::in_parallel_region() && k.dim() == 4 && k.size(3) <= 512;
 }
 
 std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList weights,
