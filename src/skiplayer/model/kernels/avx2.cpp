@@ -1055,7 +1055,8 @@ struct DecodeAttentionPart {
     return window > 0 ? std::max<int64_t>(0, path[0] + n - window) : 0;
   }
   void operator()(int64_t h0, int64_t h1, int64_t a, int64_t z, DecodeBuffers& b) const {
-    if (!paths) return attend_512(qkv, cos, sin, kc, vc, out, a, z, h0, h1, H, G, D, L, 0, start + 1 + a, nullptr, 0, b);
+    if (!paths)
+      return attend_512(qkv, cos, sin, kc, vc, out, a, z, h0, h1, H, G, D, L, 0, start + 1 + a, nullptr, 0, b);
     for (int64_t t0 = a, t1; t0 < z; t0 = t1) {
       const int64_t prefix = paths[t0 * W], lo = window_lo(paths + t0 * W);
       for (t1 = t0 + 1; t1 < z && paths[t1 * W] == prefix && window_lo(paths + t1 * W) == lo; ++t1) {}
@@ -1417,21 +1418,14 @@ struct TeamLayers {
       linear(l, 1, att, x, h);
       rms_norm_rows(h, norms[2 * l + 1], normed.data(), T, C, eps);
       linear(l, 2, normed.data(), nullptr, gate_up);
-      const int64_t eights = I / 8, c0 = eights * tid / team * 8, c1 = tid + 1 == team ? I : eights * (tid + 1) / team * 8;
-      silu_mul_cols(gate_up, act, T, I, c0, c1);
+      const int64_t eights = I / 8;  // columns split at multiples of 8: each goes through the same loop as alone
+      silu_mul_cols(gate_up, act, T, I, eights * tid / team * 8, tid + 1 == team ? I : eights * (tid + 1) / team * 8);
       barrier.wait(team);
       linear(l, 3, act, h, x);
     }
   }
 };
 
-// ---- Decoder layers first..first+n-1, each x + attn(norm(x)) then h + mlp(norm(h)), as the Python Block computes
-// it (same ops, same roundings, bit-identical), in one call: a decode step is ~30 layers x 12 small ops, and their
-// Python and dispatch overhead was a quarter of a float16 step of the default model; one call per layer still cost
-// ~40 us of Python each (~10% of a step), hence one call for a whole range of layers. ----
-// Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
-// wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
-// Returns the states entering each layer listed in `keep` (ascending, first < n < first + layers), then the output.
 // The team's path: a few positions (kTeamRows), more than one thread, not already inside a parallel region.
 bool use_team(const at::Tensor& x, const at::Tensor& k) {
   return x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kTeamRows && at::get_num_threads() > 1 &&
@@ -1475,7 +1469,8 @@ std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList 
       TORCH_CHECK(w[0].is_contiguous() && w[3].is_contiguous() && w[0].scalar_type() == dt &&
                       w[3].scalar_type() == dt && w[0].numel() == C && w[3].numel() == C,
                   "decoder_layers: norm weights of x's dtype and width expected");
-      const int64_t in[4] = {C, n_heads * D, C, w[4].size(0) / 2}, out_width[4] = {(n_heads + 2 * n_kv_heads) * D, C, w[4].size(0), C};
+      const int64_t in[4] = {C, n_heads * D, C, w[4].size(0) / 2};  // wqkv, wo, w13, w2: (out_width, in)
+      const int64_t out_width[4] = {(n_heads + 2 * n_kv_heads) * D, C, w[4].size(0), C};
       const at::Tensor* mats[4] = {&w[1], &w[2], &w[4], &w[5]};
       for (int r = 0; r < 4; ++r) {
         const c10::optional<at::Tensor> scale = scales.get(4 * l + r);
@@ -1513,6 +1508,13 @@ std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList 
   return out;
 }
 
+// ---- Decoder layers first..first+n-1, each x + attn(norm(x)) then h + mlp(norm(h)), as the Python Block computes
+// it (same ops, same roundings, bit-identical), in one call: a decode step is ~30 layers x 12 small ops, and their
+// Python and dispatch overhead was a quarter of a float16 step of the default model; one call per layer still cost
+// ~40 us of Python each (~10% of a step), hence one call for a whole range of layers. ----
+// Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
+// wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
+// Returns the states entering each layer listed in `keep` (ascending, first < n < first + layers), then the output.
 std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weights,
                                        const c10::List<c10::optional<at::Tensor>>& scales,
                                        const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
