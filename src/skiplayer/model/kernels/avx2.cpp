@@ -480,6 +480,7 @@ int block_format(const at::Tensor& w, int64_t K) {
 struct ProductWeight {
   // float / bf16 / fp16 / int8 rows (format 0) or GGUF blocks (format: bytes per block, qblocks.h)
   const at::Tensor* w = nullptr;
+  const void* data = nullptr;  // w's elements, read by every task (data_ptr checks the dtype on each call)
   const float *scale = nullptr, *bias = nullptr;
   bool packed = false;
   int format = 0, parts = 0;
@@ -496,7 +497,7 @@ struct Product : ProductWeight {
   std::vector<float> dx, xs, xsum, xsum_t;
 
   void bind(const at::Tensor& weight, const float* s, const float* b, bool pk, int64_t k) {
-    w = &weight, scale = s, bias = b, packed = pk, K = k, N = weight.size(0);
+    w = &weight, data = weight.data_ptr(), scale = s, bias = b, packed = pk, K = k, N = weight.size(0);
     format = weight.scalar_type() == at::kByte ? block_format(weight, K) : 0;
     parts = activation_parts;
     block = tiles() ? 64 : 16;
@@ -562,18 +563,18 @@ struct Product : ProductWeight {
         float_rows(mc, x + m0 * K, yc, n, ne);
       } else if (avx2_int8()) {
         quant_rows_avx2_int8(static_cast<int>(mc), a8.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb,
-                             w->data_ptr<uint8_t>(), format, bias, yc, K, N, n, ne);
+                             static_cast<const uint8_t*>(data), format, bias, yc, K, N, n, ne);
       } else if (tiles()) {
         const float *dxc = dx.data() + c * nb * 16, *xs_t = xsum_t.data() + c * nb * 16;
         if (quant_isa == kAmx && parts == 2)
-          quant_rows_amx(static_cast<int>(mc), a[c].data(), dxc, xs_t, w->data_ptr<uint8_t>(), format, bias, yc, K,
+          quant_rows_amx(static_cast<int>(mc), a[c].data(), dxc, xs_t, static_cast<const uint8_t*>(data), format, bias, yc, K,
                          N, n, ne);
         else
-          quant_rows_vnni(static_cast<int>(mc), a[c].data(), dxc, xs_t, w->data_ptr<uint8_t>(), format, parts,
+          quant_rows_vnni(static_cast<int>(mc), a[c].data(), dxc, xs_t, static_cast<const uint8_t*>(data), format, parts,
                           bias, yc, K, N, n, ne);
       } else {
         (quant_isa != kAvx2 ? quant_rows_avx512 : quant_rows_avx2)(static_cast<int>(mc), x + m0 * K,
-                                                                   xsum.data() + m0 * nb, w->data_ptr<uint8_t>(),
+                                                                   xsum.data() + m0 * nb, static_cast<const uint8_t*>(data),
                                                                    format, bias, yc, K, N, n, ne);
       }
     }
@@ -586,10 +587,10 @@ struct Product : ProductWeight {
       else rows_any<false, W>(mc, xc, wp, scale, bias, yc, K, N, n, ne);
     };
     switch (w->scalar_type()) {
-      case at::kFloat: return go(w->data_ptr<float>());
-      case at::kBFloat16: return go(w->data_ptr<at::BFloat16>());
-      case at::kHalf: return go(w->data_ptr<at::Half>());
-      default: return go(w->data_ptr<int8_t>());
+      case at::kFloat: return go(static_cast<const float*>(data));
+      case at::kBFloat16: return go(static_cast<const at::BFloat16*>(data));
+      case at::kHalf: return go(static_cast<const at::Half*>(data));
+      default: return go(static_cast<const int8_t*>(data));
     }
   }
 };
@@ -639,6 +640,32 @@ inline std::unique_ptr<float[], FreeDeleter> aligned_floats(int64_t n) {  // not
   return std::unique_ptr<float[], FreeDeleter>(static_cast<float*>(p));
 }
 
+template <typename A>
+void to_fp32(const A* a, float* f, int64_t n) {  // exact
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, load8(a + i));
+  for (; i < n; ++i) f[i] = static_cast<float>(a[i]);
+}
+
+// Columns n..ne-1 of y (T, N) fp32 to A, plus the residual when given: the product rounded to A, then the sum in
+// fp32 rounded to A (at::add's rounding).
+template <typename A>
+void round_out(const float* y, const A* residual, A* out, int64_t T, int64_t N, int64_t n, int64_t ne) {
+  for (int64_t m = 0; m < T; ++m) {
+    int64_t i = m * N + n;
+    const int64_t end = m * N + ne;
+    for (; i + 8 <= end; i += 8) {
+      __m256 v = round8<A>(_mm256_loadu_ps(y + i));
+      if (residual) v = _mm256_add_ps(load8(residual + i), v);
+      store8(out + i, v);
+    }
+    for (; i < end; ++i) {
+      const A v = static_cast<A>(y[i]);
+      out[i] = residual ? static_cast<A>(static_cast<float>(residual[i]) + static_cast<float>(v)) : v;
+    }
+  }
+}
+
 // The product of x (M, K) in dtype A and w, in A, plus `residual` (M, N) when given, rounded as the tensor ops it
 // replaces round (the product to A, then the sum in fp32 to A: at::add's rounding). In decoder_layers those ops
 // (x to fp32, y back to A, the residual add: ~20 dispatched ops per layer) ran on one thread while the other waited.
@@ -659,11 +686,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::opti
   if constexpr (!F32) {
     xbuf = aligned_floats(M * K);
     float* xb = xbuf.get();
-    for_rows(M, K, [&](int64_t m0, int64_t m1) {
-      int64_t i = m0 * K;
-      for (; i + 8 <= m1 * K; i += 8) _mm256_storeu_ps(xb + i, load8(xa + i));
-      for (; i < m1 * K; ++i) xb[i] = static_cast<float>(xa[i]);
-    });
+    for_rows(M, K, [&](int64_t m0, int64_t m1) { to_fp32(xa + m0 * K, xb + m0 * K, (m1 - m0) * K); });
     xf = xb;
   }
   const auto ybuf = aligned_floats(MN);  // the kernel writes every element
@@ -672,16 +695,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const A* r = residual ? residual->data_ptr<A>() : nullptr;
   const float* yb = ybuf.get();
   for_rows(M, N, [&](int64_t m0, int64_t m1) {
-    int64_t i = m0 * N;
-    for (; i + 8 <= m1 * N; i += 8) {
-      __m256 v = round8<A>(_mm256_loadu_ps(yb + i));
-      if (r) v = _mm256_add_ps(load8(r + i), v);
-      store8(o + i, v);
-    }
-    for (; i < m1 * N; ++i) {
-      const A v = static_cast<A>(yb[i]);
-      o[i] = r ? static_cast<A>(static_cast<float>(r[i]) + static_cast<float>(v)) : v;
-    }
+    round_out(yb + m0 * N, r ? r + m0 * N : nullptr, o + m0 * N, m1 - m0, N, 0, N);
   });
   return out;
 }
@@ -1215,16 +1229,15 @@ template <typename A>
 void write_kv(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, int64_t T, int64_t start, int64_t H, int64_t G,
               int64_t D, int64_t L, int64_t g0, int64_t step) {
   const int64_t row = (H + 2 * G) * D;
-  float tmp[512];
-  TORCH_CHECK(D <= 512, "rope_cache_attention: head dimension above 512");
+  std::vector<float> tmp(D);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t g = g0; g < G; g += step) {
       const A* k = qkv + t * row + (H + g) * D;
       const A* v = qkv + t * row + (H + G + g) * D;
-      rope_row(k, cos + t * D, sin + t * D, tmp, D);
+      rope_row(k, cos + t * D, sin + t * D, tmp.data(), D);
       A* kd = kc + (g * L + start + t) * D;
       A* vd = vc + (g * L + start + t) * D;
-      for (int64_t d = 0; d < D; d += 8) store8(kd + d, _mm256_loadu_ps(tmp + d));
+      for (int64_t d = 0; d < D; d += 8) store8(kd + d, _mm256_loadu_ps(tmp.data() + d));
       std::copy(v, v + D, vd);
     }
   }
@@ -1332,31 +1345,6 @@ struct SpinBarrier {
   }
 };
 
-template <typename A>
-void to_fp32(const A* a, float* f, int64_t n) {  // exact, as linear_rows converts
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, load8(a + i));
-  for (; i < n; ++i) f[i] = static_cast<float>(a[i]);
-}
-
-// Columns n..ne-1 of y (T, N) fp32 to A, plus the residual when given, as linear_rows rounds them.
-template <typename A>
-void round_out(const float* y, const A* residual, A* out, int64_t T, int64_t N, int64_t n, int64_t ne) {
-  for (int64_t m = 0; m < T; ++m) {
-    int64_t i = m * N + n;
-    const int64_t end = m * N + ne;
-    for (; i + 8 <= end; i += 8) {
-      __m256 v = round8<A>(_mm256_loadu_ps(y + i));
-      if (residual) v = _mm256_add_ps(load8(residual + i), v);
-      store8(out + i, v);
-    }
-    for (; i < end; ++i) {
-      const A v = static_cast<A>(y[i]);
-      out[i] = residual ? static_cast<A>(static_cast<float>(residual[i]) + static_cast<float>(v)) : v;
-    }
-  }
-}
-
 // Everything decoder_layers' team reads, set up (and checked) before the parallel region.
 template <typename A>
 struct TeamLayers {
@@ -1429,7 +1417,7 @@ struct TeamLayers {
 // The team's path: a few positions (kTeamRows), more than one thread, not already inside a parallel region.
 bool use_team(const at::Tensor& x, const at::Tensor& k) {
   return x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kTeamRows && at::get_num_threads() > 1 &&
-         !at::in_parallel_region() && k.dim() == 4 && k.size(3) <= 512;
+         !at::in_parallel_region() && k.dim() == 4;
 }
 
 std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList weights,
