@@ -28,7 +28,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "float16)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default %(default)s)")
     g.add_argument("--quantize", default="auto", choices=["auto", "gguf", "int8", "none"],
-                   help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q5_0/Q8_0/Q4_K blocks, unexpanded), int8 "
+                   help="weights: gguf (a .gguf model's own Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K blocks, unexpanded), int8 "
                         "(weight-only, per output channel), none (floats in --dtype); auto: gguf for a .gguf model where the "
                         "native kernels build, else none. Activations stay in --dtype")
     g.add_argument("--gguf_activations", default="auto", choices=list(GGUF_ACTIVATIONS),

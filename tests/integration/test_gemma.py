@@ -31,8 +31,9 @@ def test_auto_dtype_and_file_blocks(loaded):
     from skiplayer.model.optimize import describe_weights
     assert loaded.dtype == torch.float32  # float16 overflows Gemma 3
     assert loaded.model.layers[0].attention.window == 512 and loaded.model.layers[5].attention.window == 0
-    # Q5_0 / Q8_0 matrices as Q8 blocks, Q4_K as Q4K blocks; the Q6_K ones keep the float copy
-    assert describe_weights(loaded.model).startswith("GGUF blocks Q4K, Q8")
+    # Q5_0 / Q8_0 matrices as Q8 blocks, Q4_K as Q4K blocks, Q6_K (half the ffn_down) as Q6K blocks: no float copy
+    assert describe_weights(loaded.model).startswith("GGUF blocks Q4K, Q6K, Q8")
+    assert all(block.feed_forward.w2.weight.dtype == torch.uint8 for block in loaded.model.layers)
 
 
 def test_forward_matches_hf_past_the_sliding_window(loaded):

@@ -269,6 +269,9 @@ def int8_activations_reference(x: torch.Tensor, b: torch.Tensor, bias: torch.Ten
     dx = xb.abs().amax(-1) / 127
     dx = torch.where(dx > 0, dx, torch.ones_like(dx))
     a = (xb / dx[..., None]).round().clamp(-127, 127).double()
+    if d.dim() == 3:  # Q6K: a d per 16 quants, d (n, nb, 2), q (n, nb, 32)
+        sums = torch.einsum("mbhk,nbhk->mnbh", a.unflatten(-1, (2, 16)), q.unflatten(-1, (2, 16)))
+        return ((sums * d[None]).sum(-1) * dx.double()[:, None, :]).sum(-1) + bias.double()
     y = torch.einsum("mbk,nbk->mnb", a, q) * d[None] * dx.double()[:, None, :]
     if m is not None:
         y = y + m[None] * (dx.double() * a.sum(-1))[:, None, :]
@@ -299,7 +302,7 @@ def test_int8_activations_are_one_int8_part_per_block_and_batch_invariant(fmt, a
 @native
 @pytest.mark.parametrize("activations", ["int8"], indirect=True)
 @pytest.mark.parametrize("isa", ["avx2"], indirect=True)
-@pytest.mark.parametrize("fmt", FORMATS + ["Q4_K"])
+@pytest.mark.parametrize("fmt", FORMATS + ["Q4_K", "Q6_K"])
 def test_avx2_int8_activations_are_llamacpp_arithmetic_and_batch_invariant(fmt, isa, activations):
     """The AVX2 rows kernel with 8-bit x (the default on AVX2-only CPUs): integer dot products of the file's quants
     with one int8 part per block of 32, exactly the arithmetic of the VNNI kernel's one part, batch invariant."""
@@ -309,10 +312,10 @@ def test_avx2_int8_activations_are_llamacpp_arithmetic_and_batch_invariant(fmt, 
     for M, K, N in [(1, 256, 5), (6, 512, 33), (19, 768, 40)]:  # odd N (two-row tiles' tail), M over chunks of 4
         w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
         x[0, 32:64] = 0.0  # an all-zero block (dx = 1 there)
-        raw = q4k_file_rows(N, K, seed=M) if fmt == "Q4_K" else file_blocks(w, fmt)
+        raw = K_QUANT_ROWS[fmt](N, K, seed=M) if fmt in K_QUANT_ROWS else file_blocks(w, fmt)
         b = pack_blocks(fmt, raw)
         y = op(x, b, None, bias, True, False)
-        ref = int8_activations_reference(x, b, bias, _file_parts(fmt, raw))
+        ref = int8_activations_reference(x, b, bias, q6k_parts(b, K) if fmt == "Q6_K" else _file_parts(fmt, raw))
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), fmt  # fp32 sums of exact int32 products
         exact = x.double() @ dequantize_blocks(b, K).double().T + bias.double()
         assert (y.double() - exact).abs().max() > 1e-4 * exact.abs().max()  # it does take x in 8 bits
@@ -379,23 +382,42 @@ def q4k_file_rows(n: int, K: int, seed: int = 0) -> np.ndarray:
     return b.reshape(n, -1)
 
 
-def test_q4k_blocks_are_ggml_dequantization():
-    raw = q4k_file_rows(24, 512)
-    w = pack_blocks("Q4_K", raw)
-    assert kernel_format(w, 512) == "Q4K" and w.shape == (24, 512 // 32 * 24)
-    expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K))
-    assert torch.equal(dequantize_blocks(w, 512), expected)  # fp32 sub-block d and m: the file's values exactly
+def q6k_file_rows(n: int, K: int, seed: int = 0) -> np.ndarray:
+    """Random Q6_K rows as a file holds them (any quants and int8 scales are valid once d is finite)."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, size=(n, K // 256, 210), dtype=np.uint8)
+    b[..., 208:210] = rng.uniform(1e-4, 1e-3, size=(n, K // 256, 1)).astype(np.float16).view(np.uint8)
+    return b.reshape(n, -1)
+
+
+def q6k_parts(b: torch.Tensor, K: int):
+    """(d (n, nb, 2), None, q (n, nb, 32)) of Q6K rows in the kernels' layout: a d per 16 quants."""
+    blocks = b.numpy().reshape(b.shape[0], K // 32, 40)
+    return blocks[..., :8].copy().view(np.float32), None, blocks[..., 8:].copy().view(np.int8)
+
+
+K_QUANT_ROWS = {"Q4_K": q4k_file_rows, "Q6_K": q6k_file_rows}
+
+
+@pytest.mark.parametrize("fmt, layout, size", [("Q4_K", "Q4K", 24), ("Q6_K", "Q6K", 40)])
+def test_k_quant_blocks_are_ggml_dequantization(fmt, layout, size):
+    raw = K_QUANT_ROWS[fmt](24, 512)
+    w = pack_blocks(fmt, raw)
+    assert kernel_format(w, 512) == layout and w.shape == (24, 512 // 32 * size)
+    expected = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[fmt]))
+    assert torch.equal(dequantize_blocks(w, 512), expected)  # fp32 sub-block scales: the file's values exactly
     with pytest.raises(ValueError, match="rows layout only"):
-        pack_blocks("Q4_K", raw, tiles=True)
+        pack_blocks(fmt, raw, tiles=True)
 
 
 @native
 @pytest.mark.parametrize("activations", ["int8x2"], indirect=True)
 @pytest.mark.parametrize("isa", isas(), indirect=True)
-def test_q4k_products_exact_and_batch_invariant(isa, activations):
-    raw = q4k_file_rows(40, 768, seed=1)
-    w = pack_blocks("Q4_K", raw)
-    ref_w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType.Q4_K)).double()
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+def test_k_quant_products_exact_and_batch_invariant(fmt, isa, activations):
+    raw = K_QUANT_ROWS[fmt](40, 768, seed=1)
+    w = pack_blocks(fmt, raw)
+    ref_w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[fmt])).double()
     x = torch.randn(11, 768, generator=torch.Generator().manual_seed(3))
     op = torch.ops.skiplayer.small_linear
     y = op(x, w, None, None, True, False)

@@ -1,13 +1,14 @@
-"""GGUF weights as the file stores them: Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K blocks, multiplied by the native kernels
-without expanding them (kernels/qblocks.h), instead of the float copy `load.py` converts the file to.
+"""GGUF weights as the file stores them: Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K blocks, multiplied by the native
+kernels without expanding them (kernels/qblocks.h), instead of the float copy `load.py` converts the file to.
 
 A block-quantized Linear keeps a uint8 weight (N, K / 32 * bytes per block): the file's blocks, re-laid out per row
 for the kernels (pack_blocks; qblocks.h says why), told apart by their bytes per block (22: Q4_1 and Q4_0, the latter
 as m = -8d; 36: Q8_0, and Q5_0 as Q8_0 blocks of q - 16, exact; 24: Q4_K, each 32-weight sub-block with its own
-fp32 d = d * scale and m = -dmin * min, exact, rows layout only). The kernels compute with exactly the fp32 values
-ggml's own dequantization gives (d * q + m), so the weights are the file's, bit for bit; the float16 path rounds them
-to 11 significant bits on top. Matrices in other formats (F16/F32, Q6_K, whose scales cover 16 weights, and the
-other K-quants) keep their float copy.
+fp32 d = d * scale and m = -dmin * min, exact, rows layout only; 40: Q6_K, each 32 weights with the fp32 d * scale
+of its two 16-weight sub-blocks and the quants - 32 as int8, exact, rows layout only). The kernels compute with
+exactly the fp32 values ggml's own dequantization gives (d * q + m), so the weights are the file's, bit for bit; the
+float16 path rounds them to 11 significant bits on top. Matrices in other formats (F16/F32 and the other K-quants)
+keep their float copy.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ from torch import nn
 from skiplayer.model.llama import Linear, Transformer
 
 FILE_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q8_0": 34}  # per block of 32 weights, in the file
-SUPER_BLOCK_BYTES = {"Q4_K": 144}  # per super-block of 256 weights
-KERNEL_FAMILY = {"Q4_0": "Q4", "Q4_1": "Q4", "Q5_0": "Q8", "Q8_0": "Q8", "Q4_K": "Q4K"}  # the layout each takes
+SUPER_BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}  # per super-block of 256 weights
+# the layout each takes
+KERNEL_FAMILY = {"Q4_0": "Q4", "Q4_1": "Q4", "Q5_0": "Q8", "Q8_0": "Q8", "Q4_K": "Q4K", "Q6_K": "Q6K"}
+ROWS_ONLY = {"Q4K", "Q6K"}  # fp32 scales: no tiles layout
 # In the kernels' layouts (kernels/qblocks.h): per row for the AVX2 / AVX-512 kernels, per 16 rows for the tiles (AMX or VNNI).
-KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36, "Q4K": 24, "Q4 tiles": 20, "Q8 tiles": 34}
+KERNEL_BLOCK_BYTES = {"Q4": 22, "Q8": 36, "Q4K": 24, "Q6K": 40, "Q4 tiles": 20, "Q8 tiles": 34}
 
 
 def kernel_format(weight: torch.Tensor, in_features: int) -> str:
@@ -85,6 +88,27 @@ def _q4k_parts(rows: np.ndarray):
     return d_sub, m_sub, q
 
 
+def _q6k_rows(rows: np.ndarray) -> torch.Tensor:
+    """Q6_K rows -> the rows layout: per 32 weights [fp32 d0][fp32 d1][32 int8], w = d0 * q (elements 0..15) and
+    d1 * q (16..31), with d0, d1 = d * scale of the two 16-weight sub-blocks (exact in fp32) and q = the 6-bit quant
+    - 32, as ggml dequantizes (d * scale * q, whose product needs at most 23 significant bits: exact)."""
+    n = rows.shape[0]
+    b = np.ascontiguousarray(rows).reshape(n, -1, SUPER_BLOCK_BYTES["Q6_K"])
+    ql, qh = b[..., :128], b[..., 128:192]
+    scale = b[..., 192:208].copy().view(np.int8).astype(np.float32)  # (n, ns, 16)
+    d = b[..., 208:210].copy().view(np.float16).astype(np.float32)    # (n, ns, 1)
+    q = np.empty((n, b.shape[1], 256), np.uint8)
+    for half in range(2):  # each 128 weights: 64 bytes of low nibbles and 32 of high bit pairs (ggml's layout)
+        lo, hi, o = ql[..., 64 * half:64 * half + 64], qh[..., 32 * half:32 * half + 32], 128 * half
+        q[..., o:o + 32] = (lo[..., :32] & 15) | ((hi & 3) << 4)
+        q[..., o + 32:o + 64] = (lo[..., 32:] & 15) | (((hi >> 2) & 3) << 4)
+        q[..., o + 64:o + 96] = (lo[..., :32] >> 4) | (((hi >> 4) & 3) << 4)
+        q[..., o + 96:o + 128] = (lo[..., 32:] >> 4) | (((hi >> 6) & 3) << 4)
+    q = (q.astype(np.int16) - 32).astype(np.int8).reshape(n, -1, 32)     # (n, nb, 32)
+    ds = (d * scale).reshape(n, -1, 2).view(np.uint8)                     # (n, nb, 8): d0, d1 of each block
+    return torch.from_numpy(np.concatenate([ds, q.view(np.uint8)], axis=-1).reshape(n, -1).copy())
+
+
 def _file_parts(fmt: str, rows: np.ndarray):
     """(d (n, nb) fp16 (fp32 for Q4_K), m (n, nb) fp16 / fp32 or None, q (n, nb, 32) uint8 / int8) of a file's
     rows."""
@@ -115,8 +139,10 @@ def _file_parts(fmt: str, rows: np.ndarray):
 def pack_blocks(fmt: str, rows: np.ndarray, tiles: bool = False) -> torch.Tensor:
     """A file's (N, blocks * file bytes) uint8 rows of format `fmt` -> a kernels' layout (kernels/qblocks.h): the
     rows layout, or with `tiles` (AMX or VNNI; N % 16 == 0) the tiles layout. Same shape (N, nb * bytes per block)."""
-    if tiles and KERNEL_FAMILY[fmt] == "Q4K":
-        raise ValueError("Q4_K blocks have fp32 scales: the rows layout only")
+    if tiles and KERNEL_FAMILY[fmt] in ROWS_ONLY:
+        raise ValueError(f"{fmt} blocks have fp32 scales: the rows layout only")
+    if fmt == "Q6_K":
+        return _q6k_rows(rows)
     return _pack_parts(*_file_parts(fmt, rows), tiles=tiles)
 
 
@@ -178,6 +204,10 @@ def dequantize_blocks(weight: torch.Tensor, in_features: int) -> torch.Tensor:
         b = weight.reshape(n, nb, 36)
         return (b[..., :4].contiguous().view(torch.float32) * b[..., 4:].contiguous().view(torch.int8).float()
                 ).reshape(n, in_features)
+    if fmt == "Q6K":
+        b = weight.reshape(n, nb, 40)
+        d = b[..., :8].contiguous().view(torch.float32).repeat_interleave(16, dim=-1)  # (n, nb, 32)
+        return (d * b[..., 8:].contiguous().view(torch.int8).float()).reshape(n, in_features)
     b = weight[:, :nb * 20].reshape(n, nb, 20)
     d = b[..., :4].contiguous().view(torch.float32)  # (n, nb, 1)
     m = weight[:, nb * 20:].contiguous().view(torch.float32 if fmt == "Q4K" else torch.float16).float()[..., None]
@@ -221,7 +251,7 @@ def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
     if not parts or any(p is None for p in parts) or len({KERNEL_FAMILY[fmt] for fmt, _ in parts}) != 1:
         return None
     tiles = (tiles_available() and sum(r.shape[0] for _, r in parts) % 16 == 0
-             and KERNEL_FAMILY[parts[0][0]] != "Q4K")
+             and KERNEL_FAMILY[parts[0][0]] not in ROWS_ONLY)
     if len({fmt for fmt, _ in parts}) == 1:
         return pack_blocks(parts[0][0], np.concatenate([r for _, r in parts]), tiles=tiles)
     # mixed Q5_0 / Q8_0 parts (a fused q/k/v): each part's rows packed alone, then joined
@@ -232,8 +262,8 @@ def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
 
 def use_gguf_blocks(model: Transformer, path: str | Path) -> dict[str, int]:
     """Give `model` (built from the file's float conversion, not yet optimize_model'ed) the file's own blocks for
-    every matrix stored as Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K; returns how many matrices took each format. The LM head
-    becomes `model.lm_head` (the float table stays for the embedding lookup and head_rows)."""
+    every matrix stored as Q4_0 / Q4_1 / Q5_0 / Q8_0 / Q4_K / Q6_K; returns how many matrices took each format. The
+    LM head becomes `model.lm_head` (the float table stays for the embedding lookup and head_rows)."""
     a = model.args
     arch, blocks = read_blocks(path)
     permuted = arch == "llama"  # llama.cpp's converter reorders q/k rows for Llama-architecture files only

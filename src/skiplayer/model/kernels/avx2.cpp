@@ -209,7 +209,13 @@ void for_rows(int64_t M, int64_t per_row, const F& f) {
 template <int FMT>
 inline void block_weights(const uint8_t* blk, __m256 wv[4]) {
   const __m256 d = _mm256_set1_ps(load4<float>(blk));
-  if constexpr (FMT == kQ8) {
+  if constexpr (FMT == kQ6K) {  // elements 0..15 scaled by d0, 16..31 by d1
+    const __m256 d1 = _mm256_set1_ps(load4<float>(blk + 4));
+    for (int i = 0; i < 4; ++i) {
+      const __m128i q = _mm_loadl_epi64((const __m128i*)(blk + 8 + 8 * i));
+      wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), i < 2 ? d : d1);
+    }
+  } else if constexpr (FMT == kQ8) {
     for (int i = 0; i < 4; ++i)
       wv[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(blk + 4 + 8 * i)))), d);
   } else {
@@ -253,7 +259,7 @@ inline void store_tile(const __m256 (&acc)[R][M], const float* xsum, const uint8
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float s;
-      if (FMT != kQ8) {
+      if (block_has_m(FMT)) {
         const uint8_t* mr = w + (n0 + r) * nb * FMT + nb * 20;
         s = m_tail<FMT>(mr, xsum + m * nb, nb, hsum8(add_m_terms<FMT>(mr, xsum + m * nb, nb, acc[r][m])));
       } else {
@@ -268,7 +274,7 @@ inline void store_tile(const __m256 (&acc)[R][M], const float* xsum, const uint8
 template <int FMT, int M, int R>
 inline void quant_tile(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
                        int64_t N, int64_t n0) {
-  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ8 ? 36 : 20;
+  const int64_t nb = K / 32, row_bytes = nb * FMT, step = block_step(FMT);
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -359,23 +365,28 @@ inline __m256i block_dot(__m256i q, __m256i a) {
 template <int FMT, int M, int R>
 inline void quant_tile_int8(const int8_t* a, const float* dx, const float* xs, const uint8_t* w, const float* bias,
                             float* y, int64_t K, int64_t N, int64_t n0) {
-  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ8 ? 36 : 20;
+  constexpr int QF = FMT == kQ6K ? kQ8 : FMT;  // Q6K's quants are int8 like Q8's, with a d per 16 of them
+  const int64_t nb = K / 32, row_bytes = nb * FMT, step = block_step(FMT);
   __m256 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m256i q[R];
-    float d[R];
+    float d[R], d1[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + (n0 + r) * row_bytes + b * step;
       d[r] = load4<float>(blk);
-      q[r] = block_quants<FMT>(blk + 4);
+      d1[r] = FMT == kQ6K ? load4<float>(blk + 4) : d[r];
+      q[r] = block_quants<QF>(blk + (FMT == kQ6K ? 8 : 4));
     }
     for (int m = 0; m < M; ++m) {
       const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + m * K + 32 * b));
-      for (int r = 0; r < R; ++r)
-        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<FMT>(q[r], av)), _mm256_set1_ps(d[r] * dx[m * nb + b]),
-                                    acc[r][m]);
+      const float s = dx[m * nb + b];
+      for (int r = 0; r < R; ++r) {  // int32 lanes 0..3 hold elements 0..15, lanes 4..7 elements 16..31
+        const __m256 dv = FMT == kQ6K ? _mm256_set_m128(_mm_set1_ps(d1[r] * s), _mm_set1_ps(d[r] * s))
+                                      : _mm256_set1_ps(d[r] * s);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<QF>(q[r], av)), dv, acc[r][m]);
+      }
     }
   }
   store_tile<FMT, M, R>(acc, xs, w, bias, y, nb, N, n0);
@@ -405,6 +416,7 @@ void quant_rows_avx2_int8(int M, const int8_t* a, const float* dx, const float* 
                           const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   if (format == kQ4) return quant_rows_int8_fmt<kQ4>(M, a, dx, xs, w, bias, y, K, N, n0, n1);
   if (format == kQ4K) return quant_rows_int8_fmt<kQ4K>(M, a, dx, xs, w, bias, y, K, N, n0, n1);
+  if (format == kQ6K) return quant_rows_int8_fmt<kQ6K>(M, a, dx, xs, w, bias, y, K, N, n0, n1);
   return quant_rows_int8_fmt<kQ8>(M, a, dx, xs, w, bias, y, K, N, n0, n1);
 }
 
@@ -413,6 +425,7 @@ void quant_rows_avx2(int M, const float* x, const float* xsum, const uint8_t* w,
                      float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   if (format == kQ4) return quant_rows_fmt<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1);
   if (format == kQ4K) return quant_rows_fmt<kQ4K>(M, x, xsum, w, bias, y, K, N, n0, n1);
+  if (format == kQ6K) return quant_rows_fmt<kQ6K>(M, x, xsum, w, bias, y, K, N, n0, n1);
   return quant_rows_fmt<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 
@@ -466,10 +479,10 @@ std::string kernel_isa(c10::string_view isa) {
 // The block format of a uint8 weight (N, bytes) for K input columns, from its bytes per block (qblocks.h).
 int block_format(const at::Tensor& w, int64_t K) {
   TORCH_CHECK(K % 32 == 0, "small_linear: block-quantized weights need K % 32 == 0");
-  for (int f : {kQ4, kQ8, kQ4K, kQ4Tiles, kQ8Tiles})
+  for (int f : {kQ4, kQ8, kQ4K, kQ6K, kQ4Tiles, kQ8Tiles})
     if (w.size(1) == K / 32 * f) return f;
-  TORCH_CHECK(false, "small_linear: a uint8 weight must hold GGUF blocks in the kernels' layout (20, 22, 24, 34 or "
-                     "36 bytes per 32 columns of x: model/gguf_blocks.py pack_blocks)");
+  TORCH_CHECK(false, "small_linear: a uint8 weight must hold GGUF blocks in the kernels' layout (20, 22, 24, 34, 36 "
+                     "or 40 bytes per 32 columns of x: model/gguf_blocks.py pack_blocks)");
 }
 
 // A product y (M, N) = x (M, K) @ w^T (times the int8 scales, plus the bias) in two steps: prepare(x, M) derives what

@@ -16,7 +16,11 @@ namespace {
 template <int FMT>
 inline void block_weights(const uint8_t* blk, __m512& lo, __m512& hi) {
   const __m512 d = _mm512_set1_ps(load4<float>(blk));
-  if constexpr (FMT == kQ8) {
+  if constexpr (FMT == kQ6K) {  // elements 0..15 scaled by d0, 16..31 by d1
+    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 8)))), d);
+    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 24)))),
+                       _mm512_set1_ps(load4<float>(blk + 4)));
+  } else if constexpr (FMT == kQ8) {
     lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 4)))), d);
     hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 20)))), d);
   } else {
@@ -43,7 +47,7 @@ inline __m512 add_m_terms(const uint8_t* m, const float* xsum, int64_t nb, __m51
 template <int FMT, int M, int R>
 inline void tile(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
                  int64_t N, int64_t n0) {
-  const int64_t nb = K / 32, row_bytes = nb * FMT, step = FMT == kQ8 ? 36 : 20;
+  const int64_t nb = K / 32, row_bytes = nb * FMT, step = block_step(FMT);
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -61,7 +65,7 @@ inline void tile(const float* x, const float* xsum, const uint8_t* w, const floa
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
-      if (FMT != kQ8) acc[r][m] = add_m_terms<FMT>(w + (n0 + r) * row_bytes + nb * 20, xsum + m * nb, nb, acc[r][m]);
+      if (block_has_m(FMT)) acc[r][m] = add_m_terms<FMT>(w + (n0 + r) * row_bytes + nb * 20, xsum + m * nb, nb, acc[r][m]);
       float s = _mm512_reduce_add_ps(acc[r][m]);
       if (bias) s += bias[n0 + r];
       y[m * N + n0 + r] = s;
@@ -98,6 +102,7 @@ void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* 
                        float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   if (format == kQ4) return rows_any<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1);
   if (format == kQ4K) return rows_any<kQ4K>(M, x, xsum, w, bias, y, K, N, n0, n1);
+  if (format == kQ6K) return rows_any<kQ6K>(M, x, xsum, w, bias, y, K, N, n0, n1);
   return rows_any<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 

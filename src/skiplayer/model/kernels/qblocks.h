@@ -10,6 +10,9 @@
 //   Q8 (36 bytes): nb blocks of [fp32 d][32 int8]                               w = d * q        (Q8_0, Q5_0)
 //   Q4K (24 bytes): as Q4 with nb fp32 m                                        w = d * q + m    (Q4_K)
 //   (Q4_K's sub-block d = d * scale and m = -dmin * min carry up to 17 significant bits: exact in fp32, not fp16.)
+//   Q6K (40 bytes): nb blocks of [fp32 d0][fp32 d1][32 int8]                w = d0 * q, d1 * q (Q6_K)
+//   (Q6_K's 16-weight sub-blocks: d0 = d * scale of elements 0..15, d1 of 16..31, q = the 6-bit quant - 32;
+//   d0 * q carries at most 11 + 7 + 5 bits: exact in fp32, as ggml computes it.)
 //   Byte j of the nibbles holds element j (low nibble) and element j + 16 (high nibble), as in the file.
 //   A d stored as fp32 in front of its block feeds the multiply as an embedded broadcast, and the m of a Q4 row
 //   enter once per row as sum_b m_b * (sum of x over block b): the file's layout (two fp16 conversions and two
@@ -38,7 +41,11 @@ static inline T load4(const uint8_t* p) {
   return v;
 }
 
-enum BlockFormat : int { kQ4 = 22, kQ8 = 36, kQ4K = 24, kQ4Tiles = 20, kQ8Tiles = 34 };  // bytes per block of 32
+enum BlockFormat : int { kQ4 = 22, kQ8 = 36, kQ4K = 24, kQ6K = 40, kQ4Tiles = 20, kQ8Tiles = 34 };  // bytes per 32
+
+// Rows layout: bytes from one block to the next (a Q4 row's m follow its blocks), and whether a row has m terms.
+static constexpr int block_step(int format) { return format == kQ8 ? 36 : format == kQ6K ? 40 : 20; }
+static constexpr bool block_has_m(int format) { return format == kQ4 || format == kQ4K; }
 
 // y[m * N + n] = sum_k x[m * K + k] w(n, k) (+ bias[n]) for input rows m < M and weight rows n0 <= n < n1; xsum (M,
 // K / 32): the sums of x over each block of 32 columns (Q4 and Q4K only). Every output is accumulated in the same order
