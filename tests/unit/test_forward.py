@@ -58,7 +58,7 @@ def test_gemma_native_kernels_match_hf_and_are_batch_invariant():
         pytest.skip("native kernels unavailable here (no compiler)")
     hf = tiny_hf_model("gemma3", seed=5, n_layers=6)
     ours = optimize_model(Transformer.from_hf(hf))
-    assert ours.native_stack is None  # Gemma layers run block by block, each op native
+    assert ours.native_stack is not None  # Gemma's layers in one native call too (decoder_layers' variations)
     tokens = torch.randint(0, 97, (17,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(tokens[None]).logits[0]

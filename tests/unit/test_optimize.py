@@ -457,21 +457,29 @@ def test_norm_and_silu_of_long_blocks_equal_their_rows_at_any_thread_count(dtype
     native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
     reason="this CPU has no AVX-512: its decoding attention is not there to split"))])
 @pytest.mark.parametrize("dtype,quantize,arch", [(torch.float32, None, "llama"), (torch.float16, None, "qwen2"),
-                                                 (torch.bfloat16, "int8", "llama")])
+                                                 (torch.bfloat16, "int8", "llama"), (torch.float32, None, "gemma3"),
+                                                 (torch.bfloat16, "int8", "gemma3")])
 def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize, arch, isa):
     """Blocks of up to 16 positions run all their layers in one parallel region on two threads (avx2.cpp's
     TeamLayers): logits, tapped states and cache are the bits of one thread running one operation at a time, for
     one-token steps, chains and a token tree, with the whole layer range in one call or a call per layer; with the
-    AVX-512 decoding attention where the CPU has it, and with the one-row loops (kernel_isa avx2) everywhere."""
+    AVX-512 decoding attention where the CPU has it, and with the one-row loops (kernel_isa avx2) everywhere. Gemma 3's
+    layers too (q/k and sandwich norms, GeGLU, sliding windows of 5 that the blocks run past, local RoPE tables); and
+    per operation, decoder_layers gives what the Python blocks give, op by op."""
     from skiplayer.model.llama import TreeMask
     best = torch.ops.skiplayer.kernel_isa("")
     hf = tiny_hf_model(arch, seed=3, hidden_size=256, n_heads=4, n_kv_heads=2, tie=arch == "qwen2")  # head_dim 64
     model = optimize_model(Transformer.from_hf(hf, dtype=dtype), quantize)
+    assert model.native_stack is not None
     tree = TreeMask(torch.tensor([[9, -1], [9, 10], [9, 11]]), torch.tensor([9, 10, 10]))  # a root, two children
 
-    def run(threads, stack):
+    def run(threads, stack, python=False):
         torch.set_num_threads(threads)
         saved, model.native_stack = model.native_stack, (model.native_stack if stack else None)
+        args = [block.native_args for block in model.layers]
+        if python:  # Block.forward's own ops (native ones, one at a time) instead of decoder_layers
+            for block in model.layers:
+                block.native_args = None
         cache, seen, out = model.new_cache(48), [], []
         taps = {n: seen.append for n in (1, 3)}
         try:
@@ -486,6 +494,8 @@ def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize
                     start += T
         finally:
             model.native_stack = saved
+            for block, a in zip(model.layers, args):
+                block.native_args = a
         return out + seen + [cache.k[:, :, :start], cache.v[:, :, :start]]
 
     before = torch.get_num_threads()
@@ -496,6 +506,8 @@ def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize
         for stack in (True, False):
             two = run(2, stack)
             assert len(two) == len(one) and all(torch.equal(a, b) for a, b in zip(one, two)), stack
+        ops = run(1, False, python=True)
+        assert all(torch.equal(a, b) for a, b in zip(one, ops))
     finally:
         torch.set_num_threads(before)
         torch.ops.skiplayer.kernel_isa(best)

@@ -260,22 +260,24 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    native: bool = False  # silu(gate) * up as one op (torch.ops.skiplayer.silu_mul): set by model/optimize.py
+    # silu(gate) * up (gelu_tanh(gate) * up) as one op (torch.ops.skiplayer.silu_mul / gelu_tanh_mul): set by
+    # model/optimize.py
+    native: bool = False
 
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.w13 = Linear(a.dim, 2 * a.intermediate_size, bias=False)  # gate and up, fused
         self.w2 = Linear(a.intermediate_size, a.dim, bias=False)
-        self.gelu = a.hidden_act == "gelu_tanh"  # GeGLU (Gemma): no native op, torch's gelu
+        self.gelu = a.hidden_act == "gelu_tanh"  # GeGLU (Gemma)
 
     def forward(self, x):
         return self.w2(self.act(self.w13(x)))
 
     def act(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up (gelu_tanh(gate) * up for GeGLU) of the fused gate/up rows (..., 2I) -> (..., I)."""
-        if self.native and not self.gelu:
-            act = torch.ops.skiplayer.silu_mul(gate_up.reshape(-1, gate_up.shape[-1]))
-            return act.reshape(*gate_up.shape[:-1], -1)
+        if self.native:
+            op = torch.ops.skiplayer.gelu_tanh_mul if self.gelu else torch.ops.skiplayer.silu_mul
+            return op(gate_up.reshape(-1, gate_up.shape[-1])).reshape(*gate_up.shape[:-1], -1)
         gate, up = gate_up.chunk(2, dim=-1)
         return (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up
 
@@ -287,25 +289,31 @@ def mlp_residual(block: "Block", h: torch.Tensor) -> torch.Tensor:
     return h + (out if block.post_ffn_norm is None else block.post_ffn_norm(out))
 
 
-def native_layers(block: "Block", weights: list, scales: list, biases: list, h: torch.Tensor, cos, sin,
-                  cache: KVCache, first: int, start: int, keep: list[int] = (),
+def native_layers(block: "Block", weights: list, scales: list, biases: list, norms: list, windows: list,
+                  h: torch.Tensor, cos, sin, cache: KVCache, first: int, start: int, keep: list[int] = (),
                   tree: TreeMask | None = None) -> list[torch.Tensor]:
     """Layers first..first+len(biases)-1 in one native call (torch.ops.skiplayer.decoder_layers: the same ops as
-    Block.forward without their Python overhead); weights/scales/biases: 6/4/1 per layer, as in Block.native_args.
-    `block`: any of them (shapes and options are the same for all). Returns the states entering each layer in
-    `keep` (ascending, strictly inside the range), then the output."""
+    Block.forward without their Python overhead); weights/scales/biases/norms/windows: 6/4/1/4 or 0/1 per layer, as
+    in Block.native_args (norms and windows: Gemma's variations). cos, sin: (T, D), or (2, T, D) with the local
+    tables (Transformer.rope). `block`: any of them (shapes and options are the same for all). Returns the states
+    entering each layer in `keep` (ascending, strictly inside the range), then the output."""
     for layer in range(first, first + len(biases)):
         cache.claim(layer, start, h.shape[0])
     a = block.attention
+    local = (cos[1], sin[1]) if cos.dim() == 3 else (None, None)
+    if cos.dim() == 3:
+        cos, sin = cos[0], sin[0]
     return torch.ops.skiplayer.decoder_layers(h, weights, scales, biases, cos, sin, cache.k, cache.v, first, start,
                                               a.n_heads, a.n_kv_heads, block.attention_norm.eps, a.wqkv.packed,
-                                              list(keep), None if tree is None else tree.paths)
+                                              list(keep), None if tree is None else tree.paths, norms, windows,
+                                              *local, block.feed_forward.gelu)
 
 
 class Block(nn.Module):
     mlp = staticmethod(mlp_residual)  # replaced by a compiled version by optimize_model(compile=True)
-    # ([attention_norm, wqkv, wo, ffn_norm, w13, w2], [their 4 int8 scales or None], [qkv bias or None]) for
-    # native_layers. Set by model/optimize.py.
+    # ([attention_norm, wqkv, wo, ffn_norm, w13, w2], [their 4 int8 scales or None], [qkv bias or None],
+    # [q_norm, k_norm, post_attention_norm, post_ffn_norm] or [], [window] or []) for native_layers. Set by
+    # model/optimize.py.
     native_args: tuple | None = None
 
     def __init__(self, a: ModelArgs, layer: int = 0):
@@ -410,9 +418,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start, h.shape[0], tree)
         keep = sorted(n for n in taps or () if first < n < last)
         if first < last and self.native_stack is not None and self.layers[first].runs_native(h.shape[0]):
-            weights, scales, biases = self.native_stack  # the whole range in one call
+            weights, scales, biases, norms, windows = self.native_stack  # the whole range in one call
             *states, h = native_layers(self.layers[first], weights[6 * first:6 * last], scales[4 * first:4 * last],
-                                       biases[first:last], h, cos, sin, cache, first, start, keep, tree)
+                                       biases[first:last], norms[4 * first:4 * last], windows[first:last], h, cos,
+                                       sin, cache, first, start, keep, tree)
             for n, state in zip(keep, states):
                 taps[n](state)
             return h

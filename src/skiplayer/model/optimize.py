@@ -147,9 +147,13 @@ def _register_fake() -> None:
     def _(gate_up):
         return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
+    @torch.library.register_fake("skiplayer::gelu_tanh_mul")
+    def _(gate_up):
+        return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
     @torch.library.register_fake("skiplayer::decoder_layers")
     def _(x, weights, scales, qkv_bias, cos, sin, k, v, first, start, n_heads, n_kv_heads, eps, packed, keep,
-          tree=None):
+          tree, layer_norms, windows, cos_local, sin_local, gelu):
         return [torch.empty_like(x) for _ in range(len(keep) + 1)]
 
     @torch.library.register_fake("skiplayer::rope_cache_attention")
@@ -255,18 +259,21 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
         elif "mlp" in block.__dict__:
             del block.mlp  # back to the eager class attribute
         at, ff = block.attention, block.feed_forward
-        # decoder_layers is the Llama layer: Gemma's variations run block by block (each op still native)
-        one_call = (at.native and compiled is None and model.args.llama_layers
-                    and at.wqkv.packed == at.wo.packed == ff.w13.packed == ff.w2.packed)
+        a = model.args  # decoder_layers takes Gemma's q/k and sandwich norms together, and SwiGLU or GeGLU
+        one_call = (at.native and compiled is None and at.wqkv.packed == at.wo.packed == ff.w13.packed == ff.w2.packed
+                    and a.qk_norm == a.sandwich_norms and a.hidden_act in ("silu", "gelu_tanh"))
+        gemma = [at.q_norm.weight, at.k_norm.weight, block.post_attention_norm.weight, block.post_ffn_norm.weight] \
+            if a.qk_norm else []  # Gemma 3's variations (ModelArgs), which decoder_layers also takes
         block.native_args = ([block.attention_norm.weight, at.wqkv.weight, at.wo.weight, block.ffn_norm.weight,
                               ff.w13.weight, ff.w2.weight], [at.wqkv.scale, at.wo.scale, ff.w13.scale, ff.w2.scale],
-                             [at.wqkv.bias]) if one_call else None
+                             [at.wqkv.bias], gemma, [at.window] if a.sliding_layers else []) \
+            if one_call else None
     from skiplayer.model.prefill import Bfloat16Prefill, choose
     wide = choose(prefill) == "bfloat16" and model.args.llama_layers  # it runs Llama layers only
     model.wide_prefill = Bfloat16Prefill(model) if on_cpu and wide else None
     model.native_stack = None
     if all(block.native_args is not None for block in model.layers):
-        model.native_stack = tuple([x for block in model.layers for x in block.native_args[i]] for i in range(3))
+        model.native_stack = tuple([x for block in model.layers for x in block.native_args[i]] for i in range(5))
     return model.eval().requires_grad_(False)
 
 

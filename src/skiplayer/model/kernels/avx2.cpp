@@ -817,6 +817,47 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// ---- gelu_tanh(gate) * up (GeGLU, Gemma 3): (T, 2I) -> (T, I), rounded as at::gelu(approximate="tanh") then at::mul
+// (each to A); the same one-pass reasons and use as silu_mul. gelu_tanh(x) = x / (1 + exp(-2u)) with
+// u = sqrt(2/pi) (x + 0.044715 x^3), since (1 + tanh u) / 2 = sigmoid(2u): silu's loop with another argument. ----
+template <typename A>
+void gelu_tanh_mul_cols(const A* gu, A* out, int64_t T, int64_t I, int64_t c0, int64_t c1) {
+  constexpr float k1 = -1.5957691216057308f, k3 = k1 * 0.044715f;  // -2u = x (k1 + k3 x^2)
+  const int64_t I8 = std::min(c1, I & ~int64_t(7));
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f), cap = _mm256_set1_ps(88.f),
+               huge = _mm256_set1_ps(88.7228f), a1 = _mm256_set1_ps(k1), a3 = _mm256_set1_ps(k3);
+  for (int64_t t = 0; t < T; ++t) {
+    const A* g = gu + t * 2 * I;
+    const A* u = g + I;
+    A* o = out + t * I;
+    for (int64_t d = c0; d < I8; d += 8) {
+      const __m256 x = load8(g + d), z = _mm256_mul_ps(x, _mm256_fmadd_ps(a3, _mm256_mul_ps(x, x), a1));
+      __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_min_ps(z, cap))));
+      s = _mm256_blendv_ps(s, _mm256_and_ps(x, sign), _mm256_cmp_ps(z, huge, _CMP_GT_OQ));  // x / inf = -0
+      store8(o + d, _mm256_mul_ps(round8<A>(s), load8(u + d)));
+    }
+    for (int64_t d = std::max(c0, I8); d < c1; ++d) {
+      const float x = static_cast<float>(g[d]);
+      const A s = static_cast<A>(x / (1.f + std::exp(x * (k1 + k3 * x * x))));
+      o[d] = static_cast<A>(static_cast<float>(s) * static_cast<float>(u[d]));
+    }
+  }
+}
+
+at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gelu_tanh_mul: gate_up (T, 2I) expected");
+  const at::Tensor gu = gate_up.contiguous();
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, gu.options());
+  with_activation_dtype(gu.scalar_type(), "gelu_tanh_mul: float32, bfloat16 or float16 expected", [&](auto a) {
+    using A = decltype(a);
+    const A* g = gu.data_ptr<A>();
+    A* o = out.data_ptr<A>();
+    for_rows(T, I, [&](int64_t t0, int64_t t1) { gelu_tanh_mul_cols(g + t0 * 2 * I, o + t0 * I, t1 - t0, I, 0, I); });
+  });
+  return out;
+}
+
 // ---- RoPE + KV-cache write + causal grouped-query attention for a block of T positions at `start`. ----
 // qkv (T, (H + 2G) * D) is the fused projection; cos/sin (T, D) the rope tables of positions start..start+T-1;
 // kc/vc (G, L, D) are one layer's cache buffers. Rotated K and V are written at [start, start+T); with `attend` the
@@ -1184,37 +1225,57 @@ void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const
 // start + t - window + 1), one row at a time through the one-row loops. With lo = 0 that is what attend_rows computes
 // (its NR-row loops are bit-identical to the one-row ones), so a row's result depends neither on T nor on the path.
 template <typename A>
+struct WindowRowsHead {  // one query head of the block through the one-row loops (no AVX-512)
+  const A *qkv, *cos, *sin, *kc, *vc;
+  A* out;
+  int64_t T, start, H, G, D, L, window;
+  void operator()(int64_t h, RowBuffers& b) const {
+    const int64_t row = (H + 2 * G) * D;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const A* kh = kc + (h / (H / G)) * L * D;
+    const A* vh = vc + (h / (H / G)) * L * D;
+    b.q.resize(D), b.p.resize(start + T), b.acc.resize(D);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t end = start + t + 1, lo = std::max<int64_t>(0, end - window);
+      rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, b.q.data(), D);
+      key_scores(b.q.data(), kh, lo, end, D, scale, b.p.data());
+      const float inv = softmax_row(b.p.data() + lo, end - lo);
+      std::fill(b.acc.begin(), b.acc.end(), 0.f);
+      weighted_sum_any(b.p.data(), vh, lo, end, D, b.acc.data());
+      A* o = out + t * H * D + h * D;
+      const __m256 iv = _mm256_set1_ps(inv);
+      for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(b.acc.data() + d), iv));
+    }
+  }
+};
+
+// AVX-512: block positions a..z-1 of query heads h0..h1-1, position by position (each has its own window start).
+template <typename A>
+struct WindowAttentionPart {
+  const A *qkv, *cos, *sin, *kc, *vc;
+  A* out;
+  int64_t start, H, G, D, L, window;
+  void operator()(int64_t h0, int64_t h1, int64_t a, int64_t z, DecodeBuffers& b) const {
+    for (int64_t t = a; t < z; ++t) {
+      const int64_t end = start + t + 1;
+      attend_512(qkv, cos, sin, kc, vc, out, t, t + 1, h0, h1, H, G, D, L, std::max<int64_t>(0, end - window), end,
+                 nullptr, 0, b);
+    }
+  }
+};
+
+template <typename A>
 void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
                       int64_t start, int64_t H, int64_t G, int64_t D, int64_t L, int64_t window) {
-  const int64_t row = (H + 2 * G) * D, group = H / G, S = start + T;
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   if (decode_attention_512(D)) {  // position by position: each has its own window start
-    for_head_sets(H, G, T, T * window * D * H, [&](int64_t h0, int64_t h1, int64_t a, int64_t z, DecodeBuffers& b) {
-      for (int64_t t = a; t < z; ++t) {
-        const int64_t end = start + t + 1;
-        attend_512(qkv, cos, sin, kc, vc, out, t, t + 1, h0, h1, H, G, D, L, std::max<int64_t>(0, end - window), end,
-                   nullptr, 0, b);
-      }
-    });
+    for_head_sets(H, G, T, T * window * D * H, WindowAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L,
+                                                                       window});
     return;
   }
+  const WindowRowsHead<A> head{qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window};
   at::parallel_for(0, H, T * window * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> q(D), p(S), acc(D);
-    for (int64_t h = h0; h < h1; ++h) {
-      const A* kh = kc + (h / group) * L * D;
-      const A* vh = vc + (h / group) * L * D;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t end = start + t + 1, lo = std::max<int64_t>(0, end - window);
-        rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data(), D);
-        key_scores(q.data(), kh, lo, end, D, scale, p.data());
-        const float inv = softmax_row(p.data() + lo, end - lo);
-        std::fill(acc.begin(), acc.end(), 0.f);
-        weighted_sum_any(p.data(), vh, lo, end, D, acc.data());
-        A* o = out + t * H * D + h * D;
-        const __m256 iv = _mm256_set1_ps(inv);
-        for (int64_t d = 0; d < D; d += 8) store8(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc.data() + d), iv));
-      }
-    }
+    RowBuffers b;
+    for (int64_t h = h0; h < h1; ++h) head(h, b);
   });
 }
 
@@ -1358,19 +1419,44 @@ struct SpinBarrier {
   }
 };
 
+// Gemma 3's variations of the layer (llama.py ModelArgs), read by both paths of decoder_layers; empty for Llama.
+struct LayerVariations {
+  at::TensorList norms;           // 4 per layer: q_norm, k_norm (head size), post_attention_norm, post_ffn_norm
+  at::IntArrayRef windows;        // per layer: a sliding window (0: global attention)
+  c10::optional<at::Tensor> cos_local, sin_local;  // the sliding layers' RoPE tables (T, D)
+  bool gelu = false;              // GeGLU instead of SwiGLU
+  int64_t window(int64_t l) const { return windows.empty() ? 0 : windows[l]; }
+  int64_t smallest_window() const {
+    int64_t w = 0;
+    for (int64_t x : windows)
+      if (x > 0 && (w == 0 || x < w)) w = x;
+    return w;
+  }
+};
+
+// a + b rounded to A, as at::add of two A tensors (the fp32 sum to A): the residual adds after sandwich norms.
+template <typename A>
+void add_rows(const A* a, const A* b, A* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<A>(static_cast<float>(a[i]) + static_cast<float>(b[i]));
+}
+
 // Everything decoder_layers' team reads, set up (and checked) before the parallel region.
 template <typename A>
 struct TeamLayers {
   int64_t n, T, C, Nq, I, H, G, D, L, first, start, W;
   double eps;
-  const A *cos, *sin;
+  const A *cos, *sin, *cos_local = nullptr, *sin_local = nullptr;
   const int64_t* paths;
   std::vector<const A*> norms;        // 2 per layer
+  std::vector<const A*> gemma_norms;  // 4 per layer with sandwich norms (LayerVariations), else empty
+  std::vector<int64_t> window;        // per layer
+  bool gelu = false;
   std::vector<ProductWeight> weight;  // 4 per layer: wqkv, wo, w13, w2
   std::vector<BlockShares> shares;    // 4 per layer
   std::vector<NextBlock> next_part;   // attention parts, 1 per layer
   A *kc, *vc;                         // the whole cache (layers, G, L, D)
-  A *x, *h, *qkv, *att, *gate_up, *act;
+  const A* x0;                        // the input rows
+  A *x, *h, *qkv, *att, *gate_up, *act, *o;  // o: wo's and w2's outputs before their sandwich norms
   float* y;
   std::vector<std::pair<int64_t, A*>> keep;  // (layer, where the state entering it goes)
   SpinBarrier barrier;
@@ -1379,10 +1465,21 @@ struct TeamLayers {
     Product p;
     DecodeBuffers b;
     RowBuffers rb;
-    const bool avx512 = decode_attention_512(D);
+    const bool avx512 = decode_attention_512(D), sandwich = !gemma_norms.empty();
     const HeadSets sets(H, G, T, team);
     std::vector<A> normed(T * C);
     const auto xf = aligned_floats(T * std::max({C, H * D, I}));  // 64-byte rows, as linear_rows gives the kernels
+    // With sandwich norms every thread adds the residuals itself, into its own state rows (thread 0: the shared
+    // ones), and normalises q and k in its own copy of qkv: no more meetings than the Llama layer's.
+    std::vector<A> own_x, own_h, own_qkv, sum;
+    A *xs = x, *hs = h;
+    if (sandwich) {
+      if (tid != 0) {
+        own_x.assign(x0, x0 + T * C), own_h.resize(T * C);
+        xs = own_x.data(), hs = own_h.data();
+      }
+      own_qkv.resize(T * Nq), sum.resize(T * C);
+    }
     // [residual +] in @ weight r of layer l into out; in: A rows of K
     auto linear = [&](int64_t l, int r, const A* in, const A* residual, A* out) {
       static_cast<ProductWeight&>(p) = weight[4 * l + r];
@@ -1403,26 +1500,57 @@ struct TeamLayers {
       }
       A* kl = kc + (first + l) * G * L * D;
       A* vl = vc + (first + l) * G * L * D;
-      rms_norm_rows(x, norms[2 * l], normed.data(), T, C, eps);
+      const int64_t win = window[l];
+      const A* c = win > 0 ? cos_local : cos;
+      const A* s = win > 0 ? sin_local : sin;
+      rms_norm_rows(xs, norms[2 * l], normed.data(), T, C, eps);
       linear(l, 0, normed.data(), nullptr, qkv);
-      write_kv(qkv, cos, sin, kl, vl, T, start, H, G, D, L, tid, team);
+      const A* q = qkv;
+      if (sandwich) {  // q and k normalised per head, as rms_norm over (T * heads, D) rows
+        const A* const* g = gemma_norms.data() + 4 * l;
+        std::copy(qkv, qkv + T * Nq, own_qkv.data());
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t hd = 0; hd < H + G; ++hd) {
+            A* r = own_qkv.data() + t * Nq + hd * D;
+            rms_norm_rows(r, g[hd < H ? 0 : 1], r, 1, D, eps);
+          }
+        q = own_qkv.data();
+      }
+      write_kv(q, c, s, kl, vl, T, start, H, G, D, L, tid, team);
       barrier.wait(team);
+      const bool windowed = !paths && win > 0 && start + T > win;  // as window_attention
       if (avx512) {
-        const DecodeAttentionPart<A> part{qkv, cos, sin, kl, vl, att, start, H, G, D, L, paths, W, 0};
+        const DecodeAttentionPart<A> part{q, c, s, kl, vl, att, start, H, G, D, L, paths, W, win};
+        const WindowAttentionPart<A> rows{q, c, s, kl, vl, att, start, H, G, D, L, win};
         for (int64_t u; (u = next_part[l].v.fetch_add(1, std::memory_order_relaxed)) < sets.parts();)
-          sets.run(u, T, part, b);
+          windowed ? sets.run(u, T, rows, b) : sets.run(u, T, part, b);
       } else {
-        const RowLoopsAttentionHead<A> head{qkv, cos, sin, kl, vl, att, T, start, H, G, D, L, paths, W, 0};
-        for (int64_t h; (h = next_part[l].v.fetch_add(1, std::memory_order_relaxed)) < H;) head(h, rb);
+        const RowLoopsAttentionHead<A> head{q, c, s, kl, vl, att, T, start, H, G, D, L, paths, W, win};
+        const WindowRowsHead<A> rows{q, c, s, kl, vl, att, T, start, H, G, D, L, win};
+        for (int64_t hd; (hd = next_part[l].v.fetch_add(1, std::memory_order_relaxed)) < H;)
+          windowed ? rows(hd, rb) : head(hd, rb);
       }
       barrier.wait(team);
-      linear(l, 1, att, x, h);
-      rms_norm_rows(h, norms[2 * l + 1], normed.data(), T, C, eps);
+      if (sandwich) {  // h = x + norm(wo att)
+        linear(l, 1, att, nullptr, o);
+        rms_norm_rows(o, gemma_norms[4 * l + 2], sum.data(), T, C, eps);
+        add_rows(xs, sum.data(), hs, T * C);
+      } else {
+        linear(l, 1, att, x, h);
+      }
+      rms_norm_rows(hs, norms[2 * l + 1], normed.data(), T, C, eps);
       linear(l, 2, normed.data(), nullptr, gate_up);
       const int64_t eights = I / 8;  // columns split at multiples of 8: each goes through the same loop as alone
-      silu_mul_cols(gate_up, act, T, I, eights * tid / team * 8, tid + 1 == team ? I : eights * (tid + 1) / team * 8);
+      const int64_t c0 = eights * tid / team * 8, c1 = tid + 1 == team ? I : eights * (tid + 1) / team * 8;
+      (gelu ? gelu_tanh_mul_cols<A> : silu_mul_cols<A>)(gate_up, act, T, I, c0, c1);
       barrier.wait(team);
-      linear(l, 3, act, h, x);
+      if (sandwich) {  // x = h + norm(w2 act)
+        linear(l, 3, act, nullptr, o);
+        rms_norm_rows(o, gemma_norms[4 * l + 3], sum.data(), T, C, eps);
+        add_rows(hs, sum.data(), xs, T * C);
+      } else {
+        linear(l, 3, act, h, x);
+      }
     }
   }
 };
@@ -1433,13 +1561,32 @@ bool use_team(const at::Tensor& x, const at::Tensor& k) {
          !at::in_parallel_region() && k.dim() == 4;
 }
 
+// The checks both paths make of the variations: per-layer norms of the right widths, windows per layer, and the
+// local RoPE tables where some layer has a window.
+void check_variations(const LayerVariations& var, int64_t n, int64_t C, int64_t D, at::ScalarType dt,
+                      const at::Tensor& cos) {
+  TORCH_CHECK(var.norms.empty() || static_cast<int64_t>(var.norms.size()) == 4 * n,
+              "decoder_layers: 4 layer norms per layer (q, k, post-attention, post-FFN) or none");
+  for (size_t i = 0; i < var.norms.size(); ++i)
+    TORCH_CHECK(var.norms[i].is_contiguous() && var.norms[i].scalar_type() == dt &&
+                    var.norms[i].numel() == (i % 4 < 2 ? D : C),
+                "decoder_layers: q/k norms of the head size and post norms of the width, in x's dtype");
+  TORCH_CHECK(var.windows.empty() || static_cast<int64_t>(var.windows.size()) == n,
+              "decoder_layers: one window per layer or none");
+  if (var.smallest_window() > 0)
+    TORCH_CHECK(var.cos_local.has_value() && var.sin_local.has_value() && var.cos_local->sizes() == cos.sizes() &&
+                    var.sin_local->sizes() == cos.sizes() && var.cos_local->scalar_type() == dt &&
+                    var.sin_local->scalar_type() == dt,
+                "decoder_layers: sliding-window layers need their local RoPE tables, shaped as cos");
+}
+
 std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList weights,
                                             const c10::List<c10::optional<at::Tensor>>& scales,
                                             const c10::List<c10::optional<at::Tensor>>& qkv_bias,
                                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor k, at::Tensor v,
                                             int64_t first, int64_t start, int64_t n_heads, int64_t n_kv_heads,
                                             double eps, bool packed, at::IntArrayRef keep,
-                                            const c10::optional<at::Tensor>& tree) {
+                                            const c10::optional<at::Tensor>& tree, const LayerVariations& var) {
   const int64_t n = qkv_bias.size(), T = x.size(0), C = x.size(1), D = k.size(3), L = k.size(2);
   const auto dt = x.scalar_type();
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.size(1) == n_kv_heads &&
@@ -1449,8 +1596,10 @@ std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList 
               "decoder_layers: bad positions");
   TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && cos.scalar_type() == dt && sin.scalar_type() == dt,
               "decoder_layers: one dtype expected for x, rope tables and caches");
+  check_variations(var, n, C, D, dt, cos);
   const at::Tensor xc = x.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
-  const at::Tensor paths = checked_paths(tree, T, start, 0);
+  const at::Tensor lc = var.cos_local ? var.cos_local->contiguous() : cc, ls = var.sin_local ? var.sin_local->contiguous() : sc;
+  const at::Tensor paths = checked_paths(tree, T, start, var.smallest_window());
   std::vector<at::Tensor> fp32;  // scales and biases as fp32, alive until the end
   std::vector<at::Tensor> out;
   with_activation_dtype(dt, "decoder_layers: float32, bfloat16 or float16 activations expected", [&](auto a) {
@@ -1458,7 +1607,10 @@ std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList 
     TeamLayers<A> t;
     t.n = n, t.T = T, t.C = C, t.H = n_heads, t.G = n_kv_heads, t.D = D, t.L = L, t.first = first, t.start = start;
     t.eps = eps, t.cos = cc.data_ptr<A>(), t.sin = sc.data_ptr<A>();
+    t.cos_local = lc.data_ptr<A>(), t.sin_local = ls.data_ptr<A>(), t.gelu = var.gelu;
     t.paths = paths.defined() ? paths.data_ptr<int64_t>() : nullptr, t.W = paths.defined() ? paths.size(1) : 0;
+    for (const at::Tensor& w : var.norms) t.gemma_norms.push_back(w.data_ptr<A>());
+    for (int64_t l = 0; l < n; ++l) t.window.push_back(var.window(l));
     const int64_t threads = at::get_num_threads();
     int64_t most = 0;
     t.shares.resize(4 * n);
@@ -1491,10 +1643,11 @@ std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList 
     t.kc = k.data_ptr<A>(), t.vc = v.data_ptr<A>();
     at::Tensor state = xc.clone(), h = at::empty_like(xc), qkv = at::empty({T, t.Nq}, xc.options()),
                att = at::empty({T, n_heads * D}, xc.options()), gu = at::empty({T, 2 * t.I}, xc.options()),
-               act = at::empty({T, t.I}, xc.options());
+               act = at::empty({T, t.I}, xc.options()), o = at::empty_like(xc);
     const auto y = aligned_floats(T * most);
-    t.x = state.data_ptr<A>(), t.h = h.data_ptr<A>(), t.qkv = qkv.data_ptr<A>(), t.att = att.data_ptr<A>();
-    t.gate_up = gu.data_ptr<A>(), t.act = act.data_ptr<A>(), t.y = y.get();
+    t.x0 = xc.data_ptr<A>(), t.x = state.data_ptr<A>(), t.h = h.data_ptr<A>(), t.qkv = qkv.data_ptr<A>();
+    t.att = att.data_ptr<A>(), t.gate_up = gu.data_ptr<A>(), t.act = act.data_ptr<A>(), t.o = o.data_ptr<A>();
+    t.y = y.get();
     for (size_t i = 0; i < keep.size(); ++i) {
       const int64_t layer = keep[i];
       TORCH_CHECK(layer >= first && layer < first + n && (i == 0 || layer > keep[i - 1]),
@@ -1515,19 +1668,28 @@ std::vector<at::Tensor> team_decoder_layers(const at::Tensor& x, at::TensorList 
 // ~40 us of Python each (~10% of a step), hence one call for a whole range of layers. ----
 // Per layer l: weights[6l..6l+5] = attention_norm, wqkv, wo, ffn_norm, w13, w2; scales[4l..4l+3] = int8 scales of
 // wqkv, wo, w13, w2 (or None); qkv_bias[l]. k, v: the whole cache (layers, G, L, D); layer first + l uses k[first + l].
+// Gemma 3's layer (LayerVariations): layer_norms[4l..4l+3] = q_norm, k_norm, post_attention_norm, post_ffn_norm
+// (q and k normalised per head before RoPE; the outputs of wo and w2 normalised before their residual adds),
+// windows[l] > 0 for a sliding layer (attention over its window, RoPE from cos_local / sin_local), GeGLU with gelu.
 // Returns the states entering each layer listed in `keep` (ascending, first < n < first + layers), then the output.
 std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weights,
                                        const c10::List<c10::optional<at::Tensor>>& scales,
                                        const c10::List<c10::optional<at::Tensor>>& qkv_bias, const at::Tensor& cos,
                                        const at::Tensor& sin, at::Tensor k, at::Tensor v, int64_t first, int64_t start,
                                        int64_t n_heads, int64_t n_kv_heads, double eps, bool packed,
-                                       at::IntArrayRef keep, const c10::optional<at::Tensor>& tree) {
+                                       at::IntArrayRef keep, const c10::optional<at::Tensor>& tree,
+                                       at::TensorList layer_norms, at::IntArrayRef windows,
+                                       const c10::optional<at::Tensor>& cos_local,
+                                       const c10::optional<at::Tensor>& sin_local, bool gelu) {
   const int64_t n = qkv_bias.size();
   TORCH_CHECK(weights.size() == 6 * n && scales.size() == 4 * n, "decoder_layers: 6 weights and 4 scales per layer");
   TORCH_CHECK(k.dim() == 4 && first >= 0 && first + n <= k.size(0), "decoder_layers: layers outside the cache");
+  const LayerVariations var{layer_norms, windows, cos_local, sin_local, gelu};
   if (use_team(x, k)) return team_decoder_layers(x, weights, scales, qkv_bias, cos, sin, k, v, first, start,
-                                                       n_heads, n_kv_heads, eps, packed, keep, tree);
+                                                       n_heads, n_kv_heads, eps, packed, keep, tree, var);
+  check_variations(var, n, x.size(1), k.size(3), x.scalar_type(), cos);
   const c10::optional<at::Tensor> none;
+  const int64_t D = k.size(3);
   // [residual +] x @ w^T in the activation dtype, as the Python Block computes it
   auto linear = [&](const at::Tensor& a, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                     const c10::optional<at::Tensor>& bias, const at::Tensor* residual) {
@@ -1542,12 +1704,24 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x, at::TensorList weigh
       ++next_keep;
     }
     const at::Tensor* w = weights.data() + 6 * l;
-    const at::Tensor qkv = linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), nullptr);
-    const at::Tensor att = rope_cache_attention(qkv, cos, sin, k.select(0, first + l), v.select(0, first + l), start,
-                                                n_heads, n_kv_heads, true, tree, 0);
-    const at::Tensor h = linear(att, w[2], scales.get(4 * l + 1), none, &x_);
+    const at::Tensor* g = layer_norms.empty() ? nullptr : layer_norms.data() + 4 * l;
+    const int64_t win = var.window(l);
+    at::Tensor qkv = linear(rms_norm(x_, w[0], eps), w[1], scales.get(4 * l), qkv_bias.get(l), nullptr);
+    if (g) {  // Attention.norm_qk
+      const int64_t T = qkv.size(0);
+      qkv = at::cat({rms_norm(qkv.narrow(1, 0, n_heads * D).reshape({-1, D}), g[0], eps).reshape({T, -1}),
+                     rms_norm(qkv.narrow(1, n_heads * D, n_kv_heads * D).reshape({-1, D}), g[1], eps).reshape({T, -1}),
+                     qkv.narrow(1, (n_heads + n_kv_heads) * D, n_kv_heads * D)}, 1);
+    }
+    const at::Tensor att = rope_cache_attention(qkv, win > 0 ? *cos_local : cos, win > 0 ? *sin_local : sin,
+                                                k.select(0, first + l), v.select(0, first + l), start, n_heads,
+                                                n_kv_heads, true, tree, win);
+    const at::Tensor h = g ? x_ + rms_norm(linear(att, w[2], scales.get(4 * l + 1), none, nullptr), g[2], eps)
+                           : linear(att, w[2], scales.get(4 * l + 1), none, &x_);
     const at::Tensor gate_up = linear(rms_norm(h, w[3], eps), w[4], scales.get(4 * l + 2), none, nullptr);
-    x_ = linear(silu_mul(gate_up), w[5], scales.get(4 * l + 3), none, &h);
+    const at::Tensor a = gelu ? gelu_tanh_mul(gate_up) : silu_mul(gate_up);
+    x_ = g ? h + rms_norm(linear(a, w[5], scales.get(4 * l + 3), none, nullptr), g[3], eps)
+           : linear(a, w[5], scales.get(4 * l + 3), none, &h);
   }
   TORCH_CHECK(next_keep == keep.end(), "decoder_layers: keep must list layers first < n < first + layers, ascending");
   out.push_back(x_);
@@ -1560,6 +1734,7 @@ void register_cpu_kernels(torch::Library& m) {
   m.impl("small_linear", &small_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("gelu_tanh_mul", &gelu_tanh_mul);
   m.impl("rope_cache_attention", &rope_cache_attention);
   m.impl("decoder_layers", &decoder_layers);
 }

@@ -6,11 +6,13 @@ TORCH_LIBRARY(skiplayer, m) {
   m.def("small_linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, bool float_out, bool packed=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("gelu_tanh_mul(Tensor gate_up) -> Tensor");
   m.def("rope_cache_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kc, Tensor(b!) vc, int start, "
         "int n_heads, int n_kv_heads, bool attend, Tensor? tree=None, int window=0) -> Tensor");
   m.def("decoder_layers(Tensor x, Tensor[] weights, Tensor?[] scales, Tensor?[] qkv_bias, Tensor cos, Tensor sin, "
         "Tensor(a!) k, Tensor(b!) v, int first, int start, int n_heads, int n_kv_heads, float eps, bool packed, "
-        "int[] keep, Tensor? tree=None) -> Tensor[]");
+        "int[] keep, Tensor? tree, Tensor[] layer_norms, int[] windows, Tensor? cos_local, Tensor? sin_local, "
+        "bool gelu) -> Tensor[]");
   skiplayer::register_kernel_isa(m);
 }
 TORCH_LIBRARY_IMPL(skiplayer, CPU, m) { skiplayer::register_cpu_kernels(m); }
