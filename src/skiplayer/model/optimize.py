@@ -263,7 +263,7 @@ def optimize_model(model: Transformer, quantize: str | None = None, compile: boo
         one_call = (at.native and compiled is None and at.wqkv.packed == at.wo.packed == ff.w13.packed == ff.w2.packed
                     and a.qk_norm == a.sandwich_norms and a.hidden_act in ("silu", "gelu_tanh"))
         gemma = [at.q_norm.weight, at.k_norm.weight, block.post_attention_norm.weight, block.post_ffn_norm.weight] \
-            if a.qk_norm else []  # Gemma 3's variations (ModelArgs), which decoder_layers also takes
+            if one_call and a.qk_norm else []  # Gemma 3's variations (ModelArgs), which decoder_layers also takes
         block.native_args = ([block.attention_norm.weight, at.wqkv.weight, at.wo.weight, block.ffn_norm.weight,
                               ff.w13.weight, ff.w2.weight], [at.wqkv.scale, at.wo.scale, ff.w13.scale, ff.w2.scale],
                              [at.wqkv.bias], gemma, [at.window] if a.sliding_layers else []) \
