@@ -190,10 +190,12 @@ def test_native_attention_block_equals_rows_and_reference(dtype, D, H, G):
 @pytest.mark.skipif(native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
                     reason="this CPU has no AVX-512: prompts keep the one-row attention loops")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("T,D", [(64, 64), (150, 64), (83, 128)])
-def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dtype, T, D):
+@pytest.mark.parametrize("T,D,window", [(64, 64, 0), (150, 64, 0), (83, 128, 0), (150, 64, 40), (83, 128, 70),
+                                         (100, 64, 5)])
+def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dtype, T, D, window):
     """A prompt (a block at position 0, at least 64 rows) takes the AVX-512 attention with the keys in the lanes: the
-    one-row loops' result within the dtype's rounding, the same bits on every call and thread count."""
+    one-row loops' result within the dtype's rounding, the same bits on every call and thread count; with a sliding
+    window shorter than the prompt too (Gemma's local layers: each row over its own last `window` keys)."""
     H, G = 6, 2
     g = torch.Generator().manual_seed(12)
     qkv, cos, sin = attention_inputs(g, T, H, G, D, dtype)
@@ -201,7 +203,7 @@ def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dty
 
     def run():
         kc, vc = torch.zeros(G, T + 4, D, dtype=dtype), torch.zeros(G, T + 4, D, dtype=dtype)
-        return op(qkv, cos, sin, kc, vc, 0, H, G, True), kc
+        return op(qkv, cos, sin, kc, vc, 0, H, G, True, None, window), kc
     check_against_row_loops(run, dtype)
 
 

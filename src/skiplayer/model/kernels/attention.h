@@ -18,10 +18,11 @@ constexpr int64_t kPrefillAttentionRows = 64;  // shorter prompts keep the one-r
 // Floats of scratch prefill_attention_avx512 needs for T positions of head size D.
 size_t prefill_attention_scratch(int64_t T, int64_t D);
 
-// out (T, D) fp32 = softmax(scale q k^T) v, row t over keys 0..t, for one head: q ((T + 15) / 16 * 16, D) fp32 with
-// RoPE applied and zero rows past T; k, v (T, D) of its KV head in `kv_dtype` (0 fp32, 1 fp16, 2 bf16). D % 64 == 0.
+// out (T, D) fp32 = softmax(scale q k^T) v, row t over keys 0..t (with a sliding `window` > 0, keys
+// t - window + 1..t only), for one head: q ((T + 15) / 16 * 16, D) fp32 with RoPE applied and zero rows past T; k, v
+// (T, D) of its KV head in `kv_dtype` (0 fp32, 1 fp16, 2 bf16). D % 64 == 0.
 void prefill_attention_avx512(const float* q, const void* k, const void* v, int kv_dtype, int64_t T, int64_t D,
-                              float scale, float* out, float* scratch);
+                              int64_t window, float scale, float* out, float* scratch);
 
 // Decoding attention (AVX-512, D % 64 == 0): every block after a prompt, one-token steps, verification chains and
 // token trees alike, so that a row's result is bit-identical whichever of them computes it. The one-row loops

@@ -1282,7 +1282,7 @@ void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
 // A prompt's attention (a block at position 0) on AVX-512, head by head: attention.h.
 template <typename A>
 void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
-                      int64_t H, int64_t G, int64_t D, int64_t L) {
+                      int64_t H, int64_t G, int64_t D, int64_t L, int64_t window) {
   const int64_t row = (H + 2 * G) * D, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int kv = kv_dtype_code<A>();
@@ -1290,7 +1290,7 @@ void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
     std::vector<float> q((T + 15) / 16 * 16 * D, 0.f), o(T * D), scratch(prefill_attention_scratch(T, D));
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t t = 0; t < T; ++t) rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data() + t * D, D);
-      prefill_attention_avx512(q.data(), kc + (h / group) * L * D, vc + (h / group) * L * D, kv, T, D, scale,
+      prefill_attention_avx512(q.data(), kc + (h / group) * L * D, vc + (h / group) * L * D, kv, T, D, window, scale,
                                o.data(), scratch.data());
       for (int64_t t = 0; t < T; ++t)
         for (int64_t d = 0; d < D; d += 8) store8(out + t * H * D + h * D + d, _mm256_loadu_ps(o.data() + t * D + d));
@@ -1325,10 +1325,10 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   if (!attend) return;
   if (paths != nullptr)
     return tree_attention(qkv, cos, sin, kc, vc, out, T, start + T, H, G, D, L, paths, W, window);
+  if (start == 0 && T >= kPrefillAttentionRows && D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2)
+    return prompt_attention(qkv, cos, sin, kc, vc, out, T, H, G, D, L, window);  // a prompt: never verification
   if (window > 0 && start + T > window)  // some row's window leaves out early keys
     return window_attention(qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window);
-  if (start == 0 && T >= kPrefillAttentionRows && D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2)
-    return prompt_attention(qkv, cos, sin, kc, vc, out, T, H, G, D, L);  // a prompt: never a verification pass
   const int64_t S = start + T;
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
   if (decode_attention_512(D))  // row t: keys [0, start + 1), then its own start + 1 .. start + t

@@ -169,15 +169,35 @@ inline float softmax16(float* p, int64_t n, int64_t end) {
   return 1.f / _mm512_reduce_add_ps(sv);
 }
 
-// out rows of 4 query rows (stride D) += p v over keys [0, keys), 64 columns at a time, times their 1 / sum.
+// softmax16 over keys [lo, n) of a row whose scores start at j0 (a multiple of 16, <= lo): p[j0, lo) and
+// p[n, end) = 0. A prompt's sliding window (Gemma's local layers).
+inline float softmax16_window(float* p, int64_t j0, int64_t lo, int64_t n, int64_t end) {
+  auto keep = [&](int64_t j) {  // lanes j + i with lo <= j + i < n
+    uint32_t k = n - j >= 16 ? 0xffffu : n - j <= 0 ? 0u : (1u << (n - j)) - 1;
+    if (lo > j) k &= lo - j >= 16 ? 0u : ~((1u << (lo - j)) - 1);
+    return __mmask16(k & 0xffffu);
+  };
+  __m512 mv = _mm512_set1_ps(-__builtin_inff());
+  for (int64_t j = j0; j < n; j += 16) mv = _mm512_mask_max_ps(mv, keep(j), mv, _mm512_maskz_loadu_ps(keep(j), p + j));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  __m512 sv = _mm512_setzero_ps();
+  for (int64_t j = j0; j < end; j += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(keep(j), exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m)));
+    _mm512_storeu_ps(p + j, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sv);
+}
+
+// out rows of 4 query rows (stride D) += p v over keys [j0, keys), 64 columns at a time, times their 1 / sum.
 template <int KV>
-inline void block_values(const float* p, int64_t S, const void* v, int64_t keys, int64_t D, const float* inv,
-                         int rows, float* out) {
+inline void block_values(const float* p, int64_t S, const void* v, int64_t j0, int64_t keys, int64_t D,
+                         const float* inv, int rows, float* out) {
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     __m512 acc[4][4];
     for (int r = 0; r < 4; ++r)
       for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < keys; ++j) {
+    for (int64_t j = j0; j < keys; ++j) {
       __m512 vv[4];
       for (int c = 0; c < 4; ++c) vv[c] = load16<KV>(v, j * D + d0 + 16 * c);
       for (int r = 0; r < 4; ++r) {
@@ -192,8 +212,8 @@ inline void block_values(const float* p, int64_t S, const void* v, int64_t keys,
 }
 
 template <int KV>
-void prefill_attention(const float* q, const void* k, const void* v, int64_t T, int64_t D, float scale, float* out,
-                       float* scratch) {
+void prefill_attention(const float* q, const void* k, const void* v, int64_t T, int64_t D, float scale,
+                       int64_t window, float* out, float* scratch) {
   const int64_t nkb = (T + 15) / 16, S = nkb * 16;
   float* kt = scratch;      // (nkb, D, 16): the keys in the lanes, zeros past T
   float* p = kt + S * D;    // (16, S): one block of rows' scores, then weights
@@ -206,11 +226,17 @@ void prefill_attention(const float* q, const void* k, const void* v, int64_t T, 
   for (int64_t r0 = 0; r0 < T; r0 += 16) {
     const int64_t rows = T - r0 < 16 ? T - r0 : 16, keys = r0 + rows;  // row r0 + r sees keys 0..r0 + r
     const int64_t end = (keys + 15) / 16 * 16;
-    block_scores(q + r0 * D, kt, end / 16, D, scale, p, S);
+    // with a window, row r0 + r sees keys r0 + r - window + 1 .. r0 + r: the block's scores start at j0
+    const int64_t j0 = window > 0 && r0 >= window ? (r0 - window + 1) / 16 * 16 : 0;
+    block_scores(q + r0 * D, kt + j0 * D, (end - j0) / 16, D, scale, p + j0, S);
     float inv[16] = {};
-    for (int64_t r = 0; r < 16; ++r) inv[r] = softmax16(p + r * S, r < rows ? r0 + r + 1 : 0, end);
+    for (int64_t r = 0; r < 16; ++r) {
+      const int64_t n = r < rows ? r0 + r + 1 : 0;
+      inv[r] = window > 0 ? softmax16_window(p + r * S, j0, n > window ? n - window : 0, n, end)
+                          : softmax16(p + r * S, n, end);
+    }
     for (int r = 0; r < rows; r += 4)
-      block_values<KV>(p + r * S, S, v, keys, D, inv + r, static_cast<int>(rows - r < 4 ? rows - r : 4),
+      block_values<KV>(p + r * S, S, v, j0, keys, D, inv + r, static_cast<int>(rows - r < 4 ? rows - r : 4),
                        out + (r0 + r) * D);
   }
 }
@@ -370,10 +396,11 @@ size_t prefill_attention_scratch(int64_t T, int64_t D) {
 }
 
 void prefill_attention_avx512(const float* q, const void* k, const void* v, int kv_dtype, int64_t T, int64_t D,
+                              int64_t window,
                               float scale, float* out, float* scratch) {
-  if (kv_dtype == 0) return prefill_attention<0>(q, k, v, T, D, scale, out, scratch);
-  if (kv_dtype == 1) return prefill_attention<1>(q, k, v, T, D, scale, out, scratch);
-  return prefill_attention<2>(q, k, v, T, D, scale, out, scratch);
+  if (kv_dtype == 0) return prefill_attention<0>(q, k, v, T, D, scale, window, out, scratch);
+  if (kv_dtype == 1) return prefill_attention<1>(q, k, v, T, D, scale, window, out, scratch);
+  return prefill_attention<2>(q, k, v, T, D, scale, window, out, scratch);
 }
 
 }  // namespace skiplayer
