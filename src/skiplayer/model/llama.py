@@ -300,9 +300,9 @@ def native_layers(block: "Block", weights: list, scales: list, biases: list, nor
     for layer in range(first, first + len(biases)):
         cache.claim(layer, start, h.shape[0])
     a = block.attention
-    local = (cos[1], sin[1]) if cos.dim() == 3 else (None, None)
-    if cos.dim() == 3:
-        cos, sin = cos[0], sin[0]
+    local = (None, None)
+    if cos.dim() == 3:  # the global tables, then the sliding layers' own
+        cos, sin, local = cos[0], sin[0], (cos[1], sin[1])
     return torch.ops.skiplayer.decoder_layers(h, weights, scales, biases, cos, sin, cache.k, cache.v, first, start,
                                               a.n_heads, a.n_kv_heads, block.attention_norm.eps, a.wqkv.packed,
                                               list(keep), None if tree is None else tree.paths, norms, windows,

@@ -772,91 +772,66 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-// ---- silu(gate) * up of the fused gate/up projection: (T, 2I) -> (T, I), rounded as at::silu then at::mul round
-// (silu to A, the product to A). One pass instead of four dispatched ops (two narrows, silu, mul: ~15 us a layer
-// at one position, most of it dispatch). exp is exp8, not the one at::silu uses (the two can differ by an ulp), so
-// FeedForward uses this op too wherever the native kernels run: the per-op path and decoder_layers stay identical.
-// Columns c0..c1-1 of every row (c0 and c1 multiples of 8, or c1 = I): each element as silu_mul_rows computes it.
-template <typename A>
-void silu_mul_cols(const A* gu, A* out, int64_t T, int64_t I, int64_t c0, int64_t c1) {
-  const int64_t I8 = std::min(c1, I & ~int64_t(7));
-  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f), cap = _mm256_set1_ps(88.f),
-               huge = _mm256_set1_ps(88.7228f);  // ln(FLT_MAX): e^-x overflows to inf above it
-  for (int64_t t = 0; t < T; ++t) {
-    const A* g = gu + t * 2 * I;
-    const A* u = g + I;
-    A* o = out + t * I;
-    for (int64_t d = c0; d < I8; d += 8) {
-      const __m256 x = load8(g + d), nx = _mm256_xor_ps(x, sign);
-      __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_min_ps(nx, cap))));  // exp8 has no overflow
-      s = _mm256_blendv_ps(s, _mm256_and_ps(x, sign), _mm256_cmp_ps(nx, huge, _CMP_GT_OQ));  // x / inf = -0
-      store8(o + d, _mm256_mul_ps(round8<A>(s), load8(u + d)));
-    }
-    for (int64_t d = std::max(c0, I8); d < c1; ++d) {
-      const float x = static_cast<float>(g[d]);
-      const A s = static_cast<A>(x / (1.f + std::exp(-x)));
-      o[d] = static_cast<A>(static_cast<float>(s) * static_cast<float>(u[d]));
-    }
+// ---- gate(g) * up of the fused gate/up projection: (T, 2I) -> (T, I), rounded as at::silu (or at::gelu with
+// approximate="tanh") then at::mul (the gate to A, the product to A). One pass instead of four dispatched ops (two
+// narrows, the activation, mul: ~15 us a layer at one position, most of it dispatch). exp is exp8, not the one torch
+// uses (the two can differ by an ulp), so FeedForward uses these ops too wherever the native kernels run: the per-op
+// path and decoder_layers stay identical. Both gates are g / (1 + exp(z)), with z = -g for SiLU and z = -2u for
+// GeGLU's gelu_tanh (Gemma 3), u = sqrt(2/pi) (g + 0.044715 g^3), since (1 + tanh u) / 2 = sigmoid(2u). ----
+struct SiluGate {
+  static __m256 z(__m256 x) { return _mm256_xor_ps(x, _mm256_set1_ps(-0.f)); }
+  static float z(float x) { return -x; }
+};
+struct GeluTanhGate {
+  static constexpr float k1 = -1.5957691216057308f, k3 = k1 * 0.044715f;  // -2u = x (k1 + k3 x^2)
+  static __m256 z(__m256 x) {
+    return _mm256_mul_ps(x, _mm256_fmadd_ps(_mm256_set1_ps(k3), _mm256_mul_ps(x, x), _mm256_set1_ps(k1)));
   }
-}
+  static float z(float x) { return x * (k1 + k3 * x * x); }
+};
 
-template <typename A>
-void silu_mul_rows(const A* gu, A* out, int64_t T, int64_t I) { silu_mul_cols(gu, out, T, I, 0, I); }
-
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_mul: gate_up (T, 2I) expected");
-  const at::Tensor gu = gate_up.contiguous();
-  const int64_t T = gu.size(0), I = gu.size(1) / 2;
-  at::Tensor out = at::empty({T, I}, gu.options());
-  with_activation_dtype(gu.scalar_type(), "silu_mul: float32, bfloat16 or float16 expected", [&](auto a) {
-    using A = decltype(a);
-    const A* g = gu.data_ptr<A>();
-    A* o = out.data_ptr<A>();
-    for_rows(T, I, [&](int64_t t0, int64_t t1) { silu_mul_rows(g + t0 * 2 * I, o + t0 * I, t1 - t0, I); });
-  });
-  return out;
-}
-
-// ---- gelu_tanh(gate) * up (GeGLU, Gemma 3): (T, 2I) -> (T, I), rounded as at::gelu(approximate="tanh") then at::mul
-// (each to A); the same one-pass reasons and use as silu_mul. gelu_tanh(x) = x / (1 + exp(-2u)) with
-// u = sqrt(2/pi) (x + 0.044715 x^3), since (1 + tanh u) / 2 = sigmoid(2u): silu's loop with another argument. ----
-template <typename A>
-void gelu_tanh_mul_cols(const A* gu, A* out, int64_t T, int64_t I, int64_t c0, int64_t c1) {
-  constexpr float k1 = -1.5957691216057308f, k3 = k1 * 0.044715f;  // -2u = x (k1 + k3 x^2)
+// Columns c0..c1-1 of every row (c0 and c1 multiples of 8, or c1 = I): each element as the whole row computes it.
+template <typename Gate, typename A>
+void gated_mul_cols(const A* gu, A* out, int64_t T, int64_t I, int64_t c0, int64_t c1) {
   const int64_t I8 = std::min(c1, I & ~int64_t(7));
   const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f), cap = _mm256_set1_ps(88.f),
-               huge = _mm256_set1_ps(88.7228f), a1 = _mm256_set1_ps(k1), a3 = _mm256_set1_ps(k3);
+               huge = _mm256_set1_ps(88.7228f);  // ln(FLT_MAX): e^z overflows to inf above it
   for (int64_t t = 0; t < T; ++t) {
     const A* g = gu + t * 2 * I;
     const A* u = g + I;
     A* o = out + t * I;
     for (int64_t d = c0; d < I8; d += 8) {
-      const __m256 x = load8(g + d), z = _mm256_mul_ps(x, _mm256_fmadd_ps(a3, _mm256_mul_ps(x, x), a1));
-      __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_min_ps(z, cap))));
+      const __m256 x = load8(g + d), z = Gate::z(x);
+      __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_min_ps(z, cap))));  // exp8 has no overflow
       s = _mm256_blendv_ps(s, _mm256_and_ps(x, sign), _mm256_cmp_ps(z, huge, _CMP_GT_OQ));  // x / inf = -0
       store8(o + d, _mm256_mul_ps(round8<A>(s), load8(u + d)));
     }
     for (int64_t d = std::max(c0, I8); d < c1; ++d) {
       const float x = static_cast<float>(g[d]);
-      const A s = static_cast<A>(x / (1.f + std::exp(x * (k1 + k3 * x * x))));
+      const A s = static_cast<A>(x / (1.f + std::exp(Gate::z(x))));
       o[d] = static_cast<A>(static_cast<float>(s) * static_cast<float>(u[d]));
     }
   }
 }
 
-at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gelu_tanh_mul: gate_up (T, 2I) expected");
+template <typename Gate>
+at::Tensor gated_mul(const at::Tensor& gate_up, const char* op) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, op, ": gate_up (T, 2I) expected");
   const at::Tensor gu = gate_up.contiguous();
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
   at::Tensor out = at::empty({T, I}, gu.options());
-  with_activation_dtype(gu.scalar_type(), "gelu_tanh_mul: float32, bfloat16 or float16 expected", [&](auto a) {
+  const std::string error = std::string(op) + ": float32, bfloat16 or float16 expected";
+  with_activation_dtype(gu.scalar_type(), error.c_str(), [&](auto a) {
     using A = decltype(a);
     const A* g = gu.data_ptr<A>();
     A* o = out.data_ptr<A>();
-    for_rows(T, I, [&](int64_t t0, int64_t t1) { gelu_tanh_mul_cols(g + t0 * 2 * I, o + t0 * I, t1 - t0, I, 0, I); });
+    for_rows(T, I, [&](int64_t t0, int64_t t1) { gated_mul_cols<Gate>(g + t0 * 2 * I, o + t0 * I, t1 - t0, I, 0, I); });
   });
   return out;
 }
+
+at::Tensor silu_mul(const at::Tensor& gate_up) { return gated_mul<SiluGate>(gate_up, "silu_mul"); }
+at::Tensor gelu_tanh_mul(const at::Tensor& gate_up) { return gated_mul<GeluTanhGate>(gate_up, "gelu_tanh_mul"); }
 
 // ---- RoPE + KV-cache write + causal grouped-query attention for a block of T positions at `start`. ----
 // qkv (T, (H + 2G) * D) is the fused projection; cos/sin (T, D) the rope tables of positions start..start+T-1;
@@ -1542,7 +1517,7 @@ struct TeamLayers {
       linear(l, 2, normed.data(), nullptr, gate_up);
       const int64_t eights = I / 8;  // columns split at multiples of 8: each goes through the same loop as alone
       const int64_t c0 = eights * tid / team * 8, c1 = tid + 1 == team ? I : eights * (tid + 1) / team * 8;
-      (gelu ? gelu_tanh_mul_cols<A> : silu_mul_cols<A>)(gate_up, act, T, I, c0, c1);
+      (gelu ? gated_mul_cols<GeluTanhGate, A> : gated_mul_cols<SiluGate, A>)(gate_up, act, T, I, c0, c1);
       barrier.wait(team);
       if (sandwich) {  // x = h + norm(w2 act)
         linear(l, 3, act, nullptr, o);
