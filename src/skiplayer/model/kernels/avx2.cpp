@@ -569,6 +569,7 @@ struct Product : ProductWeight {
   // y[m, n..ne-1] for every input row m (y: (M, N) fp32)
   void rows(int64_t n, int64_t ne, float* y) const {
     const int64_t nb = K / 32;
+    const bool stream = first.size() == 2;  // one chunk of input rows: the weights are read once (prefetch_weights)
     for (size_t c = 0; c + 1 < first.size(); ++c) {
       const int64_t m0 = first[c], mc = first[c + 1] - m0;
       float* yc = y + m0 * N;
@@ -584,11 +585,13 @@ struct Product : ProductWeight {
                          N, n, ne);
         else
           quant_rows_vnni(static_cast<int>(mc), a[c].data(), dxc, xs_t, static_cast<const uint8_t*>(data), format, parts,
-                          bias, yc, K, N, n, ne);
+                          bias, yc, K, N, n, ne, stream);
+      } else if (quant_isa != kAvx2) {
+        quant_rows_avx512(static_cast<int>(mc), x + m0 * K, xsum.data() + m0 * nb, static_cast<const uint8_t*>(data),
+                          format, bias, yc, K, N, n, ne, stream);
       } else {
-        (quant_isa != kAvx2 ? quant_rows_avx512 : quant_rows_avx2)(static_cast<int>(mc), x + m0 * K,
-                                                                   xsum.data() + m0 * nb, static_cast<const uint8_t*>(data),
-                                                                   format, bias, yc, K, N, n, ne);
+        quant_rows_avx2(static_cast<int>(mc), x + m0 * K, xsum.data() + m0 * nb, static_cast<const uint8_t*>(data),
+                        format, bias, yc, K, N, n, ne);
       }
     }
   }

@@ -46,7 +46,7 @@ inline __m512 add_m_terms(const uint8_t* m, const float* xsum, int64_t nb, __m51
 // M input rows against R weight rows n0..n0+R-1: one accumulator per output, two FMAs per block in a fixed order.
 template <int FMT, int M, int R>
 inline void tile(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
-                 int64_t N, int64_t n0) {
+                 int64_t N, int64_t n0, bool stream) {
   const int64_t nb = K / 32, row_bytes = nb * FMT, step = block_step(FMT);
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
@@ -55,7 +55,7 @@ inline void tile(const float* x, const float* xsum, const uint8_t* w, const floa
     __m512 lo[R], hi[R];
     for (int r = 0; r < R; ++r) {
       const uint8_t* blk = w + (n0 + r) * row_bytes + b * step;
-      _mm_prefetch(reinterpret_cast<const char*>(blk) + 4096, _MM_HINT_T1);  // see amx.cpp: streams from DRAM
+      prefetch_weights(blk + 4096, stream);  // see amx.cpp: streams from DRAM
       block_weights<FMT>(blk, lo[r], hi[r]);
     }
     for (int m = 0; m < M; ++m) {
@@ -74,36 +74,36 @@ inline void tile(const float* x, const float* xsum, const uint8_t* w, const floa
 
 template <int FMT, int M>
 void rows(const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K, int64_t N,
-          int64_t n0, int64_t n1) {
+          int64_t n0, int64_t n1, bool stream) {
   constexpr int R = M <= 2 ? 4 : 2;  // R * M accumulators + 2R weights <= 24 of the 32 registers
   int64_t n = n0;
-  for (; n + R <= n1; n += R) tile<FMT, M, R>(x, xsum, w, bias, y, K, N, n);
-  for (; n < n1; ++n) tile<FMT, M, 1>(x, xsum, w, bias, y, K, N, n);
+  for (; n + R <= n1; n += R) tile<FMT, M, R>(x, xsum, w, bias, y, K, N, n, stream);
+  for (; n < n1; ++n) tile<FMT, M, 1>(x, xsum, w, bias, y, K, N, n, stream);
 }
 
 template <int FMT>
 void rows_any(int M, const float* x, const float* xsum, const uint8_t* w, const float* bias, float* y, int64_t K,
-              int64_t N, int64_t n0, int64_t n1) {
+              int64_t N, int64_t n0, int64_t n1, bool stream) {
   switch (M) {
-    case 1: return rows<FMT, 1>(x, xsum, w, bias, y, K, N, n0, n1);
-    case 2: return rows<FMT, 2>(x, xsum, w, bias, y, K, N, n0, n1);
-    case 3: return rows<FMT, 3>(x, xsum, w, bias, y, K, N, n0, n1);
-    case 4: return rows<FMT, 4>(x, xsum, w, bias, y, K, N, n0, n1);
-    case 5: return rows<FMT, 5>(x, xsum, w, bias, y, K, N, n0, n1);
-    case 6: return rows<FMT, 6>(x, xsum, w, bias, y, K, N, n0, n1);
-    case 7: return rows<FMT, 7>(x, xsum, w, bias, y, K, N, n0, n1);
-    default: return rows<FMT, 8>(x, xsum, w, bias, y, K, N, n0, n1);
+    case 1: return rows<FMT, 1>(x, xsum, w, bias, y, K, N, n0, n1, stream);
+    case 2: return rows<FMT, 2>(x, xsum, w, bias, y, K, N, n0, n1, stream);
+    case 3: return rows<FMT, 3>(x, xsum, w, bias, y, K, N, n0, n1, stream);
+    case 4: return rows<FMT, 4>(x, xsum, w, bias, y, K, N, n0, n1, stream);
+    case 5: return rows<FMT, 5>(x, xsum, w, bias, y, K, N, n0, n1, stream);
+    case 6: return rows<FMT, 6>(x, xsum, w, bias, y, K, N, n0, n1, stream);
+    case 7: return rows<FMT, 7>(x, xsum, w, bias, y, K, N, n0, n1, stream);
+    default: return rows<FMT, 8>(x, xsum, w, bias, y, K, N, n0, n1, stream);
   }
 }
 
 }  // namespace
 
 void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* w, int format, const float* bias,
-                       float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  if (format == kQ4) return rows_any<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1);
-  if (format == kQ4K) return rows_any<kQ4K>(M, x, xsum, w, bias, y, K, N, n0, n1);
-  if (format == kQ6K) return rows_any<kQ6K>(M, x, xsum, w, bias, y, K, N, n0, n1);
-  return rows_any<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
+                       float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, bool stream) {
+  if (format == kQ4) return rows_any<kQ4>(M, x, xsum, w, bias, y, K, N, n0, n1, stream);
+  if (format == kQ4K) return rows_any<kQ4K>(M, x, xsum, w, bias, y, K, N, n0, n1, stream);
+  if (format == kQ6K) return rows_any<kQ6K>(M, x, xsum, w, bias, y, K, N, n0, n1, stream);
+  return rows_any<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1, stream);
 }
 
 // ---- A prompt's causal attention (attention.h). ----

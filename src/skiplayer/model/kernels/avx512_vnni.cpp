@@ -35,7 +35,7 @@ inline __m512i dot4(__m512i c, const uint8_t* x4, __m512i B) {
 // parts (C_a and C_l, amx.cpp's arithmetic) or one (C_a alone).
 template <int FMT, int M, int PARTS>
 void rows(const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, const float* bias, float* y,
-          int64_t K, int64_t N, int64_t n0, int64_t n1) {
+          int64_t K, int64_t N, int64_t n0, int64_t n1, bool stream) {
   constexpr int64_t group_bytes = FMT == kQ4Tiles ? 320 : 544;
   const int64_t nb = K / 32;
   const __m512i nib = _mm512_set1_epi8(15), ones = _mm512_set1_epi8(1);
@@ -45,8 +45,8 @@ void rows(const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t*
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = g + b * group_bytes;
-      for (int64_t l = 0; l < group_bytes; l += 64)  // the next group's block, into L2 (amx.cpp says why)
-        _mm_prefetch(reinterpret_cast<const char*>(p + nb * group_bytes + l), _MM_HINT_T1);
+      for (int64_t l = 0; l < group_bytes; l += 64)  // the next group's block (amx.cpp says why)
+        prefetch_weights(p + nb * group_bytes + l, stream);
       __m512i B[8];
       __m512i start = _mm512_setzero_si512();
       if constexpr (FMT == kQ4Tiles) {
@@ -90,16 +90,16 @@ void rows(const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t*
 
 template <int FMT, int PARTS>
 void rows_any(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, const float* bias,
-              float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+              float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, bool stream) {
   switch (M) {
-    case 1: return rows<FMT, 1, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    case 2: return rows<FMT, 2, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    case 3: return rows<FMT, 3, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    case 4: return rows<FMT, 4, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    case 5: return rows<FMT, 5, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    case 6: return rows<FMT, 6, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    case 7: return rows<FMT, 7, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    default: return rows<FMT, 8, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    case 1: return rows<FMT, 1, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    case 2: return rows<FMT, 2, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    case 3: return rows<FMT, 3, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    case 4: return rows<FMT, 4, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    case 5: return rows<FMT, 5, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    case 6: return rows<FMT, 6, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    case 7: return rows<FMT, 7, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    default: return rows<FMT, 8, PARTS>(a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
   }
 }
 
@@ -143,13 +143,14 @@ void pack_int8_parts(int M, const float* x, int64_t K, uint8_t* a, float* dx, in
 }
 
 void quant_rows_vnni(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
-                     int parts, const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+                     int parts, const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                     bool stream) {
   if (parts == 1) {
-    if (format == kQ4Tiles) return rows_any<kQ4Tiles, 1>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-    return rows_any<kQ8Tiles, 1>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+    if (format == kQ4Tiles) return rows_any<kQ4Tiles, 1>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+    return rows_any<kQ8Tiles, 1>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
   }
-  if (format == kQ4Tiles) return rows_any<kQ4Tiles, 2>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1);
-  return rows_any<kQ8Tiles, 2>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1);
+  if (format == kQ4Tiles) return rows_any<kQ4Tiles, 2>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
+  return rows_any<kQ8Tiles, 2>(M, a, dx, xsum_t, w, bias, y, K, N, n0, n1, stream);
 }
 
 }  // namespace skiplayer

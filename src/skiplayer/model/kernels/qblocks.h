@@ -28,6 +28,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <xmmintrin.h>
 
 namespace skiplayer {
 
@@ -53,9 +54,18 @@ static constexpr bool block_has_m(int format) { return format == kQ4 || format =
 using QuantRowsFn = void (*)(int M, const float* x, const float* xsum, const uint8_t* w, int format,
                              const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 
-// AVX-512 (F, BW, VL, DQ) + F16C: avx512.cpp. Up to kQuantRowsAvx512 input rows per call.
+// Software prefetch of weights ahead of a product's loads. `stream`: the product reads its weights once (all its input
+// rows in one chunk: decoding passes), so they go non-temporally and the ~100 MB a token streams does not evict what
+// the caches hold besides (the K/V cache, activations, the interpreter): 3-6% faster decoding and self-speculation on
+// Zen 5, measured in situ. Otherwise (prompts) into L2, since the next chunk of rows reads the same weights again.
+inline void prefetch_weights(const void* p, bool stream) {
+  if (stream) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_NTA);
+  else _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+}
+
+// AVX-512 (F, BW, VL, DQ) + F16C: avx512.cpp. Up to kQuantRowsAvx512 input rows per call; `stream`: prefetch_weights.
 void quant_rows_avx512(int M, const float* x, const float* xsum, const uint8_t* w, int format, const float* bias,
-                       float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
+                       float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, bool stream);
 constexpr int kQuantRowsAvx512 = 8;
 
 // Tiles layout, on input rows split in int8 parts per block (amx.cpp says how): pack_int8_parts prepares them once
@@ -74,6 +84,7 @@ bool amx_tiles_granted();
 void quant_rows_amx(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
                     const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
 void quant_rows_vnni(int M, const uint8_t* a, const float* dx, const float* xsum_t, const uint8_t* w, int format,
-                     int parts, const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1);
+                     int parts, const float* bias, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                     bool stream);
 
 }  // namespace skiplayer
