@@ -157,13 +157,16 @@ def check_against_row_loops(run, dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [16, 24, 64, 128])
 @pytest.mark.parametrize("H,G", [(6, 2), (9, 3)])
-def test_native_attention_block_equals_rows_and_reference(dtype, D, H, G):
+@pytest.mark.parametrize("start", [75, 800])
+def test_native_attention_block_equals_rows_and_reference(dtype, D, H, G, start):
     """rope_cache_attention over blocks longer than its row chunks (16, taken 5 rows at a time), with 3 query heads
     per KV head and head sizes with and without a last 8 columns (D % 64 == 0: the AVX-512 decoding attention where
     the CPU has it): a T-row block equals T one-row calls bit for bit (outputs and cache), and fp32 math on the same
-    inputs. On 2 threads, 2 KV heads go one a thread; 3 KV heads (SmolLM2's) in parts of the block's positions."""
+    inputs. On 2 threads, 2 KV heads go one a thread; 3 KV heads (SmolLM2's) in parts of the block's positions, and
+    their one-token steps head by head, or by whole KV heads from 768 keys on (start 800)."""
     from skiplayer.model.llama import apply_rope
-    L, start, T = 160, 75, 21
+    T = 21
+    L = start + T + 64
     g = torch.Generator().manual_seed(11)
     qkv, cos, sin = attention_inputs(g, T, H, G, D, dtype)
     kc0, vc0 = torch.randn(G, L, D, generator=g).to(dtype), torch.randn(G, L, D, generator=g).to(dtype)
@@ -211,11 +214,13 @@ def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dty
 @pytest.mark.skipif(native_kernels_available() and torch.ops.skiplayer.kernel_isa("") == "avx2",
                     reason="this CPU has no AVX-512: decoding keeps the one-row attention loops")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("start,T,D", [(75, 1, 64), (300, 5, 64), (40, 21, 128), (16, 3, 64)])
+@pytest.mark.parametrize("start,T,D", [(75, 1, 64), (300, 5, 64), (40, 21, 128), (16, 3, 64), (900, 1, 64),
+                                       (900, 3, 128)])
 def test_decode_attention_on_avx512_close_to_the_row_loops_and_thread_invariant(dtype, start, T, D):
     """Blocks after a prompt (one-token steps and verification passes) take the AVX-512 decoding attention where the
     CPU has it and D % 64 == 0: the one-row loops' result within the dtype's rounding, and the same bits at 1 and 2
-    threads (3 KV heads: on one thread each goes through with its 3 query heads, on two head by head)."""
+    threads (3 KV heads: on one thread each goes through with its 3 query heads; on two, one-token steps head by head
+    below 768 keys and by whole KV heads from there, blocks in parts of their positions)."""
     H, G, L = 9, 3, start + T + 3
     g = torch.Generator().manual_seed(13)
     qkv, cos, sin = attention_inputs(g, T, H, G, D, dtype)

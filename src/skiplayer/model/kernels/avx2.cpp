@@ -1054,30 +1054,44 @@ void attend_512(const A* qkv, const A* cos, const A* sin, const A* kc, const A* 
 // time than head by head at 200-700 keys on Zen 5). Whole KV heads where the threads divide them; else each KV
 // head's positions in `split` parts, so that the parts divide evenly (SmolLM2's 3 KV heads on 2 threads: 6 parts,
 // 3 a thread; 4-position blocks 5-13% faster than head by head, and whole KV heads split 2:1 cost more than the
-// sharing saved); blocks with fewer positions than that (one-token steps) go head by head. A row's bits do not
-// depend on the parts (attention.h). `work`: small problems stay on one thread.
+// sharing saved); blocks with fewer positions than that (one-token steps) go head by head. From kWholeKvHeadsFrom
+// keys on, reading each K and V row fewer times outweighs even shares: one-token steps go by whole KV heads (1.00x
+// at 200-650 keys, 1.06-1.09x at 800-900, 1.22x at 1200, 1.27x at 1800 against head by head), and blocks by whole
+// KV heads as far as the threads divide them, the rest by positions (SmolLM2: two whole, the third in two halves;
+// 2-3 positions 1.07-1.20x at 900-1400 keys, 5-8 within noise; in situ on cnn_dm plain decoding 1.09x and
+// self-speculation 1.06x; Zen 5). A row's bits do not depend on the parts (attention.h). `work`: small problems
+// stay on one thread.
+constexpr int64_t kWholeKvHeadsFrom = 768;
+
 struct HeadSets {
-  int64_t G, group, split;
+  int64_t G, group, split, whole = 0;
   bool by_position;
-  HeadSets(int64_t H, int64_t G_, int64_t T, int64_t threads) : G(G_), group(H / G_) {
+  // keys: the most keys a row of the block attends to
+  HeadSets(int64_t H, int64_t G_, int64_t T, int64_t keys, int64_t threads) : G(G_), group(H / G_) {
     const int64_t even = threads / std::gcd(G, threads);  // parts per KV head that divide evenly (1: whole heads)
     by_position = T >= even;
     split = by_position ? even : group;
+    if (keys >= kWholeKvHeadsFrom && G >= threads && even > 1) {
+      by_position = true;
+      if (T >= even) whole = G - G % threads;  // the rest by position
+      else split = 1;                          // one-token steps: every KV head whole
+    }
   }
-  int64_t parts() const { return G * split; }
+  int64_t parts() const { return whole + (G - whole) * split; }
   // part u: f(h0, h1, t0, t1, buffers)
   template <typename F>
   void run(int64_t u, int64_t T, const F& f, DecodeBuffers& b) const {
-    const int64_t g = u / split, i = u % split;
+    if (u < whole) return f(u * group, (u + 1) * group, 0, T, b);
+    const int64_t v = u - whole, g = whole + v / split, i = v % split;
     if (by_position) f(g * group, (g + 1) * group, T * i / split, T * (i + 1) / split, b);
     else f(g * group + i, g * group + i + 1, 0, T, b);  // split == group: one query head
   }
 };
 
 template <typename F>
-void for_head_sets(int64_t H, int64_t G, int64_t T, int64_t work, const F& f) {
+void for_head_sets(int64_t H, int64_t G, int64_t T, int64_t keys, int64_t work, const F& f) {
   const int64_t threads = work < (1 << 14) ? 1 : at::get_num_threads();
-  const HeadSets sets(H, G, T, threads);
+  const HeadSets sets(H, G, T, keys, threads);
   at::parallel_for(0, sets.parts(), threads == 1 ? sets.parts() : 1, [&](int64_t u0, int64_t u1) {
     DecodeBuffers b;
     for (int64_t u = u0; u < u1; ++u) sets.run(u, T, f, b);
@@ -1190,7 +1204,7 @@ void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const
                     int64_t S, int64_t H, int64_t G, int64_t D, int64_t L, const int64_t* paths, int64_t W,
                     int64_t window) {
   if (decode_attention_512(D))  // rows with the same prefix and window start go through together
-    return for_head_sets(H, G, T, T * S * D * H,
+    return for_head_sets(H, G, T, S, T * S * D * H,
                          DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, S - T, H, G, D, L, paths, W, window});
   const RowLoopsAttentionHead<A> head{qkv, cos, sin, kc, vc, out, T, S - T, H, G, D, L, paths, W, window};
   at::parallel_for(0, H, T * S * D * H < (1 << 14) ? H : 1, [&](int64_t h0, int64_t h1) {
@@ -1246,8 +1260,8 @@ template <typename A>
 void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
                       int64_t start, int64_t H, int64_t G, int64_t D, int64_t L, int64_t window) {
   if (decode_attention_512(D)) {  // position by position: each has its own window start
-    for_head_sets(H, G, T, T * window * D * H, WindowAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L,
-                                                                       window});
+    for_head_sets(H, G, T, window, T * window * D * H,
+                  WindowAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L, window});
     return;
   }
   const WindowRowsHead<A> head{qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window};
@@ -1310,7 +1324,7 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   const int64_t S = start + T;
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
   if (decode_attention_512(D))  // row t: keys [0, start + 1), then its own start + 1 .. start + t
-    return for_head_sets(H, G, T, T * S * D * H,
+    return for_head_sets(H, G, T, S, T * S * D * H,
                          DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L, nullptr, 0, 0});
   const RowLoopsAttentionHead<A> head{qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, nullptr, 0, 0};
   at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
@@ -1444,7 +1458,7 @@ struct TeamLayers {
     DecodeBuffers b;
     RowBuffers rb;
     const bool avx512 = decode_attention_512(D), sandwich = !gemma_norms.empty();
-    const HeadSets sets(H, G, T, team);
+    const HeadSets sets(H, G, T, start + T, team);
     std::vector<A> normed(T * C);
     const auto xf = aligned_floats(T * std::max({C, H * D, I}));  // 64-byte rows, as linear_rows gives the kernels
     // With sandwich norms every thread adds the residuals itself, into its own state rows (thread 0: the shared
