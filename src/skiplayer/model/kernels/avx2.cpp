@@ -1484,6 +1484,15 @@ struct TeamLayers {
       });
       barrier.wait(team);
     };
+    // residual + in @ weight r (1: wo, 3: w2) into out; with sandwich norms residual + its post norm (2: after
+    // attention, 3: after the FFN) of in @ weight r, on this thread's own state rows
+    auto add_projection = [&](int64_t l, int r, const A* in, const A* residual, A* out, const A* own_residual,
+                              A* own_out) {
+      if (!sandwich) return linear(l, r, in, residual, out);
+      linear(l, r, in, nullptr, o);
+      rms_norm_rows(o, gemma_norms[4 * l + (r == 1 ? 2 : 3)], sum.data(), T, C, eps);
+      add_rows(own_residual, sum.data(), own_out, T * C);
+    };
     auto keep_it = keep.begin();
     for (int64_t l = 0; l < n; ++l) {
       if (keep_it != keep.end() && keep_it->first == first + l) {
@@ -1523,26 +1532,14 @@ struct TeamLayers {
           windowed ? rows(hd, rb) : head(hd, rb);
       }
       barrier.wait(team);
-      if (sandwich) {  // h = x + norm(wo att)
-        linear(l, 1, att, nullptr, o);
-        rms_norm_rows(o, gemma_norms[4 * l + 2], sum.data(), T, C, eps);
-        add_rows(xs, sum.data(), hs, T * C);
-      } else {
-        linear(l, 1, att, x, h);
-      }
+      add_projection(l, 1, att, x, h, xs, hs);  // h = x + wo att
       rms_norm_rows(hs, norms[2 * l + 1], normed.data(), T, C, eps);
       linear(l, 2, normed.data(), nullptr, gate_up);
       const int64_t eights = I / 8;  // columns split at multiples of 8: each goes through the same loop as alone
       const int64_t c0 = eights * tid / team * 8, c1 = tid + 1 == team ? I : eights * (tid + 1) / team * 8;
       (gelu ? gated_mul_cols<GeluTanhGate, A> : gated_mul_cols<SiluGate, A>)(gate_up, act, T, I, c0, c1);
       barrier.wait(team);
-      if (sandwich) {  // x = h + norm(w2 act)
-        linear(l, 3, act, nullptr, o);
-        rms_norm_rows(o, gemma_norms[4 * l + 3], sum.data(), T, C, eps);
-        add_rows(hs, sum.data(), xs, T * C);
-      } else {
-        linear(l, 3, act, h, x);
-      }
+      add_projection(l, 3, act, h, x, hs, xs);  // x = h + w2 act
     }
   }
 };
