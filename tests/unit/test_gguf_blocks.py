@@ -373,6 +373,44 @@ def test_a_reduced_draft_head_reads_the_heads_blocks_and_stays_lossless(tmp_path
         assert run("self_speculative") == run("autoregressive"), prompt
 
 
+@native
+def test_weights_kept_in_the_caches_keep_their_bits_and_only_when_they_fit(monkeypatch):
+    """keep_weights_cached changes prefetch hints only: the same bits; and it keeps nothing beyond half the
+    last-level cache, nor anything but block weights."""
+    from skiplayer.model import optimize
+    g = torch.Generator().manual_seed(3)
+    w, x, bias = torch.randn(64, 96, generator=g), torch.randn(3, 96, generator=g), torch.randn(64, generator=g)
+    op = torch.ops.skiplayer.small_linear
+    for tiles in [False] + ([True] if DEFAULT_ISA in ("amx", "vnni") else []):
+        b = pack_blocks("Q4_1", file_blocks(w, "Q4_1"), tiles=tiles)
+        optimize.keep_weights_cached([])
+        streamed = [op(x[:m], b, None, bias, True, False) for m in (1, 3)]
+        monkeypatch.setattr(optimize, "last_level_cache_bytes", lambda: 2 * b.numel())
+        assert optimize.keep_weights_cached([b, torch.zeros(3), None])
+        assert all(torch.equal(op(x[:m], b, None, bias, True, False), y) for m, y in zip((1, 3), streamed))
+        monkeypatch.setattr(optimize, "last_level_cache_bytes", lambda: 2 * b.numel() - 1)
+        assert not optimize.keep_weights_cached([b])
+        assert not optimize.keep_weights_cached([torch.zeros(3)])
+    assert torch.ops.skiplayer.keep_weights_cached([b, b]) == 2  # the native registry takes them all as given
+
+
+@native
+def test_a_calibrated_draft_keeps_its_layers_and_reduced_head_cached(tmp_path, monkeypatch):
+    from skiplayer.decoding import draft as draft_module
+    from skiplayer.draft_artifact import ResidualAdapter
+    _, model, _ = tiny_gguf_pair(tmp_path)
+    kept = []
+    monkeypatch.setattr(draft_module, "keep_weights_cached", lambda ws: kept.append(ws))
+    head = draft_module.DraftHead(model, torch.arange(4, 97, 2), {2: ResidualAdapter(64, 8)})
+    ptrs = {t.data_ptr() for t in kept[-1]}
+    below = {t.data_ptr() for layer in model.layers[:2] for t in layer.state_dict().values() if t.dtype == torch.uint8}
+    above = {t.data_ptr() for layer in model.layers[2:] for t in layer.state_dict().values() if t.dtype == torch.uint8}
+    assert below and below <= ptrs and not above & ptrs and head.weight.data_ptr() in ptrs
+    kept.clear()
+    draft_module.DraftHead(model)  # the vanilla exit: the full head, nothing kept
+    assert not kept
+
+
 def q4k_file_rows(n: int, K: int, seed: int = 0) -> np.ndarray:
     """Random Q4_K rows as a file holds them (any bytes are valid blocks once d and dmin are finite)."""
     rng = np.random.default_rng(seed)

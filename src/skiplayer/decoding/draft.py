@@ -16,6 +16,7 @@ from skiplayer.decoding.stats import Clock
 from skiplayer.model.gguf_blocks import block_rows
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer
+from skiplayer.model.optimize import keep_weights_cached
 from skiplayer.model.packing import pack_pairs
 from skiplayer.policies.base import DraftPolicy, DraftStep
 
@@ -38,6 +39,9 @@ class DraftHead:
         blocks = model.lm_head is not None and model.lm_head.weight.dtype == torch.uint8
         self.packed = vocab_ids is not None and model.head_packed and not blocks
         self.weight = None if vocab_ids is None else _reduced_head(model, vocab_ids, blocks, self.packed)
+        if self.weight is not None and self.adapters:  # read again at every draft step: kept in the caches if small
+            keep_weights_cached([t for layer in model.layers[:max(self.adapters)]
+                                 for t in layer.state_dict(keep_vars=True).values()] + [self.weight])
         attention = sorted(e for e, a in self.adapters.items() if isinstance(a, AttentionAdapter))
         self.slots = {e: model.n_layers + j for j, e in enumerate(attention)}  # depth -> cache slot
         self.extra_layers = len(self.slots)

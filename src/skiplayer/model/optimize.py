@@ -32,6 +32,7 @@ position (prefill) use `F.linear` on the dequantised weight.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -344,3 +345,37 @@ def weight_bytes_per_token(model: Transformer) -> int:
     if model.lm_head is None:  # tied head: the embedding table is read as the head
         total += model.head_weight.numel() * model.head_weight.element_size()
     return total
+
+
+def keep_weights_cached(weights: list[torch.Tensor]) -> bool:
+    """Have the native products prefetch these GGUF block weights into the caches, where one-token steps and short
+    passes stream the rest of the model past them: for weights read again every few milliseconds (a draft's layers
+    and reduced head). Only when they fit in half the last-level cache, where the rest of the step's traffic leaves
+    them; otherwise (or without the native kernels) nothing is kept. Replaces the earlier choice; returns whether
+    these are kept."""
+    blocks = [w for w in weights if w is not None and w.dtype == torch.uint8 and w.device.type == "cpu"]
+    if not native_kernels_available(build=False):
+        return False
+    fits = bool(blocks) and 2 * sum(w.numel() for w in blocks) <= last_level_cache_bytes()
+    torch.ops.skiplayer.keep_weights_cached(blocks if fits else [])
+    return fits
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's last-level data cache as Linux reports it for CPU 0 (0 where it does not)."""
+    root, best = "/sys/devices/system/cpu/cpu0/cache", (0, 0)
+    try:
+        for index in (n for n in os.listdir(root) if n.startswith("index")):
+            with open(os.path.join(root, index, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(root, index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(root, index, "size")) as f:
+                size = f.read().strip()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            if kind in ("Data", "Unified") and level > best[0]:
+                best = (level, int(size.rstrip("KMG")) * scale)
+    except (OSError, ValueError):
+        return 0
+    return best[1]

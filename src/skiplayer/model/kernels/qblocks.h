@@ -51,7 +51,8 @@ static constexpr bool block_has_m(int format) { return format == kQ4 || format =
 // Software prefetch of weights ahead of a product's loads. `stream`: the product reads its weights once (all its input
 // rows in one chunk: decoding passes), so they go non-temporally and the ~100 MB a token streams does not evict what
 // the caches hold besides (the K/V cache, activations, the interpreter): decoding and self-speculation 4-11% faster on
-// Zen 5 in situ (Gemma 3 270M 7-29%). Otherwise (prompts) into L2: the next chunk of rows reads the same weights.
+// Zen 5 in situ (Gemma 3 270M 7-29%). Otherwise (prompts, and weights kept cached: avx2.cpp keep_weights_cached) into
+// L2: the next chunk of rows, or the next draft step, reads the same weights.
 inline void prefetch_weights(const void* p, bool stream) {
   if (stream) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_NTA);
   else _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
