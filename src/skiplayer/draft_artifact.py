@@ -46,14 +46,24 @@ NGRAMS_FILE = "ngrams.safetensors"
 class ResidualAdapter(nn.Module):
     """h + up(silu(down(rmsnorm(h)))); `up` starts at zero, so a fresh adapter is the plain early exit."""
 
+    native: bool = False  # draft steps through the native norm and products (use_kernels_of): 5 ops, not 11
+
     def __init__(self, dim: int, rank: int, eps: float = 1e-6):
         super().__init__()
         self.dim, self.rank, self.eps = dim, rank, eps
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, dim, bias=False)
         nn.init.zeros_(self.up.weight)
+        self.unit = torch.ones(dim)  # the native norm's weight (this norm has none): fp32, not a buffer .to() casts
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.native and h.dim() == 2:  # fp32 x whatever the weights' float dtype, fp32 sums
+            # a draft step's one row: ~0.06-0.08 ms less a step in situ (Zen 5); the same function to fp32 rounding
+            ops = torch.ops.skiplayer
+            x = ops.rms_norm(h.float(), self.unit, self.eps)
+            delta = ops.small_linear(F.silu(ops.small_linear(x, self.down.weight, None, None, True, False)),
+                                     self.up.weight, None, None, True, False)
+            return h + delta.to(h.dtype)
         x = h.float()
         x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.down.weight.dtype)
         delta = F.linear(F.silu(F.linear(x, self.down.weight)), self.up.weight)
@@ -132,7 +142,7 @@ def use_kernels_of(module: nn.Module, model) -> nn.Module:
     for mod in module.modules():
         if isinstance(mod, Linear):
             mod.native_rows = model.native_rows
-        elif isinstance(mod, RMSNorm):
+        elif isinstance(mod, (RMSNorm, ResidualAdapter)):
             mod.native = model.norm.native
         elif isinstance(mod, Attention):
             mod.native = model.layers[0].attention.native

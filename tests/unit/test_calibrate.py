@@ -135,6 +135,29 @@ def test_attention_adapter_training_path_equals_decoding_path(model):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_residual_adapter_native_step_is_the_same_function():
+    """A draft step's adapter MLP through the native norm and products (what use_kernels_of turns on) computes the
+    stock float32 function of its weights to fp32 rounding, float16 weights (the built-in draft's) included; batched
+    (training) inputs keep the stock path."""
+    import copy
+    from skiplayer.model.optimize import native_kernels_available
+    if not native_kernels_available():
+        pytest.skip("native CPU kernels cannot be built here")
+    torch.manual_seed(0)
+    h = torch.randn(3, 64)
+    for dtype in (torch.float32, torch.float16):
+        adapter = ResidualAdapter(64, 8)
+        torch.nn.init.normal_(adapter.up.weight, std=0.1)
+        adapter = adapter.to(dtype)
+        stock = copy.deepcopy(adapter).float()(h)  # the same weight values in float32, stock path
+        assert not torch.allclose(stock, h)  # the MLP does something
+        adapter.native = True
+        torch.testing.assert_close(adapter(h), stock, atol=1e-5, rtol=1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(adapter(h[None])[0], stock, atol=1e-5, rtol=1e-5)
+        assert "unit" not in adapter.state_dict()  # nothing new in saved drafts
+
+
 def test_vocab_keeps_eos_and_most_frequent_outputs():
     ids = select_vocab([5, 5, 5, 7, 7, 9], 4, 100, always=[2], fallback=[11, 11, 12])
     assert ids.tolist() == [2, 5, 7, 9]
