@@ -214,6 +214,12 @@ def graph_active(model) -> bool:
     return any(s.failed is None and s.step.graph is not None for s in steps.values())
 
 
+def block_graphs_active(model) -> list[int]:
+    """The verification block lengths replayed as CUDA graphs (n-gram rounds, model/cuda_graphs.BlockGraphs)."""
+    runners = model.__dict__.get("_block_graphs", {}).values()
+    return sorted({n for r in runners if not r.failed for n, g in r.graphs.items() if g[0] is not None})
+
+
 @torch.inference_mode()
 def step_vs_forward(model, ids: list[int], follow: list[int], device) -> dict:
     """Logits of the decode step autoregressive decoding uses (the CUDA graph on CUDA) vs model.forward, both fed
@@ -260,6 +266,9 @@ def section_identity(args, device, deadline) -> dict:
             res["step_vs_forward"] = error(e)
             log(f"[identity] {name} decode step vs forward: ERROR {res['step_vs_forward']['error']}")
         runs = {"cuda_graph_ar": dict(graphs=True)} | {n: dict(graphs=False, **c) for n, c in configs.items()}
+        if "ngram" in configs:  # n-gram rounds verified through the block graphs
+            runs["ngram_graphs"] = dict(graphs=True, **configs["ngram"])
+            runs["adaptive_ngram_graphs"] = dict(graphs=True, **configs["ngram"], dynamic_early_exit_mode="adaptive")
         for run_name, kw in runs.items():
             if deadline.left() < 0:
                 res[run_name] = {"skipped": "time budget spent"}
@@ -277,10 +286,13 @@ def section_identity(args, device, deadline) -> dict:
                                      "tokens_per_pass": (new - len(refs)) / passes if passes else None}
                 if run_name == "cuda_graph_ar":
                     r["graph_active"] = graph_active(model)
+                if run_name.endswith("ngram_graphs"):
+                    r["block_graphs"] = block_graphs_active(model)
                 acc = "" if r["acceptance"] is None else f", acceptance {r['acceptance']:.2f}"
                 log(f"[identity] {name} {run_name}: {same}/{len(refs)} identical to autoregressive"
                     f"{acc}{'' if same == len(refs) else f', first divergence {diverge}'}"
-                    + (f", graph active {r['graph_active']}" if "graph_active" in r else ""))
+                    + (f", graph active {r['graph_active']}" if "graph_active" in r else "")
+                    + (f", block graphs {r['block_graphs']}" if "block_graphs" in r else ""))
             except Exception as e:  # noqa: BLE001
                 res[run_name] = error(e)
                 log(f"[identity] {name} {run_name}: ERROR {res[run_name]['error']}")
@@ -335,6 +347,10 @@ def section_speed(args, device, deadline) -> dict:
             "ours_cuda_graph": lambda: run_ours(model, ids, args.speed_steps, graphs=True),
             "hf_eager": hf_generate(hf, ids, args.speed_steps, device),
         }
+        if "draft_source" in getattr(PolicyConfig, "__dataclass_fields__", {}):  # n-gram rounds, block graphs
+            E = exit_layer(res["layers"])
+            runs["ours_ngram_graphs"] = lambda: run_ours(model, ids, args.speed_steps, graphs=True, exit_layer=E,
+                                                         draft_source="ngram", dynamic_early_exit_mode="adaptive")
         for name, fn in runs.items():
             if deadline.left() < 30:
                 res[name] = {"skipped": "time budget spent"}
@@ -346,8 +362,13 @@ def section_speed(args, device, deadline) -> dict:
                     r["decode_tok_s"] = (result[1].new_tokens - 1) / (result[1].wall_time - result[1].prefill_time)
                 if name == "ours_cuda_graph":
                     r["graph_active"] = graph_active(model)
+                if name == "ours_ngram_graphs":  # acceptance on random weights says nothing; the pass costs do
+                    r["tokens_per_pass"] = result[1].tokens_per_pass
+                    r["block_graphs"] = block_graphs_active(model)
                 log(f"[speed] {shape} {name}: {r['tok_s']:.1f} tok/s ({args.speed_steps} tokens, median of "
-                    f"{args.repeats})" + (f", graph active {r['graph_active']}" if "graph_active" in r else ""))
+                    f"{args.repeats})" + (f", graph active {r['graph_active']}" if "graph_active" in r else "")
+                    + (f", {r['tokens_per_pass']:.2f} tokens per pass, block graphs {r['block_graphs']}"
+                       if "block_graphs" in r else ""))
             except Exception as e:  # noqa: BLE001
                 res[name] = error(e)
                 log(f"[speed] {shape} {name}: ERROR {res[name]['error']}")

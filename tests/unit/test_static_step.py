@@ -7,7 +7,7 @@ import torch
 
 from skiplayer.decoding.generate import GenerationConfig, generate_ids
 from skiplayer.model import cuda_graphs
-from skiplayer.model.cuda_graphs import decode_step, static_decode_step
+from skiplayer.model.cuda_graphs import decode_step, static_block_step, static_decode_step
 from skiplayer.model.llama import Transformer
 from tests.conftest import tiny_hf_model
 from tests.helpers import predictable_model
@@ -54,6 +54,17 @@ def test_static_step_matches_eager_forward(tie, n_kv_heads):
     assert worst < 1e-4, worst
     assert eager == static
     assert len(set(eager)) > 1  # the logits differed from step to step
+
+
+def test_static_step_matches_eager_forward_on_gemma():
+    """Gemma 3's variations in the static step: q/k norms, sandwich norms, and sliding-window layers (5 positions, so
+    the window cuts off most of this prompt) with their own RoPE tables."""
+    model = Transformer.from_hf(tiny_hf_model("gemma3", seed=3, n_layers=3))
+    with torch.inference_mode():
+        worst, eager, static = _compare(lambda k, v, t, p: static_decode_step(model, k, v, t, p), model,
+                                        [5, 9, 11, 7, 5, 9, 3, 8], steps=6)
+    assert worst < 1e-4, worst
+    assert eager == static
 
 
 def test_static_step_writes_cache_at_position():
@@ -174,3 +185,108 @@ def test_cuda_graph_decoding_matches_eager():
     assert again == eager_again
     step = next(iter(model._decode_graphs.values()))
     assert step.failed is None and step.step.graph is not None
+
+
+def _eager_block(model: Transformer, prompt: list[int], tokens: list[int], tree=None, size: int = 48):
+    """Logits of a block after a prefilled prompt, through the eager forward (a causal chain, or a TreeMask)."""
+    cache, _ = _prefill(model, prompt, size)
+    h = model.forward_layers(model.embed(torch.tensor(tokens)), len(prompt), cache, 0, model.n_layers, tree=tree)
+    return model.logits(h), cache
+
+
+def _static_block(model: Transformer, prompt: list[int], tokens: list[int], positions, masks, size: int = 48):
+    cache, _ = _prefill(model, prompt, size)
+    _garbage_past(cache, len(prompt))
+    start = len(prompt)
+    slots = torch.arange(start, start + len(tokens))
+    return static_block_step(model, cache.k, cache.v, torch.tensor(tokens), slots, positions, masks), cache
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_static_block_matches_eager_chain_and_tree(arch):
+    """A verification block through static_block_step (slots, positions and masks as inputs) gives the eager forward's
+    logits and K/V, as a causal chain and as a token tree; gemma3: q/k norms, sandwich norms, sliding windows (5
+    positions, shorter than the prompt) and their own RoPE tables."""
+    from skiplayer.drafts.tree import TokenTree
+    from skiplayer.decoding.self_speculative import tree_mask
+    model = Transformer.from_hf(tiny_hf_model(arch, seed=4, n_layers=3))
+    prompt, tokens = [5, 9, 11, 7, 5, 9, 3, 8], [4, 6, 2, 9, 1]
+    start, S, window = len(prompt), 48, model.args.sliding_window
+    keys = torch.arange(S)[None, :]
+    with torch.inference_mode():
+        rows = start + torch.arange(len(tokens))[:, None]
+        causal = keys <= rows
+        masks = torch.stack([causal, causal & (keys > rows - window)])
+        expected, eager_cache = _eager_block(model, prompt, tokens)
+        got, static_cache = _static_block(model, prompt, tokens, rows[:, 0], masks)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        end = start + len(tokens)
+        torch.testing.assert_close(static_cache.k[:, :, :end], eager_cache.k[:, :, :end], atol=1e-5, rtol=1e-5)
+
+        tree = TokenTree.chain(tokens[0], tokens[1:3], [None, None])  # root 4 -> 6 -> 2, plus 9 -> 1 under the root
+        tree.add_path(0, tokens[3:], "ngram")
+        assert not tree.is_chain()
+        mask = tree_mask(tree, start)
+        expected, _ = _eager_block(model, prompt, tree.tokens, tree=mask)
+        masks = torch.stack([mask.allowed(S), mask.allowed(S, window)])
+        got, _ = _static_block(model, prompt, tree.tokens, mask.positions, masks)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        assert len({int(t) for t in got.argmax(-1)}) > 1
+
+
+def test_static_block_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = Transformer.from_hf(tiny_hf_model("llama", seed=2, n_layers=2))
+    prompt, tokens, S = [8, 3, 8, 3], [5, 6, 7], 24
+    start = len(prompt)
+    rows = start + torch.arange(len(tokens))
+    causal = torch.arange(S)[None, :] <= rows[:, None]
+    masks = torch.stack([causal, causal])
+
+    def block(k, v, t, slots, positions, m):
+        return static_block_step(model, k, v, t, slots, positions, m)
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.no_grad():
+        expected, _ = _eager_block(model, prompt, tokens, size=S)
+        cache, _ = _prefill(model, prompt, S)
+        got = compiled(cache.k, cache.v, torch.tensor(tokens), rows, rows, masks)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["none", "adaptive"])
+def test_ngram_rounds_through_the_block_runner_stay_lossless(monkeypatch, mode):
+    """Where blocks_apply (CUDA; forced here, the blocks then run eagerly instead of captured), n-gram rounds verify
+    through BlockGraphs: padded to the block lengths, the cache kept with the model and reused by the next
+    generation; greedy output equals autoregressive decoding."""
+    from skiplayer.policies import PolicyConfig
+    model = predictable_model(seed=5)
+    monkeypatch.setattr(cuda_graphs, "blocks_apply", lambda m: True)
+    calls = []
+    real = cuda_graphs.BlockGraphs.__call__
+
+    def counted(self, tokens, start, tree):
+        out = real(self, tokens, start, tree)
+        calls.append((len(tokens), out is not None))
+        return out
+
+    monkeypatch.setattr(cuda_graphs.BlockGraphs, "__call__", counted)
+    policy = PolicyConfig(exit_layer=2, draft_source="ngram", ngram_tokens=6, dynamic_early_exit_mode=mode)
+    for prompt in ([5, 9, 11, 5, 9, 11, 5, 9], [3, 4, 5, 6, 3, 4, 5, 6, 3]):
+        def run(strategy):
+            config = GenerationConfig(max_steps=40, generation_strategy=strategy, policy=policy)
+            return generate_ids(model, prompt, config)[0]
+        assert run("self_speculative") == run("autoregressive"), prompt
+    assert calls and all(ok for _, ok in calls) and max(n for n, _ in calls) > 1
+    assert len(model.__dict__["_block_graphs"]) == 1  # one kept cache for both generations
+
+
+def test_block_runner_declines_long_blocks_and_stays_off_the_cpu_path():
+    model = predictable_model(seed=6)
+    runner, cache = cuda_graphs.block_runner(model, 30)
+    assert runner is None and cache.max_len == 30  # CPU: plain cache, eager passes
+    blocks = cuda_graphs.BlockGraphs(model, model.new_cache(200), capture=False)
+    with torch.inference_mode():
+        blocks.cache.claim(0, 0, 0)
+        assert blocks(list(range(65)), 0, None) is None  # longer than the largest block length
+        assert blocks([1, 2, 3], 198, None) is None     # the padded block (4) would not fit the cache

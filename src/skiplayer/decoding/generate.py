@@ -15,7 +15,7 @@ from skiplayer.drafts.ngram import NGramLookup
 from skiplayer.decoding.stats import Clock, GenerationStats
 from skiplayer.decoding.stopping import StopCriteria
 from skiplayer.errors import check
-from skiplayer.model.cuda_graphs import decode_step
+from skiplayer.model.cuda_graphs import block_runner, decode_step
 from skiplayer.model.llama import Transformer
 from skiplayer.policies import PolicyConfig, build_policy, unset_policy_defaults
 
@@ -107,8 +107,8 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
             policy = build_policy(config.policy, model.n_layers, costs, draft.acceptance if draft else None)
 
     t0 = clock.now()
-    if speculative:
-        cache = model.new_cache(total, head.extra_layers)
+    if speculative:  # on CUDA, n-gram rounds' verification blocks replay CUDA graphs (model/cuda_graphs.py)
+        blocks, cache = block_runner(model, total, head.extra_layers)
     else:  # one token per step: on CUDA a replayed CUDA graph (model/cuda_graphs.py), else model.forward
         step, cache = decode_step(model, total)
     taps = head.taps(0, cache) if speculative else None  # attention adapters read the prompt's states
@@ -123,7 +123,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], config: GenerationCo
         if ngram:
             ngram.extend(prompt_ids + [token])
         state = RoundState(model, cache, head, policy, config.sampling, generator, clock, stop_ids, ngram,
-                           p.self_draft, p.tree_width, p.tree_budget)
+                           p.self_draft, p.tree_width, p.tree_budget, blocks)
     while not stop.done:
         if speculative:
             room = config.max_steps - len(stop.tokens) - 1  # tokens a round may accept besides its verified one

@@ -19,6 +19,7 @@ from skiplayer.decoding.stats import Clock
 from skiplayer.drafts.ngram import NGramLookup
 from skiplayer.drafts.tree import (NGRAM, SELF, SIBLING, SOURCES, TABLE, TokenTree, accept_tree_greedy,
                                    accept_tree_sampling, rank_siblings)
+from skiplayer.model.cuda_graphs import BlockGraphs
 from skiplayer.model.kv_cache import KVCache
 from skiplayer.model.llama import Transformer, TreeMask
 from skiplayer.policies.base import DraftPolicy, DraftStep, RoundResult
@@ -39,6 +40,7 @@ class RoundState:
     self_draft: bool = True
     tree_width: int = 1               # draft candidates kept per drafted position (ranks 2.. become siblings)
     tree_budget: int | None = None    # most nodes beside the pending token
+    blocks: BlockGraphs | None = None  # verification blocks as CUDA graphs (n-gram rounds; model/cuda_graphs.py)
 
 
 def tree_mask(tree: TokenTree, start: int, first: int = 0, device="cpu") -> TreeMask | None:
@@ -56,6 +58,10 @@ def verify(s: RoundState, tree: TokenTree, steps: list[DraftStep],
     the chain's drafts but the last) ran the draft layers while drafting."""
     model, cache, head = s.model, s.cache, s.head
     layer, k = min((st.exact_until for st in steps), default=0), len(steps)
+    if s.blocks is not None and layer == 0 and not head.slots:  # every node from the embedding: a static block
+        logits = s.blocks(tree.tokens, start, tree_mask(tree, start, device=cache.k.device))
+        if logits is not None:
+            return logits, {}
     # The other nodes never ran through the model: bring them to `layer` exactly, as one block.
     rest = {0: model.embed(torch.tensor(tree.tokens[k:], device=cache.k.device))}
     if layer > 0:

@@ -9,7 +9,10 @@ token: one launch per step instead of ~1300.
 
 `decode_step(model, positions)` is what autoregressive decoding uses: on CUDA a captured graph (kept per model and
 cache size, reused across calls), anywhere else (or when the model runs the native CPU kernels, or capture fails) the
-eager `model.forward`. Self-speculative rounds stay eager: drafts, verification and rollback vary in shape.
+eager `model.forward`. `static_block_step` is the same for a block of T positions, a chain or a token tree: slots,
+RoPE positions and attention masks are inputs, so verification passes of n-gram rounds replay one graph per block
+length bucket (`block_runner`, `BlockGraphs`: lengths padded up to 2, 4, 8, 16, 32 or 64). Drafting with the model's
+own layers, and blocks longer than the largest bucket, stay eager.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from skiplayer.model.kv_cache import KVCache
-from skiplayer.model.llama import Transformer, apply_rope, linear, mlp_residual
+from skiplayer.model.llama import Transformer, TreeMask, apply_rope, mlp_residual
 
 # Set to False (or SKIPLAYER_CUDA_GRAPHS=0 in the environment) to decode eagerly on CUDA too: benchmarks compare both.
 ENABLED = os.environ.get("SKIPLAYER_CUDA_GRAPHS", "1") != "0"
@@ -35,21 +38,37 @@ def static_decode_step(model: Transformer, k_cache: torch.Tensor, v_cache: torch
     """Logits (1, vocab) of `token` (shape (1,), long) at position `pos` (shape (1,), long, same device), writing its
     K/V into k_cache/v_cache (n_layers, n_kv_heads, S, head_dim) at `pos`. Positions past `pos` are masked out, so
     the cache may hold anything there. No data-dependent shapes or host reads: capturable and compilable."""
+    slots = torch.arange(k_cache.shape[2], device=pos.device)[None, :]  # (1, S)
+    masks = torch.stack([slots <= pos, (slots <= pos) & (slots > pos - model.args.sliding_window)])
+    return static_block_step(model, k_cache, v_cache, token, pos, pos, masks)
+
+
+def static_block_step(model: Transformer, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: torch.Tensor,
+                      slots: torch.Tensor, positions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Logits (T, vocab) of a block of T tokens (T,) (a chain, or a token tree's nodes), token i written into
+    k_cache/v_cache (n_layers, n_kv_heads, S, head_dim) at cache slot slots[i] with RoPE at positions[i], and
+    attending to the slots where masks[0, i] (masks[1, i] in sliding-window layers) is True: masks (2, T, S) bool,
+    each row including its own slot. Every input a device tensor of fixed shape, no host reads: capturable and
+    compilable. The layers as Block.forward computes them, Gemma's variations included."""
     a = model.args
-    group = a.n_heads // a.n_kv_heads
-    cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)  # (1, head_dim)
-    mask = (torch.arange(k_cache.shape[2], device=pos.device) <= pos)[None, :]  # (1, S): attend to 0..pos
-    h = model.embed(token)
+    group, T = a.n_heads // a.n_kv_heads, tokens.shape[0]
+    tables = [(model.rope_cos.index_select(0, positions), model.rope_sin.index_select(0, positions))]
+    if model.rope_local_cos is not None:
+        tables.append((model.rope_local_cos.index_select(0, positions), model.rope_local_sin.index_select(0, positions)))
+    h = model.embed(tokens)
     for i, block in enumerate(model.layers):
         at = block.attention
-        q, k, v = at.split(at.wqkv(block.attention_norm(h)), cos, sin)  # (heads, 1, head_dim)
+        local = int(at.window > 0)
+        cos, sin = tables[local]
+        q, k, v = at.split(at.norm_qk(at.wqkv(block.attention_norm(h))), cos, sin)  # (heads, T, head_dim)
         q = apply_rope(q, cos, sin)
         keys, values = k_cache[i], v_cache[i]
-        keys.index_copy_(1, pos, k)
-        values.index_copy_(1, pos, v)
+        keys.index_copy_(1, slots, k)
+        values.index_copy_(1, slots, v)
         # Grouped-query attention as in Attention.attend: each KV group's query heads form its rows.
-        out = F.scaled_dot_product_attention(q.reshape(a.n_kv_heads, group, a.head_dim), keys, values, attn_mask=mask)
-        h = h + at.wo(out.reshape(1, a.n_heads * a.head_dim))
+        out = F.scaled_dot_product_attention(q.reshape(a.n_kv_heads, group * T, a.head_dim), keys, values,
+                                             attn_mask=masks[local].repeat(group, 1))
+        h = block.add_attention(h, at.wo(out.reshape(a.n_heads, T, a.head_dim).transpose(0, 1).reshape(T, -1)))
         h = mlp_residual(block, h)
     return model.logits(h)
 
@@ -152,3 +171,99 @@ class _Fallback:
                 self.failed = eager_step(self.step.model, self.cache)
                 warnings.warn(f"skiplayer: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly")
         return self.failed(token, pos)
+
+
+BLOCK_LENGTHS = (2, 4, 8, 16, 32, 64)  # verification blocks are padded up to one of these: one graph each
+
+
+class BlockGraphs:
+    """`static_block_step` on one cache, one CUDA graph per block length in BLOCK_LENGTHS, each captured at its first
+    use (eagerly instead where `capture` is False: CPUs, tests). A block of T tokens is padded to the next length:
+    the padding rows sit at the slots after the block, attend to their own slot only, and are never read (their K/V
+    lie past the cache's length, where the next write goes). Calling it returns the logits (T, vocab), a view of the
+    graph's own buffer (read it before the next call), or None where T exceeds the largest length or capture failed
+    (the caller then runs the block eagerly)."""
+
+    def __init__(self, model: Transformer, cache: KVCache, capture: bool = True):
+        self.model, self.cache, self.capture = model, cache, capture
+        self.graphs: dict[int, tuple] = {}  # length -> (graph or None, inputs, logits)
+        self.failed = False
+
+    def __call__(self, tokens: list[int], start: int, tree: TreeMask | None) -> torch.Tensor | None:
+        T, S = len(tokens), self.cache.max_len
+        length = next((n for n in BLOCK_LENGTHS if n >= T), None)
+        if self.failed or length is None or start + length > S:
+            return None
+        device = self.cache.k.device
+        rows = torch.arange(length, device=device)
+        slots = start + rows
+        positions = slots.clone()
+        if tree is not None:
+            positions[:T] = tree.positions
+        keys = torch.arange(S, device=device)[None, :]
+        own = keys == slots[:, None]  # padding rows: their own slot only
+        causal = keys <= slots[:, None]
+        window = self.model.args.sliding_window
+        if tree is not None:
+            allowed = [tree.allowed(S), tree.allowed(S, window)]
+        else:
+            allowed = [causal[:T], (causal & (keys > positions[:, None] - window))[:T]]
+        masks = torch.stack([torch.cat([m, own[T:]]) for m in allowed])
+        inputs = (torch.tensor(tokens + [0] * (length - T), device=device), slots, positions, masks)
+        try:
+            logits = self._run(length, inputs)
+        except Exception as e:  # noqa: BLE001 - capture failed: eager blocks from now on, said once
+            if not self.capture or length in self.graphs:  # not a capture failure
+                raise
+            self.failed = True
+            warnings.warn(f"skiplayer: CUDA graph capture of verification blocks failed ({type(e).__name__}: {e}); "
+                          f"verifying eagerly")
+            return None
+        for i in range(self.model.n_layers):
+            self.cache.claim(i, start, T)
+        return logits[:T]
+
+    def _run(self, length: int, inputs: tuple) -> torch.Tensor:
+        step = lambda *x: static_block_step(self.model, self.cache.k, self.cache.v, *x)  # noqa: E731
+        if not self.capture:
+            return step(*inputs)
+        if length not in self.graphs:
+            static = tuple(x.clone() for x in inputs)
+            side = torch.cuda.Stream(device=self.cache.k.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (lazy initialisation, kernel choice); writes only past `start`
+                for _ in range(2):
+                    step(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = step(*static)
+            self.graphs[length] = (graph, static, logits)
+        graph, static, logits = self.graphs[length]
+        for buffer, x in zip(static, inputs):
+            buffer.copy_(x)
+        graph.replay()
+        return logits
+
+
+def blocks_apply(model: Transformer) -> bool:
+    """Whether verification blocks replay CUDA graphs for this model: on CUDA, without the native CPU kernels."""
+    return ENABLED and model.tok_embeddings.weight.device.type == "cuda" and not uses_native_kernels(model)
+
+
+def block_runner(model: Transformer, positions: int, extra_layers: int = 0) -> tuple[BlockGraphs | None, KVCache]:
+    """For self-speculative decoding: (the verification block runner or None, an empty cache for at least
+    `positions` positions plus the largest padded block). Where blocks_apply, the cache and its graphs are kept with
+    the model (one per size bucket, as decode_step's) so that later generations reuse them; a draft's attention
+    adapters (extra cache layers) keep every pass eager."""
+    if extra_layers or not blocks_apply(model):
+        return None, model.new_cache(positions, extra_layers)
+    size = min(model.max_seq_len, -(-(positions + BLOCK_LENGTHS[-1]) // BUCKET) * BUCKET)
+    kept = model.__dict__.setdefault("_block_graphs", {})
+    key = (size, _weights_key(model))
+    runner = kept.get(key)
+    if runner is None:
+        kept.clear()
+        runner = kept[key] = BlockGraphs(model, model.new_cache(size), capture=model.tok_embeddings.weight.is_cuda)
+    runner.cache.reset()
+    return runner, runner.cache
