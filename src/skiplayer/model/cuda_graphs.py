@@ -186,7 +186,7 @@ class BlockGraphs:
 
     def __init__(self, model: Transformer, cache: KVCache, capture: bool = True):
         self.model, self.cache, self.capture = model, cache, capture
-        self.graphs: dict[int, tuple] = {}  # length -> (graph or None, inputs, logits)
+        self.graphs: dict[int, tuple] = {}  # length -> (graph, its input buffers, its logits buffer)
         self.failed = False
 
     def __call__(self, tokens: list[int], start: int, tree: TreeMask | None) -> torch.Tensor | None:
