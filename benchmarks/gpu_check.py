@@ -1,9 +1,14 @@
-"""One prepared check of our decoding on a GPU, with random-weight models of real shapes (no network, no files).
+"""One prepared check of our decoding on a GPU, with random-weight models of real shapes (no network, no files), and
+with the default model's own weights when they were carried there (--payload, benchmarks/gpu_payload.py).
 
     PYTHONPATH=src python benchmarks/gpu_check.py --output_json runs/gpu_check.json          # on the GPU machine
+    PYTHONPATH=src python benchmarks/gpu_check.py --payload gpu_payload --output_json runs/gpu_check.json  # + real
     python benchmarks/gpu_check.py --device cpu --quick [--tiny] --output_json /tmp/check.json  # same code path
 
 Sections, each recorded in the JSON even when it fails (its error is kept and the next section runs):
+  real         with --payload: the real weights and built-in draft, our CUDA-graph decoding against
+               self-speculation (default configuration, chain of one, n-gram with block graphs) on gsm8k and chat
+               prompts: decode tok/s, ratios, tokens per pass, identity
   hf_equality  our logits vs transformers' LlamaForCausalLM on the same random weights (float32 and --dtype)
   identity     greedy self-speculative (static exit, adaptive, n-gram/tree when available) and CUDA-graph decoding
                vs plain autoregressive decoding: identical token lists, first divergence, acceptance
@@ -33,6 +38,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -532,6 +538,71 @@ def section_launches(args, device, deadline) -> dict:
     return out
 
 
+def section_real(args, device, deadline) -> dict:
+    """The default model's own weights and built-in draft, carried with benchmarks/gpu_payload.py (--payload): our
+    autoregressive decoding (the CUDA-graph step) against self-speculation with the draft (the default
+    configuration, a chain of one) and n-gram drafting (verification blocks as CUDA graphs), on the payload's gsm8k
+    and chat prompts: decode tok/s, ratios, tokens per pass, identity with autoregressive decoding."""
+    if not args.payload:
+        log("[real] skipped: no --payload (benchmarks/gpu_payload.py packs the real weights)")
+        return {"skipped": "no --payload"}
+    import dataclasses
+
+    from gpu_payload import unpack
+
+    from skiplayer.draft_artifact import resolve_draft
+    from skiplayer.model.load import load_model
+    path, site, prompts, manifest = unpack(Path(args.payload), Path(tempfile.gettempdir()) / "skiplayer_payload")
+    sys.path.insert(0, str(site))  # the gguf package, for transformers' reader
+    loaded = load_model(str(path), dtype="auto", device=str(device))  # the CLI's: the draft's weights (float16)
+    loaded = dataclasses.replace(loaded, name=manifest["model"])  # the alias: its built-in draft
+    draft = resolve_draft(None, loaded, say=log)
+    E = max(draft.exit_layers) if draft else exit_layer(loaded.model.n_layers)
+    configs = {"autoregressive": {},
+               "default": dict(exit_layer=E, num_speculations=2, draft_source="both",
+                               dynamic_early_exit_mode="adaptive"),
+               "chain k=1": dict(exit_layer=E, num_speculations=1),
+               "ngram adaptive": dict(exit_layer=E, draft_source="ngram", dynamic_early_exit_mode="adaptive")}
+    steps = args.speed_steps
+    out = {"model": manifest["model"], "sha256": manifest["sha256"], "dtype": str(loaded.dtype), "draft": bool(draft),
+           "exit_layer": E, "new_tokens": steps, "configs": configs}
+
+    def run(ids, policy):
+        strategy = "self_speculative" if policy else "autoregressive"
+        config = GenerationConfig(max_steps=steps, generation_strategy=strategy, policy=PolicyConfig(**policy))
+        return generate_ids(loaded.model, ids, config, loaded.eos_token_ids, loaded.tokenizer, draft=draft)
+
+    for workload, texts in prompts.items():
+        texts = texts[:args.n_prompts]
+        encoded = [loaded.encode(t) for t in texts]
+        for policy in configs.values():  # warm-up: graph captures, cost profiles
+            run(encoded[0][:32], policy)
+        res = out[workload] = {}
+        ref = [run(ids, {})[0] for ids in encoded]
+        for name, policy in configs.items():
+            if deadline.left() < 20:
+                res[name] = {"skipped": "time budget spent"}
+                continue
+            tokens = seconds = passes = same = 0
+            for ids, expected in zip(encoded, ref):
+                sync(device)
+                got, _, stats = run(ids, policy)
+                same += got == expected
+                tokens, passes = tokens + stats.new_tokens - 1, passes + stats.rounds
+                seconds += stats.wall_time - stats.prefill_time
+            res[name] = {"decode_tok_s": tokens / seconds, "identical": same, "total": len(encoded),
+                         "tokens_per_pass": tokens / passes if policy else 1.0}
+        base = res["autoregressive"]["decode_tok_s"]
+        for name, r in res.items():
+            if "decode_tok_s" in r:
+                r["vs_autoregressive"] = r["decode_tok_s"] / base
+                log(f"[real] {workload} {name}: {r['decode_tok_s']:.1f} tok/s decoding, {r['vs_autoregressive']:.2f}x, "
+                    f"{r['tokens_per_pass']:.2f} tokens per pass, {r['identical']}/{r['total']} identical")
+    out["block_graphs"] = block_graphs_active(loaded.model)
+    out["graph_active"] = graph_active(loaded.model)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------- main
 
 def error(e: BaseException) -> dict:
@@ -561,7 +632,7 @@ def meta(args, device) -> dict:
     return m
 
 
-SECTIONS = {"hf_equality": section_hf_equality, "identity": section_identity, "speed": section_speed,
+SECTIONS = {"real": section_real, "hf_equality": section_hf_equality, "identity": section_identity, "speed": section_speed,
             "verify_cost": section_verify_cost, "launches": section_launches, "hf_static": section_hf_static}
 
 
@@ -596,6 +667,8 @@ def parse_args(argv=None):
     p.add_argument("--budget_s", type=float, default=380.0,
                    help="sections are skipped past this many seconds (hf_static may use --hf_static_extra more)")
     p.add_argument("--output_json", default=None, type=output_file)
+    p.add_argument("--payload", default=None,
+                   help="folder written by benchmarks/gpu_payload.py pack: the real weights for the 'real' section")
     p.add_argument("--hf_static_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
