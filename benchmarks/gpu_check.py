@@ -203,13 +203,16 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def run_ours(model, ids, steps, graphs: bool, **policy):
+def run_ours(model, ids, steps, graphs: bool, loaded=None, draft=None, **policy):
+    """(tokens, stats) of greedy decoding, self-speculative when a policy is given; `loaded` (a LoadedModel) adds its
+    EOS ids and tokenizer, as real generations stop."""
     saved = cuda_graphs.ENABLED
     cuda_graphs.ENABLED = graphs
     try:
         strategy = "self_speculative" if policy else "autoregressive"
         config = GenerationConfig(max_steps=steps, generation_strategy=strategy, policy=PolicyConfig(**policy))
-        tokens, _, stats = generate_ids(model, ids, config)
+        eos, tokenizer = (loaded.eos_token_ids, loaded.tokenizer) if loaded else ((), None)
+        tokens, _, stats = generate_ids(model, ids, config, eos, tokenizer, draft=draft)
         return tokens, stats
     finally:
         cuda_graphs.ENABLED = saved
@@ -568,9 +571,7 @@ def section_real(args, device, deadline) -> dict:
            "exit_layer": E, "new_tokens": steps, "configs": configs}
 
     def run(ids, policy):
-        strategy = "self_speculative" if policy else "autoregressive"
-        config = GenerationConfig(max_steps=steps, generation_strategy=strategy, policy=PolicyConfig(**policy))
-        return generate_ids(loaded.model, ids, config, loaded.eos_token_ids, loaded.tokenizer, draft=draft)
+        return run_ours(loaded.model, ids, steps, cuda_graphs.ENABLED, loaded, draft, **policy)
 
     for workload, texts in prompts.items():
         encoded = [loaded.encode(t) for t in (texts[:2] if args.quick else texts)]
@@ -586,7 +587,7 @@ def section_real(args, device, deadline) -> dict:
                 # run of a prompt may capture; cost profiles are measured once
                 for _ in range(2):
                     sync(device)
-                    got, _, stats = run(ids, policy)
+                    got, stats = run(ids, policy)
                     same += got == expected
                 tokens, passes = tokens + stats.new_tokens - 1, passes + stats.rounds
                 seconds += stats.wall_time - stats.prefill_time

@@ -38,8 +38,7 @@ def static_decode_step(model: Transformer, k_cache: torch.Tensor, v_cache: torch
     """Logits (1, vocab) of `token` (shape (1,), long) at position `pos` (shape (1,), long, same device), writing its
     K/V into k_cache/v_cache (n_layers, n_kv_heads, S, head_dim) at `pos`. Positions past `pos` are masked out, so
     the cache may hold anything there. No data-dependent shapes or host reads: capturable and compilable."""
-    slots = torch.arange(k_cache.shape[2], device=pos.device)[None, :]  # (1, S)
-    masks = torch.stack([slots <= pos, (slots <= pos) & (slots > pos - model.args.sliding_window)])
+    masks = causal_masks(k_cache.shape[2], pos, model.args.sliding_window)
     return static_block_step(model, k_cache, v_cache, token, pos, pos, masks)
 
 
@@ -103,18 +102,9 @@ class GraphStep:
         return static_decode_step(self.model, self.cache.k, self.cache.v, self.token, self.pos)[0]
 
     def capture(self) -> None:
-        """Warm up on a side stream (lazy initialisation, kernel selection), then capture one step. Both write the
-        current token's K/V at the current position, which the replay writes again: the cache ends up the same."""
-        side = torch.cuda.Stream(device=self.cache.k.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._run()
-        self.graph, self.logits = graph, logits
+        """Capture one step (capture_graph). The warm-up and the capture write the current token's K/V at the
+        current position, which the replay writes again: the cache ends up the same."""
+        self.graph, self.logits = capture_graph(self._run, self.cache.k.device)
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         lengths = self.cache.lengths
@@ -129,6 +119,29 @@ class GraphStep:
         for i in range(self.n_layers):
             lengths[i] = pos + 1
         return self.logits
+
+
+def capture_graph(run: Callable[[], torch.Tensor], device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """run() warmed up twice on a side stream (lazy initialisation, kernel selection), then captured: the graph and
+    the output buffer its replays write."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
+def causal_masks(S: int, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """(2, T, S) bool for rows at cache slots = RoPE positions `positions` (T,): slots up to the row's own, and (for
+    sliding-window layers) of those only the last `window`; static_block_step's masks for a chain."""
+    slots = torch.arange(S, device=positions.device)[None, :]
+    causal = slots <= positions[:, None]
+    return torch.stack([causal, causal & (slots > positions[:, None] - window)])
 
 
 def _weights_key(model: Transformer) -> tuple:
@@ -186,7 +199,7 @@ class BlockGraphs:
 
     def __init__(self, model: Transformer, cache: KVCache, capture: bool = True):
         self.model, self.cache, self.capture = model, cache, capture
-        self.graphs: dict[int, tuple] = {}  # length -> (graph, its input buffers, its logits buffer)
+        self.graphs: dict[int, tuple] = {}  # length -> (graph, its logits buffer, its input buffers)
         self.failed = False
 
     def __call__(self, tokens: list[int], start: int, tree: TreeMask | None) -> torch.Tensor | None:
@@ -195,20 +208,16 @@ class BlockGraphs:
         if self.failed or length is None or start + length > S:
             return None
         device = self.cache.k.device
-        rows = torch.arange(length, device=device)
-        slots = start + rows
+        slots = start + torch.arange(length, device=device)
         positions = slots.clone()
-        if tree is not None:
-            positions[:T] = tree.positions
-        keys = torch.arange(S, device=device)[None, :]
-        own = keys == slots[:, None]  # padding rows: their own slot only
-        causal = keys <= slots[:, None]
         window = self.model.args.sliding_window
         if tree is not None:
-            allowed = [tree.allowed(S), tree.allowed(S, window)]
+            positions[:T] = tree.positions
+            masks = torch.stack([tree.allowed(S), tree.allowed(S, window)])
         else:
-            allowed = [causal[:T], (causal & (keys > positions[:, None] - window))[:T]]
-        masks = torch.stack([torch.cat([m, own[T:]]) for m in allowed])
+            masks = causal_masks(S, slots[:T], window)
+        own = torch.arange(S, device=device)[None, :] == slots[T:, None]  # padding rows: their own slot only
+        masks = torch.cat([masks, own.expand(2, -1, -1)], dim=1)
         inputs = (torch.tensor(tokens + [0] * (length - T), device=device), slots, positions, masks)
         try:
             logits = self._run(length, inputs)
@@ -227,19 +236,10 @@ class BlockGraphs:
         step = lambda *x: static_block_step(self.model, self.cache.k, self.cache.v, *x)  # noqa: E731
         if not self.capture:
             return step(*inputs)
-        if length not in self.graphs:
+        if length not in self.graphs:  # the warm-up writes K/V only at this block's slots, as the replay does
             static = tuple(x.clone() for x in inputs)
-            side = torch.cuda.Stream(device=self.cache.k.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (lazy initialisation, kernel choice); writes only past `start`
-                for _ in range(2):
-                    step(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = step(*static)
-            self.graphs[length] = (graph, static, logits)
-        graph, static, logits = self.graphs[length]
+            self.graphs[length] = (*capture_graph(lambda: step(*static), self.cache.k.device), static)
+        graph, logits, static = self.graphs[length]
         for buffer, x in zip(static, inputs):
             buffer.copy_(x)
         graph.replay()
