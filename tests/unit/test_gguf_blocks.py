@@ -309,7 +309,7 @@ def test_avx2_int8_activations_are_llamacpp_arithmetic_and_batch_invariant(fmt, 
     from skiplayer.model.gguf_blocks import _file_parts
     g = torch.Generator().manual_seed(9)
     op = torch.ops.skiplayer.small_linear
-    for M, K, N in [(1, 256, 5), (6, 512, 33), (19, 768, 40)]:  # odd N (two-row tiles' tail), M over chunks of 4
+    for M, K, N in [(1, 256, 5), (6, 512, 33), (19, 768, 40)]:  # odd N (two-row tiles' tail), M over chunks of 8
         w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
         x[0, 32:64] = 0.0  # an all-zero block (dx = 1 there)
         raw = K_QUANT_ROWS[fmt](N, K, seed=M) if fmt in K_QUANT_ROWS else file_blocks(w, fmt)
