@@ -352,7 +352,8 @@ def test_block_rows_are_those_rows_of_the_weights(fmt, tiles):
 
 
 @native
-def test_a_reduced_draft_head_reads_the_heads_blocks_and_stays_lossless(tmp_path):
+@pytest.mark.parametrize("activations", ["int8x2"], indirect=True)  # x in fp32 on the rows kernels (AVX2 too)
+def test_a_reduced_draft_head_reads_the_heads_blocks_and_stays_lossless(tmp_path, activations):
     from skiplayer.decoding.draft import DraftHead
     from skiplayer.draft_artifact import Draft
     float_model, model, _ = tiny_gguf_pair(tmp_path)
