@@ -218,7 +218,8 @@ def test_self_speculation_on_file_blocks_is_lossless(tmp_path, layout):
 
 
 def check_self_speculation_is_lossless(model):
-    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16]):
+    long = [4 + (7 * i) % 90 for i in range(70)]  # 64+ positions: a prompt block (the AVX2 prompt kernel)
+    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16], long):
         def run(strategy, **policy):
             config = GenerationConfig(max_steps=24, generation_strategy=strategy, policy=PolicyConfig(**policy))
             return generate_ids(model, prompt, config, tokenizer=FakeTokenizer())[0]
@@ -323,6 +324,37 @@ def test_avx2_int8_activations_are_llamacpp_arithmetic_and_batch_invariant(fmt, 
 
 
 @native
+@pytest.mark.parametrize("activations", ["int8"], indirect=True)
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
+@pytest.mark.parametrize("fmt", FORMATS + ["Q4_K"])
+def test_avx2_prompt_kernel_is_the_same_arithmetic_and_deterministic(fmt, isa, activations):
+    """A prompt block (prompt=True; decoder_layers sets it at position 0 for 64+ rows) of Q4 rows takes the prompt
+    kernel: the same 8-bit x and exact integer block sums, accumulated in another order, so within fp32 rounding of
+    the reference and not bit-identical to the rows kernel; deterministic whatever the threads. Q8 rows keep the rows
+    kernel (their 16-bit pair sums would overflow)."""
+    from skiplayer.model.gguf_blocks import _file_parts
+    g = torch.Generator().manual_seed(10)
+    op = torch.ops.skiplayer.small_linear
+    for M, K, N in [(64, 256, 5), (67, 768, 33), (130, 512, 40)]:  # a tail chunk of 3 rows, weight rows 4 + 1
+        w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+        x[0, 32:64] = 0.0  # an all-zero block (dx = 1 there)
+        x[-1, :32] *= 1e3  # a block whose int8 values all sit near +-127: the largest 16-bit sums
+        raw = K_QUANT_ROWS[fmt](N, K, seed=M) if fmt in K_QUANT_ROWS else file_blocks(w, fmt)
+        b = pack_blocks(fmt, raw)
+        y = op(x, b, None, bias, True, False, True)
+        ref = int8_activations_reference(x, b, bias, _file_parts(fmt, raw))
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, M)
+        rows = op(x, b, None, bias, True, False, False)
+        assert torch.equal(y, rows) == (KERNEL_FAMILY[fmt] == "Q8"), (fmt, M)  # which kernel ran
+        assert torch.equal(op(x, b, None, bias, True, False, True), y)
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(op(x, b, None, bias, True, False, True), y)
+        finally:
+            torch.set_num_threads(1)
+
+
+@native
 @has_amx
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_vnni_tiles_kernel_is_the_amx_kernel_bit_for_bit(fmt):
@@ -367,7 +399,8 @@ def test_a_reduced_draft_head_reads_the_heads_blocks_and_stays_lossless(tmp_path
         assert torch.allclose(head(x, 4), expected, atol=1e-4, rtol=1e-4)
     set_gguf_activations("auto")  # the lossless check on this machine's default (conftest restores the earlier one)
     draft = Draft(ids, {}, {}, [2])
-    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16]):
+    long = [4 + (7 * i) % 90 for i in range(70)]  # 64+ positions: a prompt block (the AVX2 prompt kernel)
+    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16], long):
         def run(strategy):
             config = GenerationConfig(max_steps=24, generation_strategy=strategy,
                                       policy=PolicyConfig(exit_layer=2, num_speculations=2))

@@ -137,7 +137,7 @@ def _remove_stale_lock(name: str, max_age_s: float = 600.0) -> None:
 def _register_fake() -> None:
     """Shapes for torch.compile / meta tensors."""
     @torch.library.register_fake("skiplayer::small_linear")
-    def _(x, w, scale, bias, float_out, packed=False):
+    def _(x, w, scale, bias, float_out, packed=False, prompt=False):
         return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32 if float_out else x.dtype)
 
     @torch.library.register_fake("skiplayer::rms_norm")
