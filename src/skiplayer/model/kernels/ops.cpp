@@ -4,7 +4,7 @@
 
 TORCH_LIBRARY(skiplayer, m) {
   // prompt: x is a prompt block (never a verification pass), free of batch invariance: Q4 rows with 8-bit x take
-  // the prompt kernel (avx2.cpp). decoder_layers sets it itself for blocks at position 0 of 64+ rows.
+  // the prompt kernel (avx2.cpp). decoder_layers sets it itself for blocks at position 0 of 8+ rows.
   m.def("small_linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias, bool float_out, bool packed=False, "
         "bool prompt=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
