@@ -130,8 +130,8 @@ def attention_inputs(g: torch.Generator, T: int, H: int, G: int, D: int, dtype):
 
 
 def check_against_row_loops(run, dtype) -> None:
-    """run() -> (attention output, K cache) on this CPU's AVX-512 attention: the one-row loops (kernel_isa avx2)
-    write the same cache and give the output within the dtype's rounding (in fp32 not bit for bit: the other path
+    """run() -> (attention output, K cache) on this CPU's AVX-512 attention: the AVX2 paths (kernel_isa avx2: the
+    one-row loops, or the AVX2 prompt attention for a prompt without a window shorter than it) write the same cache and give the output within the dtype's rounding (in fp32 not bit for bit: the other path
     ran), and the same bits come back at 1 and 2 threads."""
     wide, kc = run()
     before = torch.ops.skiplayer.kernel_isa("")
@@ -208,6 +208,39 @@ def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dty
         kc, vc = torch.zeros(G, T + 4, D, dtype=dtype), torch.zeros(G, T + 4, D, dtype=dtype)
         return op(qkv, cos, sin, kc, vc, 0, H, G, True, None, window), kc
     check_against_row_loops(run, dtype)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,D", [(64, 64), (150, 64), (83, 128), (70, 16)])
+def test_prompt_attention_on_avx2_close_to_the_row_loops_and_deterministic(dtype, T, D):
+    """Without AVX-512 (kernel_isa "avx2" forces it anywhere) a prompt (a block at position 0 of at least 64 rows)
+    takes the AVX2 attention with the keys in the lanes: the same cache writes as the rows one at a time, their
+    outputs within the dtype's rounding (in fp32 not bit for bit: the other path ran), the same bits at 1 and 2
+    threads."""
+    H, G = 9, 3
+    qkv, cos, sin = attention_inputs(torch.Generator().manual_seed(14), T, H, G, D, dtype)
+    op = torch.ops.skiplayer.rope_cache_attention
+
+    def block(threads):
+        kc, vc = torch.zeros(G, T + 4, D, dtype=dtype), torch.zeros(G, T + 4, D, dtype=dtype)
+        torch.set_num_threads(threads)
+        return op(qkv, cos, sin, kc, vc, 0, H, G, True), kc, vc
+
+    before, threads = torch.ops.skiplayer.kernel_isa(""), torch.get_num_threads()
+    try:
+        torch.ops.skiplayer.kernel_isa("avx2")
+        out, kc, vc = block(1)
+        assert torch.equal(block(2)[0], out)
+        kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+        rows = torch.cat([op(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], kr, vr, t, H, G, True) for t in range(T)])
+    finally:
+        torch.ops.skiplayer.kernel_isa(before)
+        torch.set_num_threads(threads)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
+    assert (out.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
+    assert not torch.equal(out, rows) or dtype != torch.float32  # it did take the prompt path
 
 
 @native
