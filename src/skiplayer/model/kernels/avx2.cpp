@@ -433,8 +433,8 @@ void quant_rows_avx2_int8(int M, const int8_t* a, const float* dx, const float* 
 // byte per quant and x is interleaved so that one 256-bit load holds 4 consecutive elements of 8 input rows: each
 // vpmaddubsw takes a broadcast group of 4 quants against 8 rows, the 16-bit sums of a block add up in place (a pair
 // sum is at most 2 * 15 * 127 = 3810 in magnitude, 8 of them 30480: no overflow), and one vpmaddwd, conversion and
-// FMA per block then serve 8 rows at once, their sums in the 8 lanes (no horizontal sums). ~0.9 cycles per input
-// row, weight row and block in a C++ microbenchmark on Zen 3 (the rows kernel: 1.8-2.1). ----
+// FMA per block then serve 8 rows at once, their sums in the 8 lanes (no horizontal sums). 0.89 TSC cycles per input
+// row, weight row and block in a C++ microbenchmark on Zen 3 (the rows kernel: 1.65-2.09; design-notes.md). ----
 constexpr int64_t kPromptChunk = 8;  // input rows per interleaved chunk: one per int32 lane
 
 // x's 8-bit values (M rows of K: quantize_int8_blocks' a, dx, xs) interleaved per chunk of 8 rows, rows past M zero:
@@ -491,7 +491,8 @@ inline void prompt_tile(const int8_t* xt, const float* dxt, const float* xst, co
       __m256i s = _mm256_setzero_si256();
       for (int g = 0; g < 8; ++g) {
         const __m256i q = _mm256_set1_epi32(load4<int32_t>(u + r * K + 32 * b + 4 * g));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + 256 * b + 32 * g))));
+        const __m256i x8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xt + 256 * b + 32 * g));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q, x8));
       }
       const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
       acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(_mm256_broadcast_ss(d + r * nb + b), dxv), acc[r]);
@@ -895,7 +896,9 @@ at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& w, const c10::
                             residual->scalar_type() == x.scalar_type() && residual->is_contiguous()),
               "small_linear: the residual must be a contiguous (M, N) tensor of x's dtype");
   return with_activation_dtype(x.scalar_type(), "small_linear: float32, bfloat16 or float16 activations expected",
-                               [&](auto a) { return linear_rows<decltype(a)>(x, w, scale, bias, packed, residual, prompt); });
+                               [&](auto a) {
+                                 return linear_rows<decltype(a)>(x, w, scale, bias, packed, residual, prompt);
+                               });
 }
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
