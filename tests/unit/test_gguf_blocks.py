@@ -217,9 +217,12 @@ def test_self_speculation_on_file_blocks_is_lossless(tmp_path, layout):
         torch.ops.skiplayer.kernel_isa(before)
 
 
+# Two short prompts, and one past the decoding team's 16 rows (on AVX2 with 8-bit x: the prompt kernel).
+LOSSLESS_PROMPTS = ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16], [4 + (7 * i) % 90 for i in range(40)])
+
+
 def check_self_speculation_is_lossless(model):
-    long = [4 + (7 * i) % 90 for i in range(40)]  # a prompt past the team's 16 rows: the AVX2 prompt kernel
-    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16], long):
+    for prompt in LOSSLESS_PROMPTS:
         def run(strategy, **policy):
             config = GenerationConfig(max_steps=24, generation_strategy=strategy, policy=PolicyConfig(**policy))
             return generate_ids(model, prompt, config, tokenizer=FakeTokenizer())[0]
@@ -328,10 +331,10 @@ def test_avx2_int8_activations_are_llamacpp_arithmetic_and_batch_invariant(fmt, 
 @pytest.mark.parametrize("isa", ["avx2"], indirect=True)
 @pytest.mark.parametrize("fmt", FORMATS + ["Q4_K"])
 def test_avx2_prompt_kernel_is_the_same_arithmetic_and_deterministic(fmt, isa, activations):
-    """A prompt block (prompt=True; decoder_layers sets it for blocks at position 0 of 8+ rows) of Q4 rows takes the prompt
-    kernel: the same 8-bit x and exact integer block sums, accumulated in another order, so within fp32 rounding of
-    the reference and not bit-identical to the rows kernel; deterministic whatever the threads. Q8 rows keep the rows
-    kernel (their 16-bit pair sums would overflow)."""
+    """A prompt block (prompt=True; decoder_layers sets it for blocks at position 0 of 8+ rows) of Q4 rows takes
+    the prompt kernel: the same 8-bit x and exact integer block sums, accumulated in another order, so within fp32
+    rounding of the reference and not bit-identical to the rows kernel; deterministic whatever the threads. Q8 rows
+    keep the rows kernel (their 16-bit pair sums would overflow)."""
     from skiplayer.model.gguf_blocks import _file_parts
     g = torch.Generator().manual_seed(10)
     op = torch.ops.skiplayer.small_linear
@@ -399,8 +402,7 @@ def test_a_reduced_draft_head_reads_the_heads_blocks_and_stays_lossless(tmp_path
         assert torch.allclose(head(x, 4), expected, atol=1e-4, rtol=1e-4)
     set_gguf_activations("auto")  # the lossless check on this machine's default (conftest restores the earlier one)
     draft = Draft(ids, {}, {}, [2])
-    long = [4 + (7 * i) % 90 for i in range(40)]  # a prompt past the team's 16 rows: the AVX2 prompt kernel
-    for prompt in ([1, 5, 7, 9], [11, 12, 13, 14, 15, 16], long):
+    for prompt in LOSSLESS_PROMPTS:
         def run(strategy):
             config = GenerationConfig(max_steps=24, generation_strategy=strategy,
                                       policy=PolicyConfig(exit_layer=2, num_speculations=2))

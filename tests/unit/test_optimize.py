@@ -129,10 +129,19 @@ def attention_inputs(g: torch.Generator, T: int, H: int, G: int, D: int, dtype):
     return qkv, torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
 
 
+def assert_other_path_close(out, rows, dtype) -> None:
+    """out, from another attention path than `rows`: within the dtype's rounding of it, and in fp32 not bit for bit
+    (it did take the other path)."""
+    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
+    assert (out.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
+    assert not torch.equal(out, rows) or dtype != torch.float32
+
+
 def check_against_row_loops(run, dtype) -> None:
     """run() -> (attention output, K cache) on this CPU's AVX-512 attention: the AVX2 paths (kernel_isa avx2: the
-    one-row loops, or the AVX2 prompt attention for a prompt without a window shorter than it) write the same cache and give the output within the dtype's rounding (in fp32 not bit for bit: the other path
-    ran), and the same bits come back at 1 and 2 threads."""
+    one-row loops, or the AVX2 prompt attention for a prompt without a window shorter than it) write the same cache
+    and give the output within the dtype's rounding (in fp32 not bit for bit: the other path ran), and the same bits
+    come back at 1 and 2 threads."""
     wide, kc = run()
     before = torch.ops.skiplayer.kernel_isa("")
     try:
@@ -141,9 +150,7 @@ def check_against_row_loops(run, dtype) -> None:
     finally:
         torch.ops.skiplayer.kernel_isa(before)
     assert torch.equal(kc, kc_rows)  # the cache writes are the same
-    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
-    assert (wide.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
-    assert not torch.equal(wide, rows) or dtype != torch.float32  # it did take the other path
+    assert_other_path_close(wide, rows, dtype)
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
@@ -238,9 +245,7 @@ def test_prompt_attention_on_avx2_close_to_the_row_loops_and_deterministic(dtype
         torch.ops.skiplayer.kernel_isa(before)
         torch.set_num_threads(threads)
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
-    tol = 2e-6 if dtype == torch.float32 else 1e-2 if dtype == torch.float16 else 4e-2
-    assert (out.float() - rows.float()).abs().max() <= tol * rows.float().abs().max()
-    assert not torch.equal(out, rows) or dtype != torch.float32  # it did take the prompt path
+    assert_other_path_close(out, rows, dtype)
 
 
 @native

@@ -1193,10 +1193,10 @@ void attend_rows(const float* q, const A* kh, const A* vh, int64_t keys, int64_t
   for (int r = 1; r < NR; ++r) weighted_sum_any(p + r * S, vh, keys, keys + r, D, acc + r * D);
 }
 
-// Decoding attention on AVX-512 (attention.h) where the CPU has it and the kernels are not held to AVX2: then every
-// block that is not a long prompt goes there (one-token steps, chains, trees, sliding windows), so rows stay
-// bit-identical across them.
-inline bool decode_attention_512(int64_t D) { return D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2; }
+// The AVX-512 attention kernels (attention.h) apply where the CPU has AVX-512, the kernels are not held to AVX2 and
+// D % 64 == 0: a long prompt takes the prompt kernel, every other block the decoding one (one-token steps, chains,
+// trees, sliding windows), so rows stay bit-identical across them.
+inline bool attention_avx512(int64_t D) { return D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2; }
 
 // attention.h's kv_dtype for a cache of A: 0 fp32, 1 fp16, 2 bf16.
 template <typename A>
@@ -1379,7 +1379,7 @@ template <typename A>
 void tree_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
                     int64_t S, int64_t H, int64_t G, int64_t D, int64_t L, const int64_t* paths, int64_t W,
                     int64_t window) {
-  if (decode_attention_512(D))  // rows with the same prefix and window start go through together
+  if (attention_avx512(D))  // rows with the same prefix and window start go through together
     return for_head_sets(H, G, T, S, T * S * D * H,
                          DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, S - T, H, G, D, L, paths, W, window});
   const RowLoopsAttentionHead<A> head{qkv, cos, sin, kc, vc, out, T, S - T, H, G, D, L, paths, W, window};
@@ -1435,7 +1435,7 @@ struct WindowAttentionPart {
 template <typename A>
 void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
                       int64_t start, int64_t H, int64_t G, int64_t D, int64_t L, int64_t window) {
-  if (decode_attention_512(D)) {  // position by position: each has its own window start
+  if (attention_avx512(D)) {  // position by position: each has its own window start
     for_head_sets(H, G, T, window, T * window * D * H,
                   WindowAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L, window});
     return;
@@ -1515,7 +1515,7 @@ void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
   const int64_t row = (H + 2 * G) * D, group = H / G;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int kv = kv_dtype_code<A>();
-  const bool avx512 = D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2;
+  const bool avx512 = attention_avx512(D);
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
     std::vector<float> q((T + 15) / 16 * 16 * D, 0.f), o(T * D), scratch(avx512 ? prefill_attention_scratch(T, D) : 0);
     std::vector<float> kt, p;
@@ -1560,14 +1560,14 @@ void attention_impl(const A* qkv, const A* cos, const A* sin, A* kc, A* vc, A* o
   if (!attend) return;
   if (paths != nullptr)
     return tree_attention(qkv, cos, sin, kc, vc, out, T, start + T, H, G, D, L, paths, W, window);
-  const bool avx512 = D % 64 == 0 && cpu_has_avx512() && quant_isa != kAvx2;
+  const bool avx512 = attention_avx512(D);
   if (start == 0 && T >= kPrefillAttentionRows && D % 16 == 0 && (avx512 || window <= 0 || T <= window))
     return prompt_attention(qkv, cos, sin, kc, vc, out, T, H, G, D, L, window);  // a prompt: never verification
   if (window > 0 && start + T > window)  // some row's window leaves out early keys
     return window_attention(qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, window);
   const int64_t S = start + T;
   const int64_t grain = T * S * D * H < (1 << 14) ? H : 1;  // small problems: no thread hand-off
-  if (decode_attention_512(D))  // row t: keys [0, start + 1), then its own start + 1 .. start + t
+  if (attention_avx512(D))  // row t: keys [0, start + 1), then its own start + 1 .. start + t
     return for_head_sets(H, G, T, S, T * S * D * H,
                          DecodeAttentionPart<A>{qkv, cos, sin, kc, vc, out, start, H, G, D, L, nullptr, 0, 0});
   const RowLoopsAttentionHead<A> head{qkv, cos, sin, kc, vc, out, T, start, H, G, D, L, nullptr, 0, 0};
@@ -1701,7 +1701,7 @@ struct TeamLayers {
     Product p;
     DecodeBuffers b;
     RowBuffers rb;
-    const bool avx512 = decode_attention_512(D), sandwich = !gemma_norms.empty();
+    const bool avx512 = attention_avx512(D), sandwich = !gemma_norms.empty();
     const HeadSets sets(H, G, T, start + T, team);
     std::vector<A> normed(T * C);
     const auto xf = aligned_floats(T * std::max({C, H * D, I}));  // 64-byte rows, as linear_rows gives the kernels
