@@ -204,7 +204,7 @@ def test_file_blocks_compute_the_converted_model(tmp_path, fmt, arch, layout):
 
 
 @native
-@pytest.mark.parametrize("layout", layouts() + [pytest.param("tiles-int8", marks=has_tiles), "rows-avx2-int8"])
+@pytest.mark.parametrize("layout", layouts() + ["tiles-int8", "rows-avx2-int8"])  # tiles-int8: AVX2 runs it too
 def test_self_speculation_on_file_blocks_is_lossless(tmp_path, layout):
     set_gguf_activations("int8" if layout.endswith("int8") else "int8x2")  # conftest restores the earlier choice
     before = torch.ops.skiplayer.kernel_isa("")
@@ -283,10 +283,11 @@ def int8_activations_reference(x: torch.Tensor, b: torch.Tensor, bias: torch.Ten
 
 
 @native
-@has_tiles
 @pytest.mark.parametrize("activations", ["int8"], indirect=True)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_int8_activations_are_one_int8_part_per_block_and_batch_invariant(fmt, activations):
+    if DEFAULT_ISA not in ("amx", "vnni") and KERNEL_FAMILY[fmt] != "Q4":
+        pytest.skip("this CPU has neither AMX nor AVX-512 VNNI: AVX2 runs the tiles layout for Q4 blocks only")
     g = torch.Generator().manual_seed(8)
     op = torch.ops.skiplayer.small_linear
     for M, K, N in [(1, 32, 16), (5, 96, 48), (19, 576, 64)]:
@@ -355,6 +356,48 @@ def test_avx2_prompt_kernel_is_the_same_arithmetic_and_deterministic(fmt, isa, a
             assert torch.equal(op(x, b, None, bias, True, False, True), y)
         finally:
             torch.set_num_threads(1)
+
+
+@native
+@pytest.mark.parametrize("activations", ["int8"], indirect=True)
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
+def test_avx2_tiles_kernel_is_the_prompt_and_vnni_arithmetic_bit_for_bit(fmt, activations):
+    """Q4 tiles on AVX2 (q4_tiles_avx2_int8: the default layout on AVX2-only CPUs) take the same exact int32 block
+    sums and the same fp32 sequence per block as the prompt kernel on the rows layout and as the VNNI kernel on the
+    tiles: the same bits as both (VNNI where the CPU has it), for every block size and thread count."""
+    g = torch.Generator().manual_seed(12)
+    op = torch.ops.skiplayer.small_linear
+    before = torch.ops.skiplayer.kernel_isa("")
+    for M, K, N in [(1, 64, 16), (7, 576, 48), (19, 1536, 32)]:  # passes of 4 rows and a tail, chunks of 8
+        w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
+        x[0, 32:64] = 0.0  # an all-zero block (dx = 1 there)
+        x[-1, :32] *= 1e3  # int8 values near +-127: the largest 16-bit sums
+        raw = file_blocks(w, fmt)
+        tiles, rows = pack_blocks(fmt, raw, tiles=True), pack_blocks(fmt, raw)
+        try:
+            torch.ops.skiplayer.kernel_isa("avx2")
+            y = op(x, tiles, None, bias, True, False)
+            assert torch.equal(op(x, rows, None, bias, True, False, True), y), (fmt, M)  # the prompt kernel
+            assert not torch.equal(op(x, rows, None, bias, True, False), y), (fmt, M)   # not the rows kernel's bits
+            ref = int8_activations_reference(x, tiles, bias)
+            assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, M)
+            assert_batch_and_thread_invariant(tiles, x, bias, y)
+            if DEFAULT_ISA in ("vnni", "amx"):  # AMX takes one int8 part on the VNNI kernel
+                torch.ops.skiplayer.kernel_isa(DEFAULT_ISA)
+                assert torch.equal(op(x, tiles, None, bias, True, False), y), (fmt, M)
+        finally:
+            torch.ops.skiplayer.kernel_isa(before)
+
+
+@native
+@pytest.mark.parametrize("activations", ["int8x2"], indirect=True)
+def test_tiles_on_avx2_with_two_int8_parts_is_a_clear_error(activations):
+    if DEFAULT_ISA in ("vnni", "amx"):
+        pytest.skip("this CPU runs the tiles layout with two int8 parts (VNNI / AMX)")
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(13))
+    b = pack_blocks("Q4_1", file_blocks(w, "Q4_1"), tiles=True)
+    with pytest.raises(RuntimeError, match="int8 activations"):
+        torch.ops.skiplayer.small_linear(torch.randn(2, 64), b, None, None, True, False)
 
 
 @native

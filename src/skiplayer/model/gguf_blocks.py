@@ -39,14 +39,17 @@ def kernel_format(weight: torch.Tensor, in_features: int) -> str:
                      f"{in_features} columns")
 
 
-def tiles_available() -> bool:
-    """Whether the native kernels run block products in the tiles layout here: on AMX tiles (kernels/amx.cpp) or
-    with AVX-512 VNNI (kernels/avx512_vnni.cpp); SKIPLAYER_GGUF_TILES=0 keeps the rows layout (AVX-512) for
-    comparisons."""
+def tiles_available(family: str = "Q4") -> bool:
+    """Whether the native kernels run products of `family` blocks ('Q4' or 'Q8', KERNEL_FAMILY) in the tiles layout
+    here: on AMX tiles (kernels/amx.cpp) or with AVX-512 VNNI (kernels/avx512_vnni.cpp), and on AVX2 alone for Q4
+    blocks with int8 activations (q4_tiles_avx2_int8 in kernels/avx2.cpp: set_gguf_activations before packing);
+    SKIPLAYER_GGUF_TILES=0 keeps the rows layout for comparisons."""
     if os.environ.get("SKIPLAYER_GGUF_TILES", "1") == "0":
         return False
     try:
-        return torch.ops.skiplayer.kernel_isa("") in ("amx", "vnni")
+        isa = torch.ops.skiplayer.kernel_isa("")
+        return isa in ("amx", "vnni") or (isa == "avx2" and family == "Q4"
+                                          and torch.ops.skiplayer.activation_int8_parts(0) == 1)
     except (AttributeError, RuntimeError):
         return False
 
@@ -250,7 +253,7 @@ def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
     (Q4 or Q8: KERNEL_FAMILY)."""
     if not parts or any(p is None for p in parts) or len({KERNEL_FAMILY[fmt] for fmt, _ in parts}) != 1:
         return None
-    tiles = (tiles_available() and sum(r.shape[0] for _, r in parts) % 16 == 0
+    tiles = (tiles_available(KERNEL_FAMILY[parts[0][0]]) and sum(r.shape[0] for _, r in parts) % 16 == 0
              and KERNEL_FAMILY[parts[0][0]] not in ROWS_ONLY)
     if len({fmt for fmt, _ in parts}) == 1:
         return pack_blocks(parts[0][0], np.concatenate([r for _, r in parts]), tiles=tiles)

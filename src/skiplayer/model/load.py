@@ -281,9 +281,9 @@ def load_model(model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "fl
             raise UserError("--quantize gguf needs the native CPU kernels (g++ and ninja; see the warning above): "
                             "drop --quantize gguf to run the float copy")
         from skiplayer.model.gguf_blocks import set_gguf_activations, use_gguf_blocks
+        set_gguf_activations(gguf_activations)  # first: on AVX2 the layout depends on it (tiles_available)
         if not use_gguf_blocks(ours, source) and not auto:
             raise UserError(f"'{model}' holds no Q4_0 / Q4_1 / Q8_0 matrices: drop --quantize gguf")
-        set_gguf_activations(gguf_activations)
     if device == "cpu":
         ours = optimize_model(ours, quantize=None if quantize == "gguf" else quantize, compile=compile,
                               prefill=prefill)

@@ -294,7 +294,8 @@ def _compiled_mlp():
 
 def describe_weights(model: Transformer) -> str:
     """How the layer matrices and head are stored, for summaries: 'float16', 'int8', or the GGUF block layouts
-    ('GGUF blocks Q4, Q8 (AMX tiles)', or '(tiles layout, VNNI)' on CPUs with AVX-512 VNNI and no AMX)."""
+    ('GGUF blocks Q4, Q8 (AMX tiles)', '(tiles layout, VNNI, ...)' on CPUs with AVX-512 VNNI and no AMX, '(tiles
+    layout, AVX2, int8 activations)' on AVX2 alone)."""
     kinds = _weight_kinds(model)
     blocks = sorted(k for k in kinds if k.startswith("Q"))
     if not blocks:
@@ -308,7 +309,7 @@ def describe_weights(model: Transformer) -> str:
 
 def int8_activations(model: Transformer) -> bool:
     """Whether the model's block products take x as one int8 value per element (llama.cpp's 8-bit activations):
-    the `int8` GGUF activations on the VNNI tiles kernel or the AVX2 rows kernel."""
+    the `int8` GGUF activations on the VNNI or AVX2 tiles kernels or the AVX2 rows kernel."""
     blocks = [k for k in _weight_kinds(model) if k.startswith("Q")]
     return bool(blocks) and _block_kernel(blocks)[1]
 
@@ -328,6 +329,8 @@ def _block_kernel(blocks: list[str]) -> tuple[str, bool]:
     if any(k.endswith("tiles") for k in blocks):
         if isa == "amx" and not one:
             return "AMX tiles", False
+        if isa == "avx2":  # Q4 tiles with int8 activations (gguf_blocks.tiles_available)
+            return "tiles layout, AVX2, int8 activations", True
         return f"tiles layout, VNNI, {'int8' if one else 'int8x2'} activations", one
     if one and isa == "avx2":
         return "AVX2, int8 activations", True

@@ -456,11 +456,29 @@ void interleave_prompt_rows(int64_t c, int64_t M, int64_t K, const int8_t* a, co
   }
 }
 
-// Weight rows [n, n + R) of Q4 (or Q4K) rows unpacked for prompt_tile: u (R, K) one quant per byte in element order,
-// d and m (R, nb) fp32.
+// Weight rows [n, n + R) of Q4 or Q4K rows (or a group of Q4 tiles) unpacked for prompt_tile: u (R, K) one quant
+// per byte in element order, d and m (R, nb) fp32.
 template <int FMT>
 void unpack_q4_rows(const uint8_t* w, int64_t n, int64_t R, int64_t K, uint8_t* u, float* d, float* m) {
   const int64_t nb = K / 32, row_bytes = nb * FMT;
+  if constexpr (FMT == kQ4Tiles) {  // a whole group of 16 (qblocks.h): byte 4 r + c of nibble pair t holds column
+    // 8 t + c (low) and 8 t + 4 + c (high) of row r
+    const uint8_t* g = w + (n / 16) * nb * 320;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* p = g + b * 320;
+      for (int64_t r = 0; r < R; ++r) {
+        uint16_t h[2];
+        std::memcpy(h, p + 2 * r, 2), std::memcpy(h + 1, p + 32 + 2 * r, 2);
+        d[r * nb + b] = _cvtsh_ss(h[0]), m[r * nb + b] = _cvtsh_ss(h[1]);
+        for (int t = 0; t < 4; ++t)
+          for (int c = 0; c < 4; ++c) {
+            const uint8_t v = p[64 + 64 * t + 4 * r + c];
+            u[r * K + 32 * b + 8 * t + c] = v & 15, u[r * K + 32 * b + 8 * t + 4 + c] = v >> 4;
+          }
+      }
+    }
+    return;
+  }
   for (int64_t r = 0; r < R; ++r) {
     const uint8_t* row = w + (n + r) * row_bytes;
     for (int64_t b = 0; b < nb; ++b) {
@@ -548,6 +566,72 @@ void prompt_rows(const int8_t* xt, const float* dxt, const float* xst, int64_t M
       prompt_tile<4>(xc, dxc, xsc, u.data() + r * K, d + r * nb, mw + r * nb, bias, yc, K, N, n + r, rows);
     for (; r < R; ++r)
       prompt_tile<1>(xc, dxc, xsc, u.data() + r * K, d + r * nb, mw + r * nb, bias, yc, K, N, n + r, rows);
+  }
+}
+
+// ---- Q4 weights in the tiles layout (qblocks.h; per group of 16 weight rows and block: 16 fp16 d, 16 fp16 m, then
+// 8 B rows of 4 columns x 16 weight rows as nibble pairs) with 8-bit x: the rows kernel's roles swapped. Per block
+// and half group (8 weight rows), the B rows are unpacked to bytes once for up to 4 input rows, each holding 4
+// quants of the 8 weight rows; each input row's group of 4 x values is broadcast against them, the 16-bit products
+// of a block add up in place (as in the prompt kernel: no overflow), and one vpmaddwd, conversion and two FMAs per
+// block serve the 8 weight rows in the lanes (no horizontal sums). Per input row, weight row and block about 4
+// vector instructions against the rows kernel's ~6 (plus its unpacking per weight row). The arithmetic is the VNNI
+// kernel's (tiles.h add_block_int8: the exact int32 block sum s, acc + s (d dx), then + m xs, block by block), so
+// the same bits as it and as the prompt kernel, whatever the number of rows: batch invariant. ----
+template <int M>
+void q4_tiles_pass(const int8_t* a, const float* dx, const float* xs, const uint8_t* g, int64_t K, int h,
+                   const float* bias, float* y, int64_t N, int64_t n, bool stream) {
+  const int64_t nb = K / 32;
+  const __m256i nib = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* p = g + b * 320;
+    if (h == 0) prefetch_weights(p + 2048, stream);  // the second half reads the group from L1
+    __m256i s[M];
+    for (int t = 0; t < 4; ++t) {  // 32 bytes of nibbles -> B rows 2t (low) and 2t + 1 (high) of this half
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + 64 * t + 32 * h));
+      for (int e = 0; e < 2; ++e) {
+        const int j = 2 * t + e;
+        const __m256i B = _mm256_and_si256(e ? _mm256_srli_epi16(v, 4) : v, nib);
+        for (int m = 0; m < M; ++m) {
+          const auto* x4 = reinterpret_cast<const uint8_t*>(a + m * K + 32 * b + 4 * j);
+          const __m256i q = _mm256_maddubs_epi16(B, _mm256_set1_epi32(load4<int32_t>(x4)));
+          s[m] = j ? _mm256_add_epi16(s[m], q) : q;
+          __asm__("" : "+x"(s[m]));  // in order: integer adds reassociate, and all 8 M products first spill
+        }
+      }
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 + 16 * h)));
+    for (int m = 0; m < M; ++m) {
+      const __m256 sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[m], ones));
+      acc[m] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(dx[m * nb + b])), acc[m]);
+      acc[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[m * nb + b]), acc[m]);
+    }
+  }
+  const __m256 bv = bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps();
+  for (int m = 0; m < M; ++m) _mm256_storeu_ps(y + m * N + n, _mm256_add_ps(acc[m], bv));
+}
+
+// Weight rows [n0, n1) (whole groups of 16) of Q4 tiles for M <= 8 input rows (quantize_int8_blocks' a, dx, xs).
+void q4_tiles_avx2_int8(int M, const int8_t* a, const float* dx, const float* xs, const uint8_t* w, const float* bias,
+                        float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, bool stream) {
+  const int64_t nb = K / 32;
+  for (int64_t n = n0; n < n1; n += 16) {
+    const uint8_t* g = w + (n / 16) * nb * 320;
+    for (int h = 0; h < 2; ++h)
+      for (int m0 = 0; m0 < M; m0 += 4) {
+        const int8_t* am = a + m0 * K;
+        const float *dxm = dx + m0 * nb, *xsm = xs + m0 * nb;
+        float* ym = y + m0 * N;
+        switch (std::min(4, M - m0)) {
+          case 1: q4_tiles_pass<1>(am, dxm, xsm, g, K, h, bias, ym, N, n + 8 * h, stream); break;
+          case 2: q4_tiles_pass<2>(am, dxm, xsm, g, K, h, bias, ym, N, n + 8 * h, stream); break;
+          case 3: q4_tiles_pass<3>(am, dxm, xsm, g, K, h, bias, ym, N, n + 8 * h, stream); break;
+          default: q4_tiles_pass<4>(am, dxm, xsm, g, K, h, bias, ym, N, n + 8 * h, stream);
+        }
+      }
   }
 }
 
@@ -673,17 +757,19 @@ struct Product : ProductWeight {
     w = &weight, data = weight.data_ptr(), scale = s, bias = b, packed = pk, K = k, N = weight.size(0);
     format = weight.scalar_type() == at::kByte ? block_format(weight, K) : 0;
     parts = activation_parts;
-    block = tiles() ? 64 : 16;
+    block = tiles() && !avx2_int8() ? 64 : 16;
     cached = weights_cached(data);
     if (tiles()) {
-      TORCH_CHECK((quant_isa == kAmx && parts == 2) || cpu_has_vnni(),
-                  "small_linear: weights in the tiles layout on a machine without AMX or AVX-512 VNNI");
+      TORCH_CHECK((quant_isa == kAmx && parts == 2) || cpu_has_vnni() || avx2_int8(),
+                  "small_linear: weights in the tiles layout need AMX, AVX-512 VNNI, or Q4 blocks with int8 "
+                  "activations (activation_int8_parts(1)) on AVX2");
       TORCH_CHECK(N % 16 == 0, "small_linear: the tiles layout needs N % 16 == 0");
     }
   }
   bool tiles() const { return format == kQ4Tiles || format == kQ8Tiles; }
-  bool avx2_int8() const { return format && !tiles() && parts == 1 && quant_isa == kAvx2; }
-  bool prompt_q4() const { return prompt && avx2_int8() && (format == kQ4 || format == kQ4K); }
+  // 8-bit x and AVX2 integer dots: the rows layout, or Q4 tiles (q4_tiles_avx2_int8)
+  bool avx2_int8() const { return format && format != kQ8Tiles && parts == 1 && quant_isa == kAvx2; }
+  bool prompt_q4() const { return prompt && avx2_int8() && (format == kQ4 || format == kQ4K || format == kQ4Tiles); }
 
   void prepare(const float* xin, int64_t m) {
     x = xin, M = m;
@@ -744,6 +830,8 @@ struct Product : ProductWeight {
     if (prompt_q4()) {
       const auto* wq = static_cast<const uint8_t*>(data);
       if (format == kQ4K) return prompt_rows<kQ4K>(xt.data(), dxt.data(), xst.data(), M, wq, bias, y, K, N, n, ne);
+      if (format == kQ4Tiles)
+        return prompt_rows<kQ4Tiles>(xt.data(), dxt.data(), xst.data(), M, wq, bias, y, K, N, n, ne);
       return prompt_rows<kQ4>(xt.data(), dxt.data(), xst.data(), M, wq, bias, y, K, N, n, ne);
     }
     for (size_t c = 0; c + 1 < first.size(); ++c) {
@@ -752,8 +840,12 @@ struct Product : ProductWeight {
       if (!format) {
         float_rows(mc, x + m0 * K, yc, n, ne);
       } else if (avx2_int8()) {
-        quant_rows_avx2_int8(static_cast<int>(mc), a8.data() + m0 * K, dx.data() + m0 * nb, xs.data() + m0 * nb,
-                             static_cast<const uint8_t*>(data), format, bias, yc, K, N, n, ne, stream);
+        const int8_t* am = a8.data() + m0 * K;
+        const float *dxm = dx.data() + m0 * nb, *xsm = xs.data() + m0 * nb;
+        const auto* wq = static_cast<const uint8_t*>(data);
+        const int rows_in = static_cast<int>(mc);
+        if (format == kQ4Tiles) q4_tiles_avx2_int8(rows_in, am, dxm, xsm, wq, bias, yc, K, N, n, ne, stream);
+        else quant_rows_avx2_int8(rows_in, am, dxm, xsm, wq, format, bias, yc, K, N, n, ne, stream);
       } else if (tiles()) {
         const float *dxc = dx.data() + c * nb * 16, *xs_t = xsum_t.data() + c * nb * 16;
         if (quant_isa == kAmx && parts == 2)
