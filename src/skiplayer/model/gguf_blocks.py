@@ -141,7 +141,8 @@ def _file_parts(fmt: str, rows: np.ndarray):
 
 def pack_blocks(fmt: str, rows: np.ndarray, tiles: bool = False) -> torch.Tensor:
     """A file's (N, blocks * file bytes) uint8 rows of format `fmt` -> a kernels' layout (kernels/qblocks.h): the
-    rows layout, or with `tiles` (AMX or VNNI; N % 16 == 0) the tiles layout. Same shape (N, nb * bytes per block)."""
+    rows layout, or with `tiles` (N % 16 == 0; tiles_available says where the kernels run it) the tiles layout. Same
+    shape (N, nb * bytes per block)."""
     if tiles and KERNEL_FAMILY[fmt] in ROWS_ONLY:
         raise ValueError(f"{fmt} blocks have fp32 scales: the rows layout only")
     if fmt == "Q6_K":

@@ -647,9 +647,10 @@ void quant_rows_avx2(int M, const float* x, const float* xsum, const uint8_t* w,
   return quant_rows_fmt<kQ8>(M, x, xsum, w, bias, y, K, N, n0, n1);
 }
 
-// Which kernels the block-quantized products use: weights in the tiles layout go to AMX under "amx", else to the
-// VNNI kernel (pack_blocks lays them out so only where kernel_isa() is "amx" or "vnni": AMX-INT8 with the OS granting
-// the tiles, or AVX-512 VNNI); weights in the rows layout go to AVX-512 where present (also under "amx" and "vnni"),
+// Which kernels the block-quantized products use: weights in the tiles layout go to AMX under "amx", to the AVX2
+// tiles kernel under "avx2" with one int8 part (Q4 only), else to the VNNI kernel (pack_blocks lays them out so where
+// kernel_isa() is "amx" or "vnni": AMX-INT8 with the OS granting the tiles, or AVX-512 VNNI, and for Q4 with int8
+// activations on AVX2 alone); weights in the rows layout go to AVX-512 where present (also under "amx" and "vnni"),
 // else AVX2. kernel_isa() switches (tests run every path the machine has). Each path is batch invariant on its own;
 // the rows paths differ in the order of their sums, the tiles paths from them in an int8 split of x (AMX and VNNI
 // agree bit for bit), so one run must not switch between rows and tiles.
