@@ -360,33 +360,30 @@ def test_avx2_prompt_kernel_is_the_same_arithmetic_and_deterministic(fmt, isa, a
 
 @native
 @pytest.mark.parametrize("activations", ["int8"], indirect=True)
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1"])
-def test_avx2_tiles_kernel_is_the_prompt_and_vnni_arithmetic_bit_for_bit(fmt, activations):
+def test_avx2_tiles_kernel_is_the_prompt_and_vnni_arithmetic_bit_for_bit(fmt, isa, activations):
     """Q4 tiles on AVX2 (q4_tiles_avx2_int8: the default layout on AVX2-only CPUs) take the same exact int32 block
     sums and the same fp32 sequence per block as the prompt kernel on the rows layout and as the VNNI kernel on the
     tiles: the same bits as both (VNNI where the CPU has it), for every block size and thread count."""
     g = torch.Generator().manual_seed(12)
     op = torch.ops.skiplayer.small_linear
-    before = torch.ops.skiplayer.kernel_isa("")
     for M, K, N in [(1, 64, 16), (7, 576, 48), (19, 1536, 32)]:  # passes of 4 rows and a tail, chunks of 8
         w, x, bias = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g), torch.randn(N, generator=g)
         x[0, 32:64] = 0.0  # an all-zero block (dx = 1 there)
         x[-1, :32] *= 1e3  # int8 values near +-127: the largest 16-bit sums
         raw = file_blocks(w, fmt)
         tiles, rows = pack_blocks(fmt, raw, tiles=True), pack_blocks(fmt, raw)
-        try:
+        y = op(x, tiles, None, bias, True, False)
+        assert torch.equal(op(x, rows, None, bias, True, False, True), y), (fmt, M)  # the prompt kernel
+        assert not torch.equal(op(x, rows, None, bias, True, False), y), (fmt, M)   # not the rows kernel's bits
+        ref = int8_activations_reference(x, tiles, bias)
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, M)
+        assert_batch_and_thread_invariant(tiles, x, bias, y)
+        if DEFAULT_ISA in ("vnni", "amx"):  # AMX takes one int8 part on the VNNI kernel (the fixture restores the isa)
+            torch.ops.skiplayer.kernel_isa(DEFAULT_ISA)
+            assert torch.equal(op(x, tiles, None, bias, True, False), y), (fmt, M)
             torch.ops.skiplayer.kernel_isa("avx2")
-            y = op(x, tiles, None, bias, True, False)
-            assert torch.equal(op(x, rows, None, bias, True, False, True), y), (fmt, M)  # the prompt kernel
-            assert not torch.equal(op(x, rows, None, bias, True, False), y), (fmt, M)   # not the rows kernel's bits
-            ref = int8_activations_reference(x, tiles, bias)
-            assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, M)
-            assert_batch_and_thread_invariant(tiles, x, bias, y)
-            if DEFAULT_ISA in ("vnni", "amx"):  # AMX takes one int8 part on the VNNI kernel
-                torch.ops.skiplayer.kernel_isa(DEFAULT_ISA)
-                assert torch.equal(op(x, tiles, None, bias, True, False), y), (fmt, M)
-        finally:
-            torch.ops.skiplayer.kernel_isa(before)
 
 
 @native

@@ -254,8 +254,8 @@ def _blocks_weight(parts: list[tuple[str, np.ndarray]]) -> torch.Tensor | None:
     (Q4 or Q8: KERNEL_FAMILY)."""
     if not parts or any(p is None for p in parts) or len({KERNEL_FAMILY[fmt] for fmt, _ in parts}) != 1:
         return None
-    tiles = (tiles_available(KERNEL_FAMILY[parts[0][0]]) and sum(r.shape[0] for _, r in parts) % 16 == 0
-             and KERNEL_FAMILY[parts[0][0]] not in ROWS_ONLY)
+    family = KERNEL_FAMILY[parts[0][0]]
+    tiles = family not in ROWS_ONLY and tiles_available(family) and sum(r.shape[0] for _, r in parts) % 16 == 0
     if len({fmt for fmt, _ in parts}) == 1:
         return pack_blocks(parts[0][0], np.concatenate([r for _, r in parts]), tiles=tiles)
     # mixed Q5_0 / Q8_0 parts (a fused q/k/v): each part's rows packed alone, then joined

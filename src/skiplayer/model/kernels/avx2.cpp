@@ -436,6 +436,7 @@ void quant_rows_avx2_int8(int M, const int8_t* a, const float* dx, const float* 
 // FMA per block then serve 8 rows at once, their sums in the 8 lanes (no horizontal sums). 0.89 TSC cycles per input
 // row, weight row and block in a C++ microbenchmark on Zen 3 (the rows kernel: 1.65-2.09; design-notes.md). ----
 constexpr int64_t kPromptChunk = 8;  // input rows per interleaved chunk: one per int32 lane
+constexpr int64_t kQ4TilesGroup = 16 * kQ4Tiles;  // bytes of one block of a group of 16 Q4 tiles rows (qblocks.h)
 
 // x's 8-bit values (M rows of K: quantize_int8_blocks' a, dx, xs) interleaved per chunk of 8 rows, rows past M zero:
 // xt[((c nb + b) 8 + g) 32 + 4 m + j] = a[8 c + m][32 b + 4 g + j], and the block scales and sums as 8 lanes:
@@ -463,9 +464,9 @@ void unpack_q4_rows(const uint8_t* w, int64_t n, int64_t R, int64_t K, uint8_t* 
   const int64_t nb = K / 32, row_bytes = nb * FMT;
   if constexpr (FMT == kQ4Tiles) {  // a whole group of 16 (qblocks.h): byte 4 r + c of nibble pair t holds column
     // 8 t + c (low) and 8 t + 4 + c (high) of row r
-    const uint8_t* g = w + (n / 16) * nb * 320;
+    const uint8_t* g = w + (n / 16) * nb * kQ4TilesGroup;
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* p = g + b * 320;
+      const uint8_t* p = g + b * kQ4TilesGroup;
       for (int64_t r = 0; r < R; ++r) {
         uint16_t h[2];
         std::memcpy(h, p + 2 * r, 2), std::memcpy(h + 1, p + 32 + 2 * r, 2);
@@ -586,7 +587,7 @@ void q4_tiles_pass(const int8_t* a, const float* dx, const float* xs, const uint
   __m256 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* p = g + b * 320;
+    const uint8_t* p = g + b * kQ4TilesGroup;
     if (h == 0) prefetch_weights(p + 2048, stream);  // the second half reads the group from L1
     __m256i s[M];
     for (int t = 0; t < 4; ++t) {  // 32 bytes of nibbles -> B rows 2t (low) and 2t + 1 (high) of this half
@@ -619,7 +620,7 @@ void q4_tiles_avx2_int8(int M, const int8_t* a, const float* dx, const float* xs
                         float* y, int64_t K, int64_t N, int64_t n0, int64_t n1, bool stream) {
   const int64_t nb = K / 32;
   for (int64_t n = n0; n < n1; n += 16) {
-    const uint8_t* g = w + (n / 16) * nb * 320;
+    const uint8_t* g = w + (n / 16) * nb * kQ4TilesGroup;
     for (int h = 0; h < 2; ++h)
       for (int m0 = 0; m0 < M; m0 += 4) {
         const int8_t* am = a + m0 * K;
