@@ -588,7 +588,8 @@ void q4_tiles_pass(const int8_t* a, const float* dx, const float* xs, const uint
   for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* p = g + b * kQ4TilesGroup;
-    if (h == 0) prefetch_weights(p + 2048, stream);  // the second half reads the group from L1
+    if (h == 0)  // every line of a block 3 KB ahead (one line per block: products 1.16-1.3x slower on Zen 3);
+      for (int l = 0; l < kQ4TilesGroup; l += 64) prefetch_weights(p + 3072 + l, stream);  // h = 1 reads L1
     __m256i s[M];
     for (int t = 0; t < 4; ++t) {  // 32 bytes of nibbles -> B rows 2t (low) and 2t + 1 (high) of this half
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + 64 * t + 32 * h));
