@@ -223,8 +223,8 @@ def test_prompt_attention_on_avx512_close_to_the_row_loops_and_deterministic(dty
 def test_prompt_attention_on_avx2_close_to_the_row_loops_and_deterministic(dtype, T, D):
     """Without AVX-512 (kernel_isa "avx2" forces it anywhere) a prompt (a block at position 0 of at least 64 rows)
     takes the AVX2 attention with the keys in the lanes: the same cache writes as the rows one at a time, their
-    outputs within the dtype's rounding (in fp32 not bit for bit: the other path ran), the same bits at 1 and 2
-    threads."""
+    outputs within the dtype's rounding (in fp32 not bit for bit: the other path ran), the same bits at 1, 2 and 4
+    threads (each head's rows split in 2 and 4 parts: 9 heads over 2 and 4 threads)."""
     H, G = 9, 3
     qkv, cos, sin = attention_inputs(torch.Generator().manual_seed(14), T, H, G, D, dtype)
     op = torch.ops.skiplayer.rope_cache_attention
@@ -238,7 +238,7 @@ def test_prompt_attention_on_avx2_close_to_the_row_loops_and_deterministic(dtype
     try:
         torch.ops.skiplayer.kernel_isa("avx2")
         out, kc, vc = block(1)
-        assert torch.equal(block(2)[0], out)
+        assert torch.equal(block(2)[0], out) and torch.equal(block(4)[0], out)
         kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
         rows = torch.cat([op(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], kr, vr, t, H, G, True) for t in range(T)])
     finally:

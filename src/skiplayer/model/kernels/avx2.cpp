@@ -1564,11 +1564,12 @@ void window_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
 // keys in the lanes (K transposed once per head, 8 keys per vector), so a score needs no horizontal sum and each key
 // vector serves 8 query rows; the weighted sums of V run 4 rows at a time over 16 columns. The one-row loops took
 // ~18% of a 613-token prefill on Zen 3 once the products had the prompt kernel. Deterministic; not the one-row
-// loops' bits (a prompt need not be: attention.h).
+// loops' bits (a prompt need not be: attention.h). Rows r_begin..r_end - 1 of one head (r_begin a multiple of 8):
+// q and out hold them from row r_begin, q padded to whole blocks of 8 rows; keys 0..r_end - 1.
 template <typename A>
-void prompt_attention_avx2_head(const float* q, const A* k, const A* v, int64_t T, int64_t D, float scale, float* out,
-                                std::vector<float>& kt, std::vector<float>& p) {
-  const int64_t S = (T + 7) / 8 * 8;
+void prompt_attention_avx2_rows(const float* q, const A* k, const A* v, int64_t r_begin, int64_t r_end, int64_t D,
+                                float scale, float* out, std::vector<float>& kt, std::vector<float>& p) {
+  const int64_t T = r_end, S = (T + 7) / 8 * 8;
   kt.assign(S * D, 0.f);  // (S / 8, D, 8): key j's element d at ((j / 8) D + d) 8 + j % 8, zeros past T
   p.resize(8 * S);        // (8, S): one block of rows' scores, then weights
   alignas(32) float tmp[8];
@@ -1578,7 +1579,7 @@ void prompt_attention_avx2_head(const float* q, const A* k, const A* v, int64_t 
       for (int i = 0; i < 8; ++i) kt[((j / 8) * D + d + i) * 8 + j % 8] = tmp[i];
     }
   const __m256 sc = _mm256_set1_ps(scale);
-  for (int64_t r0 = 0; r0 < T; r0 += 8) {
+  for (int64_t r0 = r_begin; r0 < T; r0 += 8) {
     const int64_t rows = std::min<int64_t>(8, T - r0), keys = r0 + rows;  // row r0 + r sees keys 0..r0 + r
     for (int64_t kb = 0; kb < (keys + 7) / 8; ++kb) {
       __m256 acc[8];
@@ -1586,7 +1587,8 @@ void prompt_attention_avx2_head(const float* q, const A* k, const A* v, int64_t 
       const float* kk = kt.data() + kb * D * 8;
       for (int64_t d = 0; d < D; ++d) {
         const __m256 kd = _mm256_loadu_ps(kk + d * 8);
-        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + (r0 + r) * D + d), kd, acc[r]);
+        for (int r = 0; r < 8; ++r)
+          acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + (r0 - r_begin + r) * D + d), kd, acc[r]);
       }
       for (int r = 0; r < 8; ++r) _mm256_storeu_ps(p.data() + r * S + kb * 8, _mm256_mul_ps(acc[r], sc));
     }
@@ -1612,8 +1614,8 @@ void prompt_attention_avx2_head(const float* q, const A* k, const A* v, int64_t 
         for (int r = 0; r < 4; ++r) {  // a constant trip count: with `r < nr` the sums lived on the stack
           if (r >= nr) break;
           const __m256 iv = _mm256_set1_ps(inv[r1 + r]);
-          _mm256_storeu_ps(out + (r0 + r1 + r) * D + d0, _mm256_mul_ps(acc[r][0], iv));
-          _mm256_storeu_ps(out + (r0 + r1 + r) * D + d0 + 8, _mm256_mul_ps(acc[r][1], iv));
+          _mm256_storeu_ps(out + (r0 - r_begin + r1 + r) * D + d0, _mm256_mul_ps(acc[r][0], iv));
+          _mm256_storeu_ps(out + (r0 - r_begin + r1 + r) * D + d0 + 8, _mm256_mul_ps(acc[r][1], iv));
         }
       }
     }
@@ -1621,7 +1623,7 @@ void prompt_attention_avx2_head(const float* q, const A* k, const A* v, int64_t 
 }
 
 // A prompt's attention (a block at position 0) on AVX-512 (attention.h), or on AVX2 where the CPU has no AVX-512 or
-// kernel_isa is "avx2" (no sliding window shorter than the prompt there), head by head.
+// kernel_isa is "avx2" (no sliding window shorter than the prompt there): AVX-512 head by head, AVX2 by parts of heads.
 template <typename A>
 void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, const A* vc, A* out, int64_t T,
                       int64_t H, int64_t G, int64_t D, int64_t L, int64_t window) {
@@ -1629,16 +1631,34 @@ void prompt_attention(const A* qkv, const A* cos, const A* sin, const A* kc, con
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int kv = kv_dtype_code<A>();
   const bool avx512 = attention_avx512(D);
+  if (!avx512) {
+    // Work items (head, part of its rows). Row r costs ~r (causal), so part i of P ends at row T sqrt((i + 1) / P)
+    // (whole blocks of 8): equal items, as many per thread (9 heads on 2 threads ran 5 against 4).
+    const int64_t threads = at::get_num_threads(), P = threads / std::gcd(H, threads);
+    std::vector<int64_t> cut(P + 1, T);
+    for (int64_t i = 0; i < P; ++i)
+      cut[i] = std::min<int64_t>(T, static_cast<int64_t>(std::lround(T * std::sqrt(double(i) / P) / 8)) * 8);
+    at::parallel_for(0, H * P, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> q((T + 15) / 16 * 16 * D, 0.f), o(T * D), kt, p;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t h = i / P, a = cut[i % P], z = cut[i % P + 1];
+        if (a >= z) continue;
+        for (int64_t t = a; t < z; ++t)
+          rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data() + (t - a) * D, D);
+        prompt_attention_avx2_rows(q.data(), kc + (h / group) * L * D, vc + (h / group) * L * D, a, z, D, scale,
+                                   o.data(), kt, p);
+        for (int64_t t = a; t < z; ++t)
+          for (int64_t d = 0; d < D; d += 8)
+            store8(out + t * H * D + h * D + d, _mm256_loadu_ps(o.data() + (t - a) * D + d));
+      }
+    });
+    return;
+  }
   at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    std::vector<float> q((T + 15) / 16 * 16 * D, 0.f), o(T * D), scratch(avx512 ? prefill_attention_scratch(T, D) : 0);
-    std::vector<float> kt, p;
+    std::vector<float> q((T + 15) / 16 * 16 * D, 0.f), o(T * D), scratch(prefill_attention_scratch(T, D));
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t t = 0; t < T; ++t) rope_row(qkv + t * row + h * D, cos + t * D, sin + t * D, q.data() + t * D, D);
-      if (!avx512)
-        prompt_attention_avx2_head(q.data(), kc + (h / group) * L * D, vc + (h / group) * L * D, T, D, scale, o.data(),
-                                   kt, p);
-      else
-        prefill_attention_avx512(q.data(), kc + (h / group) * L * D, vc + (h / group) * L * D, kv, T, D, window, scale,
+      prefill_attention_avx512(q.data(), kc + (h / group) * L * D, vc + (h / group) * L * D, kv, T, D, window, scale,
                                  o.data(), scratch.data());
       for (int64_t t = 0; t < T; ++t)
         for (int64_t d = 0; d < D; d += 8) store8(out + t * H * D + h * D + d, _mm256_loadu_ps(o.data() + t * D + d));
