@@ -377,6 +377,7 @@ def test_avx2_tiles_kernel_is_the_prompt_and_vnni_arithmetic_bit_for_bit(fmt, is
         y = op(x, tiles, None, bias, True, False)
         assert torch.equal(op(x, rows, None, bias, True, False, True), y), (fmt, M)  # the prompt kernel
         assert not torch.equal(op(x, rows, None, bias, True, False), y), (fmt, M)   # not the rows kernel's bits
+        assert torch.equal(op(x, tiles, None, bias, True, False, True), y), (fmt, M)  # the prompt kernel on tiles
         ref = int8_activations_reference(x, tiles, bias)
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), (fmt, M)
         assert_batch_and_thread_invariant(tiles, x, bias, y)

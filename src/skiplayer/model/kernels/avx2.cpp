@@ -462,21 +462,34 @@ void interleave_prompt_rows(int64_t c, int64_t M, int64_t K, const int8_t* a, co
 template <int FMT>
 void unpack_q4_rows(const uint8_t* w, int64_t n, int64_t R, int64_t K, uint8_t* u, float* d, float* m) {
   const int64_t nb = K / 32, row_bytes = nb * FMT;
-  if constexpr (FMT == kQ4Tiles) {  // a whole group of 16 (qblocks.h): byte 4 r + c of nibble pair t holds column
-    // 8 t + c (low) and 8 t + 4 + c (high) of row r
+  if constexpr (FMT == kQ4Tiles) {  // a whole group of 16 (qblocks.h): dword r of nibble pair t holds columns
+    // 8 t .. 8 t + 3 (low nibbles) and 8 t + 4 .. 8 t + 7 (high) of row r: 8 bytes of u per row and t
     const uint8_t* g = w + (n / 16) * nb * kQ4TilesGroup;
+    const __m256i nib = _mm256_set1_epi8(15);
+    alignas(32) float dm[2][16];
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* p = g + b * kQ4TilesGroup;
-      for (int64_t r = 0; r < R; ++r) {
-        uint16_t h[2];
-        std::memcpy(h, p + 2 * r, 2), std::memcpy(h + 1, p + 32 + 2 * r, 2);
-        d[r * nb + b] = _cvtsh_ss(h[0]), m[r * nb + b] = _cvtsh_ss(h[1]);
-        for (int t = 0; t < 4; ++t)
-          for (int c = 0; c < 4; ++c) {
-            const uint8_t v = p[64 + 64 * t + 4 * r + c];
-            u[r * K + 32 * b + 8 * t + c] = v & 15, u[r * K + 32 * b + 8 * t + 4 + c] = v >> 4;
-          }
-      }
+      for (int k = 0; k < 2; ++k)  // 16 fp16 d, then 16 fp16 m
+        for (int i = 0; i < 2; ++i) {
+          const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32 * k + 16 * i));
+          _mm256_store_ps(dm[k] + 8 * i, _mm256_cvtph_ps(h));
+        }
+      for (int64_t r = 0; r < R; ++r) d[r * nb + b] = dm[0][r], m[r * nb + b] = dm[1][r];
+      for (int t = 0; t < 4; ++t)
+        for (int i = 0; i < 2; ++i) {  // rows 8 i .. 8 i + 7
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 + 64 * t + 32 * i));
+          const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+          // qwords: rows 0, 1, 4, 5 of the 8 (unpacklo) and 2, 3, 6, 7 (unpackhi), each low then high nibbles
+          alignas(32) uint64_t q[2][4];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q[0]), _mm256_unpacklo_epi32(lo, hi));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q[1]), _mm256_unpackhi_epi32(lo, hi));
+          static constexpr int kRow[2][4] = {{0, 1, 4, 5}, {2, 3, 6, 7}};
+          for (int k = 0; k < 2; ++k)
+            for (int j = 0; j < 4; ++j) {
+              const int64_t r = 8 * i + kRow[k][j];
+              if (r < R) std::memcpy(u + r * K + 32 * b + 8 * t, &q[k][j], 8);
+            }
+        }
     }
     return;
   }
