@@ -24,7 +24,7 @@ def _keep_gguf_activations():
 
 
 def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab_size: int = 97, n_layers: int = 4, tie: bool = False,
-                  hidden_size: int = 32, n_heads: int = 4, n_kv_heads: int = 2):
+                  hidden_size: int = 32, n_heads: int = 4, n_kv_heads: int = 2, max_positions: int = 256):
     """A tiny random HF causal LM of the given architecture (llama, mistral, qwen2, gemma3). gemma3: sliding window
     of 5 positions on every layer but each third (global), an attention scale unlike 1/sqrt(head_dim), tied head
     (Gemma's own choice; `tie` is ignored) and non-trivial norm weights."""
@@ -40,7 +40,7 @@ def tiny_hf_model(arch: str = "llama", seed: int = 0, vocab_size: int = 97, n_la
                   "qwen2": transformers.Qwen2Config, "gemma3": transformers.Gemma3TextConfig}[arch]
     config = cls_config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size + 8,
                         num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                        max_position_embeddings=256, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+                        max_position_embeddings=max_positions, tie_word_embeddings=tie, rms_norm_eps=1e-5,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

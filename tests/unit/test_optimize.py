@@ -170,7 +170,7 @@ def test_native_attention_block_equals_rows_and_reference(dtype, D, H, G, start)
     per KV head and head sizes with and without a last 8 columns (D % 64 == 0: the AVX-512 decoding attention where
     the CPU has it): a T-row block equals T one-row calls bit for bit (outputs and cache), and fp32 math on the same
     inputs. On 2 threads, 2 KV heads go one a thread; 3 KV heads (SmolLM2's) in parts of the block's positions, and
-    their one-token steps head by head, or by whole KV heads from 768 keys on (start 800)."""
+    their one-token steps head by head, or by whole KV heads from 768 keys on (start 800; from 512 on AVX2)."""
     from skiplayer.model.llama import apply_rope
     T = 21
     L = start + T + 64
@@ -507,13 +507,15 @@ def test_norm_and_silu_of_long_blocks_equal_their_rows_at_any_thread_count(dtype
 def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize, arch, isa):
     """Blocks of up to 16 positions run all their layers in one parallel region on two threads (avx2.cpp's
     TeamLayers): logits, tapped states and cache are the bits of one thread running one operation at a time, for
-    one-token steps, chains and a token tree, with the whole layer range in one call or a call per layer; with the
-    AVX-512 decoding attention where the CPU has it, and with the one-row loops (kernel_isa avx2) everywhere. Gemma 3's
+    one-token steps (also past 512 keys: by whole KV heads on AVX2), chains and a token tree, with the whole layer
+    range in one call or a call per layer; with the AVX-512 decoding attention where the CPU has it, and with the
+    one-row loops (kernel_isa avx2) everywhere. Gemma 3's
     layers too (q/k and sandwich norms, GeGLU, sliding windows of 5 that the blocks run past, local RoPE tables); and
     per operation, decoder_layers gives what the Python blocks give, op by op."""
     from skiplayer.model.llama import TreeMask
     best = torch.ops.skiplayer.kernel_isa("")
-    hf = tiny_hf_model(arch, seed=3, hidden_size=256, n_heads=4, n_kv_heads=2, tie=arch == "qwen2")  # head_dim 64
+    hf = tiny_hf_model(arch, seed=3, hidden_size=256, n_heads=4, n_kv_heads=2, tie=arch == "qwen2",
+                       max_positions=1024)  # head_dim 64
     model = optimize_model(Transformer.from_hf(hf, dtype=dtype), quantize)
     assert model.native_stack is not None
     tree = TreeMask(torch.tensor([[9, -1], [9, 10], [9, 11]]), torch.tensor([9, 10, 10]))  # a root, two children
@@ -525,7 +527,7 @@ def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize
         if python:  # Block.forward's own ops (native ones, one at a time) instead of decoder_layers
             for block in model.layers:
                 block.native_args = None
-        cache, seen, out = model.new_cache(48), [], []
+        cache, seen, out = model.new_cache(600), [], []
         taps = {n: seen.append for n in (1, 3)}
         try:
             with torch.inference_mode():
@@ -533,7 +535,7 @@ def test_decoding_team_gives_the_bits_of_one_operation_at_a_time(dtype, quantize
                 out.append(model.logits(model.forward_layers(model.embed(TOKENS[9:12]), 9, cache, 0, 4, tree=tree)))
                 cache.rollback(9)
                 start = 9
-                for T in (1, 3, 16):
+                for T in (1, 3, 16, 500, 1, 3):  # the last two past 512 keys: a step by whole KV heads on AVX2
                     tokens = torch.arange(start, start + T) % 97
                     out.append(model.logits(model.forward_layers(model.embed(tokens), start, cache, 0, 4, taps)))
                     start += T
